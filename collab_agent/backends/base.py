@@ -1,0 +1,138 @@
+"""The backend contract: one async call that turns a request into a generation.
+
+A backend knows nothing of policies, traces or LangChain. It is stateless to its caller: every
+request carries the whole conversation and the assistant text written so far (by either model).
+A local backend may keep each conversation's KV cache and reuse the longest common token prefix;
+that is an optimisation invisible to the caller.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal, Protocol, runtime_checkable
+
+from collab_agent import _checks
+
+Role = Literal["small", "large"]
+"""Which model of the pair: the small reasoning model (SRM) or the large one (LRM)."""
+
+StopReason = Literal["step", "answer", "length", "eos"]
+"""Why a generation ended: a stop string (the step delimiter), an answer marker, the token
+limit, or the model's end of turn."""
+
+Message = Mapping[str, Any]
+"""A chat message in OpenAI's format: ``{"role": "user", "content": "..."}``; assistant
+messages may carry ``tool_calls``, tool messages ``tool_call_id``."""
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """Sampling settings. Defaults are TrigReason's (temperature 0.6, top-p 0.95).
+
+    ``temperature == 0`` means greedy decoding.
+    """
+
+    temperature: float = 0.6
+    top_p: float = 0.95
+    seed: int | None = None
+
+    def __post_init__(self) -> None:
+        _checks.in_range("temperature", self.temperature, 0.0, 100.0)
+        _checks.in_range("top_p", self.top_p, 0.0, 1.0, low_open=True)
+
+
+GREEDY = Sampling(temperature=0.0, top_p=1.0)
+
+
+@dataclass(frozen=True)
+class GenerateRequest:
+    """One call to a backend.
+
+    Attributes:
+        conversation_id: stable id of the conversation; local backends key their KV cache on it.
+        messages: the chat so far in OpenAI format (system prompt included), never empty.
+        reasoning: the assistant text written so far, by either model; the backend renders the
+            chat with a generation prompt and continues this text verbatim.
+        stop: stop strings; the returned text ends before the first one found.
+        max_tokens: the most tokens to generate.
+        sampling: temperature, top-p and seed.
+        logprobs: whether the chosen-token logprob of every generated token is wanted.
+        tools: tools in OpenAI format, rendered into the prompt (or sent natively).
+        purpose: why the call is made (``"step"``, ``"answer"``, ``"judge"``, ``"score"``), for
+            accounting and for backends that route answers through a chat endpoint.
+    """
+
+    conversation_id: str
+    messages: Sequence[Message]
+    reasoning: str = ""
+    stop: Sequence[str] = ("\n\n",)
+    max_tokens: int = 512
+    sampling: Sampling = field(default_factory=Sampling)
+    logprobs: bool = False
+    tools: Sequence[Mapping[str, Any]] | None = None
+    purpose: str = "step"
+
+    def __post_init__(self) -> None:
+        if not self.messages:
+            raise _checks.ConfigError("messages", "must hold at least one message")
+        _checks.positive_int("max_tokens", self.max_tokens)
+
+
+@dataclass
+class Generation:
+    """What a backend returns.
+
+    Attributes:
+        text: the generated text, without the stop string that ended it.
+        stop_reason: ``"step"`` (a stop string), ``"eos"``, ``"length"`` or ``"answer"``.
+        logprobs: the chosen-token logprob of each generated token, when requested.
+        prompt_tokens: tokens of the prompt (conversation plus reasoning so far).
+        cached_tokens: of those, how many were served from a cache, not recomputed.
+        completion_tokens: tokens generated.
+        seconds: wall time of the call.
+        cost: price of the call in the backend's currency (0 for local models).
+        tool_calls: native tool calls ``{"id", "name", "args"}`` when the server returned any.
+        reasoning_text: reasoning a server returned apart from the text (``reasoning_content``).
+        stop_string: the stop string that ended the text, if any.
+        degraded: True when a fallback model wrote this instead of the one asked.
+    """
+
+    text: str
+    stop_reason: StopReason
+    logprobs: list[float] | None = None
+    prompt_tokens: int = 0
+    cached_tokens: int = 0
+    completion_tokens: int = 0
+    seconds: float = 0.0
+    cost: float = 0.0
+    tool_calls: list[dict[str, Any]] = field(default_factory=list)
+    reasoning_text: str = ""
+    stop_string: str | None = None
+    degraded: bool = False
+
+
+@runtime_checkable
+class Backend(Protocol):
+    """Where tokens come from. ``name`` identifies the model (shown in traces and LangSmith)."""
+
+    name: str
+
+    async def generate(self, request: GenerateRequest) -> Generation:
+        """Continue ``request.reasoning`` for ``request.messages``."""
+        ...
+
+
+@runtime_checkable
+class ReleasableBackend(Backend, Protocol):
+    """A backend that holds per-conversation state (a KV cache) and can free it."""
+
+    async def release(self, conversation_id: str) -> None:
+        """Forget the conversation's cached state; a later request starts afresh."""
+        ...
+
+
+async def release_conversation(backend: Backend, conversation_id: str) -> None:
+    """Free a conversation's state on ``backend`` when it keeps any."""
+    if isinstance(backend, ReleasableBackend):
+        await backend.release(conversation_id)

@@ -1,0 +1,28 @@
+"""Who writes the next step: triggers and policies."""
+
+from collab_agent.policies.base import BaseTrigger, Handoff, Policy, Reject, Trigger
+from collab_agent.policies.fixed import LargeOnly, SmallOnly
+from collab_agent.policies.trigreason import (
+    HESITATION_WORDS,
+    CognitiveOffload,
+    InterventionRequest,
+    StrategicPriming,
+    TrigReason,
+    confident_share,
+)
+
+__all__ = [
+    "HESITATION_WORDS",
+    "BaseTrigger",
+    "CognitiveOffload",
+    "Handoff",
+    "InterventionRequest",
+    "LargeOnly",
+    "Policy",
+    "Reject",
+    "SmallOnly",
+    "StrategicPriming",
+    "TrigReason",
+    "Trigger",
+    "confident_share",
+]

@@ -1,0 +1,129 @@
+"""Who writes the next step: triggers, their decisions, and their ordered composition.
+
+A trigger is a small object with two async hooks, both optional:
+
+- ``before_step(trace)`` may return a `Handoff`: the large model writes the next ``steps`` steps;
+- ``after_step(trace, step)`` sees each step the small model wrote and may return a `Reject`:
+  the step is thrown away and the large model rewrites it from the same prefix.
+
+Triggers are stateless: whatever they need (the last ``k`` steps, the step count) they read from
+the trace, so one policy object serves any number of concurrent conversations.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
+
+from collab_agent import _checks
+from collab_agent.backends.base import Role
+from collab_agent.errors import ConfigError
+
+if TYPE_CHECKING:
+    from collab_agent.trace import Step, Trace
+
+
+@dataclass(frozen=True)
+class Handoff:
+    """Before a step: the large model writes the next ``steps`` steps."""
+
+    trigger: str
+    steps: int = 1
+    detail: str = ""
+
+    def __post_init__(self) -> None:
+        _checks.positive_int("steps", self.steps)
+
+
+@dataclass(frozen=True)
+class Reject:
+    """After a small-model step: discard it; the large model rewrites it from the same prefix."""
+
+    trigger: str
+    detail: str = ""
+
+
+@runtime_checkable
+class Trigger(Protocol):
+    """A rule that can hand steps to the large model. ``name`` appears in traces."""
+
+    name: str
+
+    async def before_step(self, trace: Trace) -> Handoff | None: ...
+
+    async def after_step(self, trace: Trace, step: Step) -> Reject | None: ...
+
+
+class BaseTrigger:
+    """Convenience base: both hooks do nothing; override the one you need.
+
+    The trigger's ``name`` defaults to its class name.
+    """
+
+    name: str = ""
+
+    def __init_subclass__(cls, **kwargs: object) -> None:
+        super().__init_subclass__(**kwargs)
+        if not cls.__dict__.get("name"):
+            cls.name = cls.__name__
+
+    async def before_step(self, trace: Trace) -> Handoff | None:
+        return None
+
+    async def after_step(self, trace: Trace, step: Step) -> Reject | None:
+        return None
+
+
+@dataclass
+class Policy:
+    """An ordered composition of triggers: the first that fires decides.
+
+    Attributes:
+        triggers: consulted in order; evaluation stops at the first that fires, and every firing
+            is recorded in the trace.
+        name: the policy's name in traces and reports.
+        default_author: who writes a step when no trigger fires (``"small"`` for collaboration,
+            ``"large"`` for the large-only baseline).
+        answer_by: who writes the final answer when the reasoning did not already contain it;
+            ``None`` means whoever wrote the last reasoning step.
+    """
+
+    triggers: Sequence[Trigger] = ()
+    name: str = "policy"
+    default_author: Role = "small"
+    answer_by: Role | None = None
+
+    def __post_init__(self) -> None:
+        if self.default_author not in ("small", "large"):
+            raise ConfigError(
+                "default_author", f"must be 'small' or 'large', got {self.default_author!r}"
+            )
+        if self.answer_by not in (None, "small", "large"):
+            raise ConfigError(
+                "answer_by", f"must be None, 'small' or 'large', got {self.answer_by!r}"
+            )
+        for i, trigger in enumerate(self.triggers):
+            if not isinstance(trigger, Trigger):
+                raise ConfigError(
+                    f"triggers[{i}]",
+                    "must have a 'name' and async before_step(trace) / after_step(trace, step) "
+                    f"methods (subclass collab_agent.policies.BaseTrigger), got {type(trigger).__name__}",
+                )
+        self.triggers = tuple(self.triggers)
+
+    async def before_step(self, trace: Trace) -> Handoff | None:
+        """The first handoff any trigger asks for before the next step, if any."""
+        for trigger in self.triggers:
+            decision = await trigger.before_step(trace)
+            if decision is not None:
+                return decision
+        return None
+
+    async def after_step(self, trace: Trace, step: Step) -> Reject | None:
+        """The first rejection any trigger makes of a small-model step, if any."""
+        for trigger in self.triggers:
+            decision = await trigger.after_step(trace, step)
+            if decision is not None:
+                return decision
+        return None

@@ -1,0 +1,290 @@
+"""The step loop of trigger-based collaboration (TrigReason, Sec. 3).
+
+Each step: the policy says who writes (``before_step``), that model continues the reasoning up to
+the step delimiter, the policy may reject a small-model step (``after_step``) so the large model
+rewrites it from the same prefix. Reasoning ends at an answer marker, the model's end of turn, the
+token budget or the step cap; then the answering model writes the answer. One event per step.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import AsyncIterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import anyio
+
+from collab_agent import _checks
+from collab_agent.backends.base import Backend, Generation, Role, Sampling, release_conversation
+from collab_agent.errors import BackendUnavailableError, ConfigError
+from collab_agent.policies.base import Policy
+from collab_agent.policies.trigreason import TrigReason
+from collab_agent.prompting import STEPWISE, ReasoningFormat, validate_messages
+from collab_agent.session import Session
+from collab_agent.trace import Firing, Step, Trace
+
+
+@dataclass(frozen=True)
+class StepEvent:
+    """A reasoning step was written (after any rejection and rewrite)."""
+
+    step: Step
+    trace: Trace
+    kind: Literal["step"] = "step"
+
+
+@dataclass(frozen=True)
+class AnswerEvent:
+    """The answer, written after the reasoning; ``trace`` is complete."""
+
+    text: str
+    author: Role
+    trace: Trace
+    tool_calls: list[dict[str, Any]] = field(default_factory=list)
+    raw_text: str = ""
+    kind: Literal["answer"] = "answer"
+
+
+Event = StepEvent | AnswerEvent
+
+
+@dataclass
+class Reasoner:
+    """Runs one policy over a small and a large backend.
+
+    Attributes:
+        small: the small reasoning model (SRM).
+        large: the large reasoning model (LRM).
+        policy: who writes each step (default: `TrigReason()` with the paper's settings).
+        format: how reasoning is laid out (`STEPWISE` for instruct models, `THINK` for ``<think>``).
+        sampling: sampling of every call (paper: temperature 0.6, top-p 0.95).
+        budget: most reasoning tokens of accepted steps (paper: 8192).
+        max_steps: most reasoning steps.
+        step_max_tokens: most tokens of one step; a longer step continues in the next.
+        answer_max_tokens: most tokens of the answer.
+        on_large_unavailable: ``"fail"`` raises when the large model stays unreachable after its
+            retries; ``"degrade"`` lets the small model write the step and marks it degraded.
+        release_on_finish: free each backend's cached state for the conversation at the end.
+    """
+
+    small: Backend
+    large: Backend
+    policy: Policy = field(default_factory=TrigReason)
+    format: ReasoningFormat = STEPWISE
+    sampling: Sampling = field(default_factory=Sampling)
+    budget: int = 8192
+    max_steps: int = 256
+    step_max_tokens: int = 512
+    answer_max_tokens: int = 1024
+    on_large_unavailable: Literal["fail", "degrade"] = "fail"
+    release_on_finish: bool = True
+
+    def __post_init__(self) -> None:
+        for name in ("budget", "max_steps", "step_max_tokens", "answer_max_tokens"):
+            _checks.positive_int(name, getattr(self, name))
+        if self.on_large_unavailable not in ("fail", "degrade"):
+            raise ConfigError(
+                "on_large_unavailable",
+                f"must be 'fail' or 'degrade', got {self.on_large_unavailable!r}",
+            )
+        for role in ("small", "large"):
+            if not callable(getattr(getattr(self, role), "generate", None)):
+                raise ConfigError(role, "must be a Backend with an async generate(request) method")
+
+    async def run(
+        self,
+        messages: Sequence[Mapping[str, Any]],
+        *,
+        conversation_id: str | None = None,
+        tools: Sequence[Mapping[str, Any]] | None = None,
+    ) -> Trace:
+        """Reason to the end and return the complete trace."""
+        trace: Trace | None = None
+        async for event in self.stream(messages, conversation_id=conversation_id, tools=tools):
+            trace = event.trace
+        assert trace is not None
+        return trace
+
+    async def stream(
+        self,
+        messages: Sequence[Mapping[str, Any]],
+        *,
+        conversation_id: str | None = None,
+        tools: Sequence[Mapping[str, Any]] | None = None,
+    ) -> AsyncIterator[Event]:
+        """Yield a `StepEvent` per step, then one `AnswerEvent`. Cancelling the consumer
+        cancels the call in flight; closing the iterator frees the conversation's caches."""
+        conversation = validate_messages(messages)
+        trace = Trace(conversation_id=conversation_id or uuid.uuid4().hex, policy=self.policy.name)
+        session = Session(
+            small=self.small,
+            large=self.large,
+            conversation_id=trace.conversation_id,
+            messages=self.format.messages(conversation),
+            format=self.format,
+            sampling=self.sampling,
+            trace=trace,
+            tools=tools,
+        )
+        trace.session = session
+        started = time.perf_counter()
+        try:
+            handoff_left, handoff_trigger = 0, None
+            while trace.stop_reason is None:
+                remaining = self.budget - trace.reasoning_tokens
+                if len(trace.steps) >= self.max_steps:
+                    trace.stop_reason = "max_steps"
+                    break
+                if remaining <= 0:
+                    trace.stop_reason = "budget"
+                    break
+                if handoff_left == 0:
+                    handoff = await self.policy.before_step(trace)
+                    if handoff is not None:
+                        trace.firings.append(
+                            Firing(len(trace.steps), handoff.trigger, "handoff", handoff.detail)
+                        )
+                        handoff_left, handoff_trigger = handoff.steps, handoff.trigger
+                author: Role = self.policy.default_author
+                trigger = None
+                if handoff_left > 0:
+                    author, trigger = "large", handoff_trigger
+                    handoff_left -= 1
+                step = await self._step(
+                    session, author, trigger, min(remaining, self.step_max_tokens)
+                )
+                trace.seconds = time.perf_counter() - started
+                if self._finish_step(trace, step):
+                    yield StepEvent(step, trace)
+            answer = await self._answer(session)
+            trace.seconds = time.perf_counter() - started
+            yield answer
+        finally:
+            trace.seconds = time.perf_counter() - started
+            trace.session = None
+            if self.release_on_finish:
+                with anyio.CancelScope(shield=True), anyio.move_on_after(10):
+                    for backend in {
+                        id(self.small): self.small,
+                        id(self.large): self.large,
+                    }.values():
+                        await release_conversation(backend, trace.conversation_id)
+
+    # ------------------------------------------------------------------ one step
+    async def _step(
+        self, session: Session, author: Role, trigger: str | None, max_tokens: int
+    ) -> Step:
+        """Write one step with ``author``; a small-model step may be rejected and rewritten."""
+        trace = session.trace
+        index = len(trace.steps)
+        prefix = self._prefix(trace)
+        started = time.perf_counter()
+        generation, author, degraded = await self._generate(session, author, prefix, max_tokens)
+        step = _make_step(index, author, trigger, generation, degraded)
+        if author == "small" and not degraded:
+            reject = await self.policy.after_step(trace, step)
+            if reject is not None:
+                trace.firings.append(Firing(index, reject.trigger, "reject", reject.detail))
+                rewrite, by, degraded = await self._generate(session, "large", prefix, max_tokens)
+                rejected = step
+                step = _make_step(index, by, reject.trigger, rewrite, degraded)
+                if by == "large":
+                    step.rejected_text, step.rejected_tokens = rejected.text, rejected.tokens
+                else:  # the large model was unreachable: keep the small model's step
+                    step = rejected
+                    step.degraded = True
+        step.seconds = time.perf_counter() - started
+        if step.degraded:
+            trace.degraded_steps += 1
+        return step
+
+    async def _generate(
+        self, session: Session, role: Role, prefix: str, max_tokens: int
+    ) -> tuple[Generation, Role, bool]:
+        """Generate one step; in degrade mode an unreachable large model hands it to the small."""
+        request = session.request(prefix, max_tokens=max_tokens, logprobs=True)
+        try:
+            return await session.generate(role, request), role, False
+        except BackendUnavailableError:
+            if role != "large" or self.on_large_unavailable != "degrade":
+                raise
+            return await session.generate("small", request), "small", True
+
+    def _finish_step(self, trace: Trace, step: Step) -> bool:
+        """Cut the step at the end of reasoning, note why reasoning stopped, and append it
+        unless it held only the answer. Returns whether it was appended."""
+        end = self.format.end_of_reasoning(step.text)
+        if end is not None:
+            trace.stop_reason = "answer"
+            trace.answer = self.format.extract_answer(step.text[end:])
+            trace.answer_author = step.author
+            step.text = step.text[:end].rstrip()
+            step.stop_reason = "answer"
+        elif step.stop_reason == "eos":
+            trace.stop_reason = "eos"
+        if step.text or end is None:
+            trace.steps.append(step)
+            return True
+        return False  # a step that held only the answer: its tokens count as the answer's
+
+    def _prefix(self, trace: Trace) -> str:
+        return self.format.reasoning_prefix(
+            [(s.text, s.stop_reason == "step") for s in trace.steps]
+        )
+
+    # ------------------------------------------------------------------ the answer
+    async def _answer(self, session: Session) -> AnswerEvent:
+        """Keep the answer the reasoning ended with, or have the answering model write it."""
+        trace = session.trace
+        last_author = trace.steps[-1].author if trace.steps else self.policy.default_author
+        role: Role = self.policy.answer_by or trace.answer_author or last_author
+        keep = (
+            trace.stop_reason == "answer"
+            and trace.answer_author == role
+            and bool(trace.answer)
+            and not self.format.close  # a <think> model's answer follows in further paragraphs
+        )
+        if keep:
+            return AnswerEvent(trace.answer, role, trace, raw_text=trace.answer)
+        reasoning = self._prefix(trace)
+        if trace.stop_reason == "answer" and self.format.close and trace.answer_author == role:
+            prefix = self.format.answer_prefix(reasoning) + trace.answer
+        else:
+            prefix = self.format.answer_prefix(reasoning)
+        request = session.request(
+            prefix, stop=(), max_tokens=self.answer_max_tokens, purpose="answer"
+        )
+        try:
+            generation = await session.generate(role, request)
+        except BackendUnavailableError:
+            if role != "large" or self.on_large_unavailable != "degrade":
+                raise
+            role = "small"
+            generation = await session.generate(role, request)
+            trace.degraded_steps += 1
+        text = generation.text
+        if trace.stop_reason == "answer" and self.format.close and trace.answer_author == role:
+            text = trace.answer + text
+        trace.answer = text.strip()
+        trace.answer_author = role
+        return AnswerEvent(
+            trace.answer, role, trace, tool_calls=generation.tool_calls, raw_text=text
+        )
+
+
+def _make_step(
+    index: int, author: Role, trigger: str | None, generation: Generation, degraded: bool
+) -> Step:
+    return Step(
+        index=index,
+        author=author,
+        text=generation.text,
+        tokens=generation.completion_tokens,
+        logprobs=generation.logprobs,
+        trigger=trigger,
+        seconds=generation.seconds,
+        stop_reason=generation.stop_reason,
+        degraded=degraded,
+    )

@@ -1,0 +1,77 @@
+"""One live collaboration: the two backends, the conversation and the settings of its calls.
+
+The reasoner builds a `Session` per conversation and hangs it on `Trace.session`, so triggers that
+must call a model (SpecReason's judge, a large-model surprise score) do so through it and have
+their calls counted in the trace like every step.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from collab_agent.backends.base import Backend, GenerateRequest, Generation, Role, Sampling
+from collab_agent.prompting import ReasoningFormat
+
+if TYPE_CHECKING:
+    from collab_agent.trace import Trace
+
+
+@dataclass
+class Session:
+    """The backends, conversation and call settings of one collaboration.
+
+    Attributes:
+        small: the small reasoning model's backend.
+        large: the large reasoning model's backend.
+        conversation_id: id shared by every call of this collaboration.
+        messages: the conversation as sent to the models (format instruction included).
+        format: the reasoning format.
+        sampling: sampling settings of every step.
+        tools: tools in OpenAI format, rendered into every prompt so prefixes stay shared.
+        trace: the trace every call is recorded into.
+    """
+
+    small: Backend
+    large: Backend
+    conversation_id: str
+    messages: list[dict[str, Any]]
+    format: ReasoningFormat
+    sampling: Sampling
+    trace: Trace
+    tools: Sequence[Mapping[str, Any]] | None = None
+    fallback_to_small: bool = field(default=False)
+
+    def backend(self, role: Role) -> Backend:
+        return self.small if role == "small" else self.large
+
+    def request(
+        self,
+        reasoning: str,
+        *,
+        stop: Sequence[str] | None = None,
+        max_tokens: int = 512,
+        logprobs: bool = False,
+        purpose: str = "step",
+        sampling: Sampling | None = None,
+        messages: Sequence[Mapping[str, Any]] | None = None,
+    ) -> GenerateRequest:
+        """A request that continues ``reasoning`` in this conversation."""
+        return GenerateRequest(
+            conversation_id=self.conversation_id,
+            messages=list(messages) if messages is not None else self.messages,
+            reasoning=reasoning,
+            stop=tuple(stop) if stop is not None else (self.format.delimiter,),
+            max_tokens=max_tokens,
+            sampling=sampling or self.sampling,
+            logprobs=logprobs,
+            tools=self.tools,
+            purpose=purpose,
+        )
+
+    async def generate(self, role: Role, request: GenerateRequest) -> Generation:
+        """Call the ``role`` model and record the call's usage in the trace."""
+        generation = await self.backend(role).generate(request)
+        self.trace.record(role, generation)
+        return generation
