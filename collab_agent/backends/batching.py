@@ -1,0 +1,614 @@
+"""Continuous batching of many conversations' decode steps on one local transformers model.
+
+`TransformersBackend` (local.py) runs one generation at a time. `BatchedTransformersBackend`
+keeps its per-conversation prefix caches, chat rendering, stop strings and logprobs, but runs the
+decode steps of all conversations in flight as one forward pass, the way vLLM and TGI serve many
+requests (continuous batching at step granularity, Yu et al., OSDI 2022 "Orca"):
+
+- a request that arrives while the batch runs is prefilled (reusing its conversation's cached
+  prefix; requests arriving together are prefilled in one forward) and joins the batch at the
+  next step; a finished sequence leaves at once;
+- the rows' KV caches are stacked along the batch dimension, left-padded to a common length,
+  with an attention mask and explicit position ids per row, so every row computes what it
+  would compute alone; a leaving row's cache is cut back out (padding dropped) and kept as the
+  conversation's prefix cache for its next request;
+- a cancelled caller's row leaves at the next step; the other rows never notice;
+- at most ``max_batch_size`` rows hold a KV cache in the batch; further requests wait (FIFO,
+  bounded by ``max_waiting``), and idle caches are bounded by the LRU store of local.py, so
+  1,000 concurrent callers never load 1,000 caches.
+
+On CPU, batching pays because a decode step is dominated by reading the weights, which the rows
+share. Greedy texts are the same batched and alone up to floating-point near-ties: in float32 the
+tiny test models match exactly; in bfloat16 a different batch shape can flip a near-tied token
+(as on any batching server, vLLM and llama.cpp included).
+
+There is no extra thread: the caller whose request waits drives the batch, one step at a time in
+a worker thread (`anyio.to_thread.run_sync`); when it leaves, another waiting caller takes over.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import anyio
+import anyio.to_thread
+
+from collab_agent import _checks
+from collab_agent.backends.base import GenerateRequest, Generation, StopReason
+from collab_agent.backends.local import (
+    ConversationCache,
+    TransformersBackend,
+    _tokens_before,
+    find_stop,
+    sample_next,
+)
+from collab_agent.errors import BackendError, CapabilityError
+from collab_agent.limits import OverloadedError
+
+if TYPE_CHECKING:
+    import torch
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+
+@dataclass(eq=False)
+class _Row:
+    """One request in flight: waiting, in the batch, or finished."""
+
+    request: GenerateRequest
+    started: float
+    entry: ConversationCache | None = None
+    prompt_tokens: int = 0
+    cached_tokens: int = 0
+    tokens: list[int] = field(default_factory=list)  # generated (kept so far)
+    logprobs: list[float] = field(default_factory=list)
+    lengths: list[int] = field(default_factory=list)  # decoded text length after each token
+    pending: int = -1  # sampled, not yet forwarded
+    last_logits: Any = None  # logits after the last forwarded token
+    generator: Any = None
+    cancelled: bool = False  # set by the caller's task, read by the worker between steps
+    result: Generation | None = None
+    error: BaseException | None = None
+    wake: anyio.Event | None = None
+
+    @property
+    def done(self) -> bool:
+        return self.result is not None or self.error is not None
+
+
+class _PaddedBatch:
+    """The rows' KV caches stacked on the batch dimension, left-padded to one length.
+
+    Row ``i`` holds its real tokens in the last ``mask[i].sum()`` columns; the padding columns
+    are zeros that the attention mask hides.
+    """
+
+    def __init__(self, make_cache: Any) -> None:
+        self.rows: list[_Row] = []
+        self.cache: Any = None  # a DynamicCache of shape [rows, heads, length, head_dim]
+        self.mask: torch.Tensor | None = None  # [rows, length], 1 for real tokens
+        self._make_cache = make_cache
+
+    @property
+    def length(self) -> int:
+        return 0 if self.mask is None else int(self.mask.shape[1])
+
+    def add(self, row: _Row, kv: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+        """Append a row whose cache is ``kv`` (per layer, ``[1, heads, n, head_dim]``)."""
+        import torch
+        import torch.nn.functional as F
+
+        n = int(kv[0][0].shape[2])
+        if self.cache is None or self.mask is None:
+            self.cache = self._make_cache(kv)
+            self.mask = torch.ones(1, n, dtype=torch.long, device=kv[0][0].device)
+            self.rows.append(row)
+            return
+        length = self.length
+        if n > length:  # pad the batch on the left
+            grow = n - length
+            for layer in self.cache.layers:
+                layer.keys = F.pad(layer.keys, (0, 0, grow, 0))
+                layer.values = F.pad(layer.values, (0, 0, grow, 0))
+            self.mask = F.pad(self.mask, (grow, 0))
+            length = n
+        for layer, (k, v) in zip(self.cache.layers, kv, strict=True):
+            layer.keys = torch.cat([layer.keys, F.pad(k, (0, 0, length - n, 0))])
+            layer.values = torch.cat([layer.values, F.pad(v, (0, 0, length - n, 0))])
+        row_mask = torch.zeros(1, length, dtype=self.mask.dtype, device=self.mask.device)
+        row_mask[:, length - n :] = 1
+        self.mask = torch.cat([self.mask, row_mask])
+        self.rows.append(row)
+
+    def row_kv(self, index: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Row ``index``'s cache without padding (views; copy before the batch changes)."""
+        assert self.mask is not None
+        n = int(self.mask[index].sum())
+        return [
+            (layer.keys[index : index + 1, :, -n:], layer.values[index : index + 1, :, -n:])
+            for layer in self.cache.layers
+        ]
+
+    def keep(self, indices: list[int]) -> None:
+        """Keep only rows ``indices``, dropping padding columns no row needs any more."""
+        import torch
+
+        if not indices:
+            self.rows, self.cache, self.mask = [], None, None
+            return
+        assert self.mask is not None
+        if len(indices) < len(self.rows):
+            select = torch.tensor(indices, device=self.mask.device)
+            self.cache.batch_select_indices(select)
+            self.mask = self.mask[select]
+            self.rows = [self.rows[i] for i in indices]
+        used = self.mask.any(dim=0).nonzero()
+        start = int(used[0]) if used.numel() else 0
+        if start > 0:
+            for layer in self.cache.layers:
+                layer.keys = layer.keys[:, :, start:].contiguous()
+                layer.values = layer.values[:, :, start:].contiguous()
+            self.mask = self.mask[:, start:]
+
+
+class BatchedTransformersBackend(TransformersBackend):
+    """`TransformersBackend` with the decode steps of concurrent conversations batched.
+
+    Same outputs as `TransformersBackend` (text, stop reasons, logprobs, token counts, prefix
+    reuse, `score`, `release`), many conversations at once: requests arriving while a batch runs
+    join it at the next step (continuous batching). See the module docstring for the scheme.
+
+    Args:
+        model: a transformers causal LM with full-attention layers (Qwen2, Llama, ...).
+        tokenizer: its tokenizer, with a chat template.
+        max_batch_size: most requests decoded together, each holding a KV cache (default 16).
+        batch_window_s: how long the first request of an idle batch waits for others to arrive
+            (default 5 ms).
+        max_waiting: most requests waiting for a batch slot; one more raises `OverloadedError`
+            (default ``None``: unbounded; waiting requests hold no cache).
+        prefill_tokens: most tokens (rows x longest new part) prefilled in one forward when
+            several requests join at once (default 2048); a longer prompt is prefilled alone.
+        decode_slice_s: how long the worker thread may go on decoding while nothing changes (no
+            row finished, no request waiting, no caller gone) before it returns to the event
+            loop (default 0.1 s): fewer thread hops when steps are fast (GPUs, tiny models).
+        **options: those of `TransformersBackend` (``name``, ``device``,
+            ``max_cached_conversations``, ``max_cache_bytes``): the idle caches kept between
+            requests.
+
+    Attributes:
+        peak_batch_size: the most rows ever decoded in one step.
+        decode_steps: batched decode forward passes run so far.
+        prefill_passes: prefill forward passes run so far (one per group of joining requests).
+    """
+
+    def __init__(
+        self,
+        model: PreTrainedModel,
+        tokenizer: PreTrainedTokenizerBase,
+        *,
+        max_batch_size: int = 16,
+        batch_window_s: float = 0.005,
+        max_waiting: int | None = None,
+        prefill_tokens: int = 2048,
+        decode_slice_s: float = 0.1,
+        **options: Any,
+    ) -> None:
+        _checks.positive_int("max_batch_size", max_batch_size)
+        _checks.positive_int("prefill_tokens", prefill_tokens)
+        _checks.in_range("batch_window_s", batch_window_s, 0.0, 10.0)
+        _checks.in_range("decode_slice_s", decode_slice_s, 0.0, 10.0)
+        if max_waiting is not None:
+            _checks.non_negative_int("max_waiting", max_waiting)
+        options.setdefault("max_cached_conversations", max(8, max_batch_size))
+        super().__init__(model, tokenizer, **options)
+        self.max_batch_size = max_batch_size
+        self.batch_window_s = float(batch_window_s)
+        self.max_waiting = max_waiting
+        self.prefill_tokens = prefill_tokens
+        self.decode_slice_s = float(decode_slice_s)
+        self.peak_batch_size = 0
+        self.decode_steps = 0
+        self.prefill_passes = 0
+        self._check_full_attention()
+        self._batch = _PaddedBatch(self._cache_from)
+        self._waiting: deque[_Row] = deque()
+        self._finished: list[_Row] = []
+        self._driving = False
+
+    def _check_full_attention(self) -> None:
+        from transformers.cache_utils import DynamicLayer
+
+        layers = getattr(self._new_cache(), "layers", [])
+        if not layers or any(type(layer) is not DynamicLayer for layer in layers):
+            raise CapabilityError(
+                f"{self.name}: batching needs a model whose cache layers are all full attention "
+                "(DynamicLayer); use TransformersBackend for sliding-window or hybrid models"
+            )
+
+    def _cache_from(self, kv: list[tuple[torch.Tensor, torch.Tensor]]) -> Any:
+        from transformers import DynamicCache
+
+        return DynamicCache(ddp_cache_data=kv, config=self.model.config)
+
+    # ------------------------------------------------------------------ public API
+    @property
+    def batch_size(self) -> int:
+        """Rows in the batch now."""
+        return len(self._batch.rows)
+
+    @property
+    def waiting(self) -> int:
+        """Requests waiting for a batch slot now."""
+        return len(self._waiting)
+
+    async def generate(self, request: GenerateRequest) -> Generation:
+        """Continue ``request.reasoning`` in the shared batch until a stop string, end of turn
+        or ``max_tokens``; cancelling the caller removes its row at the next step.
+
+        Raises:
+            OverloadedError: ``max_waiting`` requests already wait for a slot.
+            BackendError: the backend is closed, or the forward pass failed.
+        """
+        if self._closed:
+            raise BackendError(f"backend {self.name!r} is closed")
+        if self.max_waiting is not None and len(self._waiting) >= self.max_waiting:
+            raise OverloadedError(
+                f"{self.name}: {len(self._waiting)} requests already wait for a batch slot "
+                f"(max_waiting={self.max_waiting}, max_batch_size={self.max_batch_size})"
+            )
+        row = _Row(request, time.perf_counter())
+        self._waiting.append(row)
+        try:
+            while not row.done:
+                if not self._driving:
+                    await self._drive(row)
+                else:
+                    row.wake = anyio.Event()
+                    await row.wake.wait()
+        except BaseException:
+            row.cancelled = True
+            if row in self._waiting:
+                self._waiting.remove(row)
+            if not self._driving and any(r.cancelled for r in self._batch.rows):
+                with anyio.CancelScope(shield=True):  # nobody else may drive: free it now
+                    await anyio.to_thread.run_sync(self._drop_cancelled_sync)
+            raise
+        if row.error is not None:
+            raise row.error
+        assert row.result is not None
+        return row.result
+
+    # ------------------------------------------------------------------ the driver
+    async def _drive(self, own: _Row) -> None:
+        """Run batch steps until ``own`` is done; then let another waiting caller drive."""
+        self._driving = True
+        try:
+            if not self._batch.rows and self.batch_window_s > 0:
+                await anyio.sleep(self.batch_window_s)  # let simultaneous requests arrive
+            while not own.done:
+                joining = self._admit()
+                await anyio.to_thread.run_sync(self._step_sync, joining, limiter=self._limiter())
+                self._deliver()
+        finally:
+            self._driving = False
+            self._deliver()
+            live = [r for r in [*self._batch.rows, *self._waiting] if not r.cancelled]
+            for row in live:
+                if row.wake is not None:
+                    row.wake.set()
+            if not live and self._batch.rows:  # only cancelled rows left: nobody will drive
+                with anyio.CancelScope(shield=True):
+                    await anyio.to_thread.run_sync(self._drop_cancelled_sync)
+
+    def _admit(self) -> list[_Row]:
+        """Waiting requests that fit in the batch, first come first served."""
+        joining: list[_Row] = []
+        while self._waiting and len(self._batch.rows) + len(joining) < self.max_batch_size:
+            row = self._waiting.popleft()
+            if not row.cancelled:
+                joining.append(row)
+        return joining
+
+    def _deliver(self) -> None:
+        finished, self._finished = self._finished, []
+        for row in finished:
+            if row.wake is not None:
+                row.wake.set()
+
+    # ------------------------------------------------------------------ one step (worker thread)
+    def _step_sync(self, joining: list[_Row]) -> None:
+        """Drop cancelled rows, prefill and add the joining ones, then decode a token for
+        every row, step after step while nothing changes (within ``decode_slice_s``).
+
+        A failing prompt fails its own row only; a failing batched forward fails the rows in
+        the batch (their caches are dropped) and the backend goes on serving.
+        """
+        import torch
+
+        with self._lock, torch.inference_mode():
+            try:
+                self._leave([i for i, r in enumerate(self._batch.rows) if r.cancelled])
+                self._join(joining)
+                until = time.perf_counter() + self.decode_slice_s
+                while self._batch.rows:
+                    self._decode_step()
+                    self._leave(
+                        [i for i, r in enumerate(self._batch.rows) if r.done or r.cancelled]
+                    )
+                    # back to the event loop when a row finished, a request waits, a caller
+                    # went away or the slice is over; else decode on without a thread hop
+                    if (
+                        self._finished
+                        or (self._waiting and len(self._batch.rows) < self.max_batch_size)
+                        or time.perf_counter() >= until
+                        or any(r.cancelled for r in self._batch.rows)
+                    ):
+                        break
+            except Exception as exc:
+                for row in [*self._batch.rows, *joining]:
+                    if not row.done:
+                        self._fail(row, exc)
+                self._batch.keep([])
+
+    def _join(self, joining: list[_Row]) -> None:
+        """Check out the joining rows' caches, prefill their new tokens (several rows in one
+        forward, within ``prefill_tokens``), sample their first tokens and add them to the
+        batch unless already done. A failing prompt fails its own row (or prefill group)."""
+        ready: list[tuple[_Row, list[int]]] = []
+        for row in joining:
+            try:
+                new_ids = self._checkout_row(row)
+            except Exception as exc:
+                self._fail(row, exc)
+                continue
+            if new_ids:
+                ready.append((row, new_ids))
+            else:  # the whole prompt is cached with its next logits: no forward
+                assert row.entry is not None
+                self._first_token(row, row.entry.next_logits)
+        group: list[tuple[_Row, list[int]]] = []
+        for item in ready:
+            longest = max(len(ids) for _, ids in [*group, item])
+            if group and (len(group) + 1) * longest > self.prefill_tokens:
+                self._prefill_group(group)
+                group = []
+            group.append(item)
+        if group:
+            self._prefill_group(group)
+
+    def _checkout_row(self, row: _Row) -> list[int]:
+        """Tokenise the request and check out its conversation's cache; the ids to prefill."""
+        import torch
+
+        request = row.request
+        prompt = self.prompt_ids(request)
+        entry, reused = self._checkout(request, prompt, None)
+        row.entry, row.prompt_tokens, row.cached_tokens = entry, len(prompt), reused
+        sampling = request.sampling
+        if sampling.temperature > 0 and sampling.seed is not None:
+            row.generator = torch.Generator(device=self.device).manual_seed(sampling.seed)
+        if reused == len(prompt) and entry.next_logits is not None:
+            return []
+        return prompt[reused:]
+
+    def _prefill_group(self, group: list[tuple[_Row, list[int]]]) -> None:
+        """Prefill ``group`` in one forward (alone when it holds one row)."""
+        self.prefill_passes += 1
+        try:
+            if len(group) == 1:
+                row, new_ids = group[0]
+                assert row.entry is not None
+                logits = [self._forward(row.entry, new_ids)[-1]]
+            else:
+                logits = self._prefill_together(group)
+        except Exception as exc:
+            for row, _ in group:
+                self._fail(row, exc)
+            return
+        for (row, _), row_logits in zip(group, logits, strict=True):
+            self._first_token(row, row_logits)
+
+    def _prefill_together(self, group: list[tuple[_Row, list[int]]]) -> list[torch.Tensor]:
+        """One forward over several rows: each row's cache left-padded to the longest, its new
+        tokens right after it and right-padded (so every query sees at least one real key);
+        each row's cache is then cut back out without padding."""
+        import torch
+        import torch.nn.functional as F
+
+        entries = [row.entry for row, _ in group]
+        assert all(e is not None for e in entries)
+        cached = [len(e.tokens) for e in entries if e is not None]
+        news = [len(ids) for _, ids in group]
+        width, steps = max(cached), max(news)
+        device = self.device
+        if width > 0:
+            shape = next(e.kv for e in entries if e is not None and len(e.tokens)).layers
+            stacked = []
+            for index, template in enumerate(shape):
+                keys, values = [], []
+                for e, c in zip(entries, cached, strict=True):
+                    assert e is not None
+                    if c:
+                        layer = e.kv.layers[index]
+                        keys.append(F.pad(layer.keys, (0, 0, width - c, 0)))
+                        values.append(F.pad(layer.values, (0, 0, width - c, 0)))
+                    else:
+                        keys.append(
+                            template.keys.new_zeros(
+                                *template.keys.shape[:2], width, template.keys.shape[3]
+                            )
+                        )
+                        values.append(
+                            template.values.new_zeros(
+                                *template.values.shape[:2], width, template.values.shape[3]
+                            )
+                        )
+                stacked.append((torch.cat(keys), torch.cat(values)))
+            cache = self._cache_from(stacked)
+        else:
+            cache = self._new_cache()
+        pad = self.tokenizer.pad_token_id
+        input_ids = torch.full((len(group), steps), 0 if pad is None else pad, dtype=torch.long)
+        mask = torch.zeros(len(group), width + steps, dtype=torch.long)
+        positions = torch.zeros(len(group), steps, dtype=torch.long)
+        for i, ((_, ids), c) in enumerate(zip(group, cached, strict=True)):
+            input_ids[i, : len(ids)] = torch.tensor(ids)
+            mask[i, width - c : width + len(ids)] = 1
+            positions[i] = torch.arange(c, c + steps)
+        last = torch.tensor([[n - 1] for n in news], device=device)
+        out = self.model(
+            input_ids=input_ids.to(device),
+            attention_mask=mask.to(device),
+            position_ids=positions.to(device),
+            use_cache=True,
+            logits_to_keep=last,
+            **{self._cache_arg: cache},
+        )
+        self.processed_tokens += sum(news)
+        logits = out.logits[:, -1].float()
+        result = []
+        for i, ((_, ids), c, e) in enumerate(zip(group, cached, entries, strict=True)):
+            assert e is not None
+            e.kv = self._cache_from(
+                [
+                    (
+                        layer.keys[i : i + 1, :, width - c : width + len(ids)],
+                        layer.values[i : i + 1, :, width - c : width + len(ids)],
+                    )
+                    for layer in cache.layers
+                ]
+            )
+            e.tokens.extend(ids)
+            e.next_logits = logits[i]
+            result.append(logits[i])
+        return result
+
+    def _first_token(self, row: _Row, logits: torch.Tensor | None) -> None:
+        """Sample the row's first token; add the row to the batch unless it is done."""
+        import torch
+
+        assert row.entry is not None and logits is not None
+        row.last_logits = logits
+        try:
+            self._advance(row, logits, torch.log_softmax(logits, dim=-1))
+        except Exception as exc:
+            self._fail(row, exc)
+            return
+        if row.done:
+            self._store_entry(row)
+            return
+        self._batch.add(row, [(layer.keys, layer.values) for layer in row.entry.kv.layers])
+        row.entry.kv = None  # the batch holds the only copy now
+
+    def _drop_cancelled_sync(self) -> None:
+        with self._lock:
+            self._leave([i for i, r in enumerate(self._batch.rows) if r.cancelled])
+
+    def _decode_step(self) -> None:
+        """One forward pass over every row's pending token."""
+        import torch
+
+        batch = self._batch
+        assert batch.mask is not None
+        rows = batch.rows
+        device = batch.mask.device
+        input_ids = torch.tensor([[r.pending] for r in rows], dtype=torch.long, device=device)
+        positions = torch.tensor([[len(r.entry.tokens)] for r in rows], device=device)  # type: ignore[union-attr]
+        mask = torch.cat([batch.mask, batch.mask.new_ones(len(rows), 1)], dim=1)
+        out = self.model(
+            input_ids=input_ids,
+            attention_mask=mask,
+            position_ids=positions,
+            use_cache=True,
+            logits_to_keep=1,
+            **{self._cache_arg: batch.cache},
+        )
+        batch.mask = mask
+        self.decode_steps += 1
+        self.processed_tokens += len(rows)
+        self.peak_batch_size = max(self.peak_batch_size, len(rows))
+        logits = out.logits[:, -1].float()
+        logprobs = torch.log_softmax(logits, dim=-1)
+        for i, row in enumerate(rows):
+            assert row.entry is not None
+            row.entry.tokens.append(row.pending)
+            row.last_logits = logits[i]
+            if row.cancelled:
+                continue
+            self._advance(row, logits[i], logprobs[i])
+
+    def _advance(self, row: _Row, logits: torch.Tensor, logprobs: torch.Tensor) -> None:
+        """Sample the row's next token and check end of turn, stop strings and the limit
+        (the same rules as `TransformersBackend`)."""
+        request = row.request
+        token = sample_next(logits, request.sampling, row.generator)
+        if token in self.eos_token_ids:
+            self._finish(row, "eos")
+            return
+        row.tokens.append(token)
+        row.logprobs.append(float(logprobs[token]))
+        text = str(self.tokenizer.decode(row.tokens, skip_special_tokens=False))
+        row.lengths.append(len(text))
+        found = find_stop(text, request.stop)
+        if found is not None:
+            position, stop = found
+            kept = _tokens_before(row.lengths, position)
+            del row.tokens[kept:], row.logprobs[kept:]
+            self._finish(row, "step", text[:position], stop)
+        elif len(row.tokens) >= request.max_tokens:
+            self._finish(row, "length", text)
+        else:
+            row.pending = token
+
+    def _finish(
+        self, row: _Row, reason: StopReason, text: str | None = None, stop: str | None = None
+    ) -> None:
+        if text is None:
+            text = str(self.tokenizer.decode(row.tokens, skip_special_tokens=False))
+        request = row.request
+        row.result = Generation(
+            text=text,
+            stop_reason=reason,
+            logprobs=list(row.logprobs) if request.logprobs else None,
+            prompt_tokens=row.prompt_tokens,
+            cached_tokens=row.cached_tokens,
+            completion_tokens=len(row.tokens),
+            seconds=time.perf_counter() - row.started,
+            stop_string=stop,
+        )
+        self._finished.append(row)
+
+    def _fail(self, row: _Row, exc: Exception) -> None:
+        if isinstance(exc, BackendError):
+            row.error = exc
+        else:
+            row.error = BackendError(f"{self.name}: generation failed: {exc}")
+            row.error.__cause__ = exc
+        row.entry = None  # its cache may be inconsistent: drop it
+        self._finished.append(row)
+
+    def _leave(self, indices: list[int]) -> None:
+        """Take rows out of the batch and keep their caches as their conversations' caches."""
+        if not indices:
+            return
+        for i in indices:
+            row = self._batch.rows[i]
+            if row.entry is not None:
+                row.entry.kv = self._cache_from(self._batch.row_kv(i))  # copies the tensors
+            self._store_entry(row)
+        gone = set(indices)
+        self._batch.keep([i for i in range(len(self._batch.rows)) if i not in gone])
+
+    def _store_entry(self, row: _Row) -> None:
+        entry = row.entry
+        if entry is None or entry.kv is None:
+            return
+        logits = row.last_logits
+        entry.next_logits = None if logits is None else logits.clone()
+        self._store.put(row.request.conversation_id, entry)
+        row.entry = None
+
+
+__all__ = ["BatchedTransformersBackend"]
