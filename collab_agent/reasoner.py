@@ -66,6 +66,8 @@ class Reasoner:
         answer_max_tokens: most tokens of the answer.
         on_large_unavailable: ``"fail"`` raises when the large model stays unreachable after its
             retries; ``"degrade"`` lets the small model write the step and marks it degraded.
+            ``None`` (default) takes the large backend's own ``on_unavailable`` setting, else
+            ``"fail"``.
         release_on_finish: free each backend's cached state for the conversation at the end.
     """
 
@@ -78,12 +80,14 @@ class Reasoner:
     max_steps: int = 256
     step_max_tokens: int = 512
     answer_max_tokens: int = 1024
-    on_large_unavailable: Literal["fail", "degrade"] = "fail"
+    on_large_unavailable: Literal["fail", "degrade"] | None = None
     release_on_finish: bool = True
 
     def __post_init__(self) -> None:
         for name in ("budget", "max_steps", "step_max_tokens", "answer_max_tokens"):
             _checks.positive_int(name, getattr(self, name))
+        if self.on_large_unavailable is None:
+            self.on_large_unavailable = getattr(self.large, "on_unavailable", "fail")
         if self.on_large_unavailable not in ("fail", "degrade"):
             raise ConfigError(
                 "on_large_unavailable",

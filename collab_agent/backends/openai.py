@@ -1,0 +1,775 @@
+"""Any OpenAI-compatible server as a backend: vLLM, SGLang, llama.cpp, llama-cpp-python, DeepSeek.
+
+TrigReason's edge-cloud setting (Zhao, Peng, Nguyen et al., 2026, Sec. "Edge-cloud
+collaboration") puts the large model behind an API: collab-agent is the client. The reasoner asks
+a backend to *continue* an assistant text written so far by either model; servers offer that in
+different ways, chosen by ``mode``:
+
+- ``"completions"``: the raw ``/v1/completions`` endpoint with a prompt rendered from the chat
+  template (a local Hugging Face tokenizer, or llama.cpp's ``/apply-template``) plus the
+  reasoning. Works everywhere a completions endpoint exists; exact and prefix-cache friendly.
+- ``"chat-continue"``: the chat endpoint with a trailing assistant message and
+  ``continue_final_message`` (vLLM, SGLang).
+- ``"chat-prefill"``: the chat endpoint with a trailing assistant message, which llama.cpp's
+  server continues on its own (its non-streaming content repeats the prefix; we strip it).
+- ``"deepseek-prefix"``: a trailing assistant message with ``"prefix": true`` (DeepSeek's beta
+  chat prefix completion; use ``base_url="https://api.deepseek.com/beta"``).
+- ``"chat"``: plain chat, for hosted APIs that cannot continue; only requests without reasoning.
+- ``"auto"`` (default): ``completions`` when a tokenizer is given; otherwise the server is
+  probed once (``GET /models``): llama.cpp -> ``completions`` with the server's template,
+  vLLM/SGLang -> ``chat-continue``, DeepSeek -> ``deepseek-prefix``, anything else -> ``chat``.
+  llama-cpp-python ignores a trailing assistant message and has no template endpoint, so it needs
+  ``tokenizer=``; without one, a request that continues reasoning raises `CapabilityError`.
+
+Faults: every attempt has a deadline (``timeout``); connection errors, timeouts, 429 (honouring
+``Retry-After``) and 5xx are retried with exponential backoff and jitter (tenacity), at most
+``max_retries`` times; 4xx never. The SDK's own retries are off so the two do not stack. Errors
+are typed twice: our `BackendError` family and LangChain's ``langchain_core.exceptions`` model
+errors, so code catching either works. Retryable failures that outlast the retries raise a
+`BackendUnavailableError` subclass: with ``on_unavailable="degrade"`` the reasoner catches it and
+lets the small model write the step, marking it degraded; with ``"fail"`` it propagates.
+"""
+
+from __future__ import annotations
+
+import email.utils
+import json
+import logging
+import os
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Literal
+from urllib.parse import urlsplit
+
+import anyio
+import openai
+from langchain_core.exceptions import (
+    ContextOverflowError,
+    ModelAPIError,
+    ModelAuthenticationError,
+    ModelConnectionError,
+    ModelInvalidRequestError,
+    ModelNotFoundError,
+    ModelPermissionDeniedError,
+    ModelRateLimitError,
+    ModelTimeoutError,
+)
+from pydantic import SecretStr
+from tenacity import (
+    AsyncRetrying,
+    RetryCallState,
+    retry_if_exception_type,
+    stop_after_attempt,
+    wait_exponential_jitter,
+)
+
+from collab_agent import _checks
+from collab_agent.backends.base import GenerateRequest, Generation, StopReason
+from collab_agent.backends.network import Price
+from collab_agent.backends.toolcalls import parse_tool_calls
+from collab_agent.errors import BackendError, BackendUnavailableError, CapabilityError, ConfigError
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+
+__all__ = [
+    "BackendAuthenticationError",
+    "BackendConnectionError",
+    "BackendContextOverflowError",
+    "BackendNotFoundError",
+    "BackendPermissionError",
+    "BackendRateLimitError",
+    "BackendRequestError",
+    "BackendServerError",
+    "BackendTimeoutError",
+    "Mode",
+    "OpenAIBackend",
+    "Price",
+    "ServerInfo",
+]
+
+logger = logging.getLogger(__name__)
+
+Mode = Literal["auto", "completions", "chat-continue", "chat-prefill", "deepseek-prefix", "chat"]
+_MODES = ("auto", "completions", "chat-continue", "chat-prefill", "deepseek-prefix", "chat")
+_NO_KEY = "EMPTY"
+
+
+# ============================================================================ typed errors
+class BackendTimeoutError(BackendUnavailableError, ModelTimeoutError):
+    """The server did not answer within the deadline (after the retries)."""
+
+
+class BackendConnectionError(BackendUnavailableError, ModelConnectionError):
+    """The server could not be reached (refused, reset, closed mid-response)."""
+
+
+class BackendRateLimitError(BackendUnavailableError, ModelRateLimitError):
+    """The server answered 429 (after the retries). ``retry_after`` is its hint, seconds."""
+
+    def __init__(self, message: str, *, retry_after: float | None = None) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+class BackendServerError(BackendUnavailableError, ModelAPIError):
+    """The server answered 5xx (after the retries)."""
+
+
+class BackendContextOverflowError(BackendError, ContextOverflowError):
+    """The prompt plus ``max_tokens`` exceed the model's context window (never retried)."""
+
+
+class BackendAuthenticationError(BackendError, ModelAuthenticationError):
+    """The server rejected the API key (401; never retried)."""
+
+
+class BackendPermissionError(BackendError, ModelPermissionDeniedError):
+    """The key lacks permission for this request (403; never retried)."""
+
+
+class BackendNotFoundError(BackendError, ModelNotFoundError):
+    """The model or endpoint does not exist on this server (404; never retried)."""
+
+
+class BackendRequestError(BackendError, ModelInvalidRequestError):
+    """The server rejected the request as invalid (other 4xx; never retried)."""
+
+
+_RETRYABLE = (
+    BackendTimeoutError,
+    BackendConnectionError,
+    BackendRateLimitError,
+    BackendServerError,
+)
+
+
+# ============================================================================ server facts
+@dataclass(frozen=True)
+class ServerInfo:
+    """What a probe learned about the server.
+
+    Attributes:
+        dialect: ``"llama.cpp"``, ``"llama-cpp-python"``, ``"vllm"``, ``"sglang"``,
+            ``"deepseek"`` or ``"unknown"``.
+        model_ids: the ids ``GET /models`` listed.
+        continues_assistant: whether a trailing assistant message is continued by the chat
+            endpoint (``False`` for llama-cpp-python, which starts a new turn).
+        template_endpoint: whether the server renders chat templates (llama.cpp
+            ``/apply-template``).
+        names_stop_string: whether a response says which stop string ended it (vLLM's
+            ``stop_reason``, SGLang's ``matched_stop``); otherwise it is inferred.
+    """
+
+    dialect: str
+    model_ids: tuple[str, ...] = ()
+    continues_assistant: bool = False
+    template_endpoint: bool = False
+    names_stop_string: bool = False
+
+
+_DIALECTS: dict[str, ServerInfo] = {
+    "llama.cpp": ServerInfo("llama.cpp", continues_assistant=True, template_endpoint=True),
+    "llama-cpp-python": ServerInfo("llama-cpp-python"),
+    "vllm": ServerInfo("vllm", continues_assistant=True, names_stop_string=True),
+    "sglang": ServerInfo("sglang", continues_assistant=True, names_stop_string=True),
+    "deepseek": ServerInfo("deepseek", continues_assistant=True),
+    "unknown": ServerInfo("unknown"),
+}
+_OWNERS = {"llamacpp": "llama.cpp", "me": "llama-cpp-python", "vllm": "vllm", "sglang": "sglang"}
+
+
+def _dialect_of(base_url: str, models: Any) -> str:
+    if "deepseek.com" in (urlsplit(base_url).hostname or ""):
+        return "deepseek"
+    data = models.get("data") if isinstance(models, Mapping) else None
+    if isinstance(data, list) and data and isinstance(data[0], Mapping):
+        owner = str(data[0].get("owned_by", ""))
+        return _OWNERS.get(owner, "unknown")
+    return "unknown"
+
+
+# ============================================================================ response parsing
+def _chosen_logprobs(logprobs: Any) -> list[float] | None:
+    """Chosen-token logprobs from either dialect: ``{"content": [{"logprob": x}, ...]}``
+    (OpenAI chat, llama.cpp completions) or legacy ``{"token_logprobs": [x, ...]}``."""
+    if not isinstance(logprobs, Mapping):
+        return None
+    content = logprobs.get("content")
+    if isinstance(content, list):
+        return [
+            float(e["logprob"])
+            for e in content
+            if isinstance(e, Mapping) and e.get("logprob") is not None
+        ]
+    legacy = logprobs.get("token_logprobs")
+    if isinstance(legacy, list):
+        return [float(x) for x in legacy if x is not None]
+    return None
+
+
+def _top_n(request: GenerateRequest) -> int:
+    """Alternatives per token a request asks for (``top_logprobs``, when the request has it)."""
+    return int(getattr(request, "top_logprobs", 0) or 0)
+
+
+def _top_logprobs(logprobs: Any) -> list[dict[str, float]] | None:
+    """Per generated token, ``{token: logprob}`` of the alternatives, from either dialect."""
+    if not isinstance(logprobs, Mapping):
+        return None
+    content = logprobs.get("content")
+    if isinstance(content, list):
+        return [
+            {str(t.get("token")): float(t["logprob"]) for t in e.get("top_logprobs") or []
+             if isinstance(t, Mapping) and t.get("logprob") is not None}
+            for e in content if isinstance(e, Mapping)
+        ]  # fmt: skip
+    legacy = logprobs.get("top_logprobs")
+    if isinstance(legacy, list):
+        return [{str(k): float(v) for k, v in (e or {}).items()} for e in legacy]
+    return None
+
+
+def _usage(data: Mapping[str, Any]) -> tuple[int, int, int]:
+    """(prompt, cached, completion) tokens; prompt includes cached."""
+    usage = data.get("usage") or {}
+    prompt = int(usage.get("prompt_tokens") or 0)
+    completion = int(usage.get("completion_tokens") or 0)
+    details = usage.get("prompt_tokens_details") or {}
+    cached = details.get("cached_tokens") if isinstance(details, Mapping) else None
+    if cached is None:
+        timings = data.get("timings") or {}
+        cached = timings.get("cache_n", data.get("tokens_cached"))
+    cached = int(cached or 0)
+    if not prompt:
+        timings = data.get("timings") or {}
+        prompt = int(timings.get("prompt_n") or 0) + cached
+    return prompt, min(cached, prompt) if prompt else cached, completion
+
+
+def _cut_at_stop(text: str, stop: Sequence[str]) -> tuple[str, str | None]:
+    """Cut text at the first stop string a server left in (some return it)."""
+    found = [(text.find(s), s) for s in stop if s and s in text]
+    if not found:
+        return text, None
+    index, string = min(found)
+    return text[:index], string
+
+
+def _retry_after(error: openai.APIStatusError) -> float | None:
+    headers = error.response.headers
+    value = headers.get("retry-after-ms")
+    if value:
+        try:
+            return float(value) / 1000.0
+        except ValueError:
+            pass
+    value = headers.get("retry-after")
+    if not value:
+        return None
+    try:
+        return max(float(value), 0.0)
+    except ValueError:
+        parsed = email.utils.parsedate_to_datetime(value) if value else None
+        if parsed is None:
+            return None
+        return max(parsed.timestamp() - time.time(), 0.0)
+
+
+# ============================================================================ the backend
+class OpenAIBackend:
+    """A model behind an OpenAI-compatible HTTP API (paper's edge-cloud LRM, or a local server).
+
+    Args:
+        model: the model id sent in each request.
+        base_url: the API root, e.g. ``http://127.0.0.1:8080/v1``.
+        api_key: the key (``None``: no key, for local servers). Never shown in ``repr``, logs,
+            traces or error messages.
+        mode: how reasoning is continued (see the module docstring); default ``"auto"``.
+        tokenizer: renders the chat template for ``mode="completions"``: a Hugging Face
+            tokenizer, a path or bundled name (``"bundled:NAME"``) to load one from, or
+            ``"server"`` for llama.cpp's ``/apply-template``. ``None``: chosen by ``auto``.
+        timeout: deadline of one attempt in seconds (connect, send, generate, receive).
+        max_retries: retries after the first attempt, for connection errors, timeouts, 429, 5xx.
+        backoff_s: first backoff wait; doubles per retry, plus up to ``backoff_s`` of jitter.
+        max_backoff_s: the longest backoff wait.
+        max_retry_after_s: the longest ``Retry-After`` honoured; a longer one ends the retries.
+        on_unavailable: ``"fail"`` or ``"degrade"``: what the reasoner does when this backend
+            raises `BackendUnavailableError` (the backend itself raises in both cases).
+        price: API price per million tokens; each `Generation` carries its cost.
+        name: shown in traces (default ``"MODEL@HOST:PORT"``).
+        default_headers: extra HTTP headers for every request.
+    """
+
+    def __init__(
+        self,
+        model: str,
+        base_url: str,
+        api_key: str | Any | None = None,
+        *,
+        mode: Mode = "auto",
+        tokenizer: PreTrainedTokenizerBase | str | None = None,
+        timeout: float = 60.0,
+        max_retries: int = 3,
+        backoff_s: float = 0.5,
+        max_backoff_s: float = 8.0,
+        max_retry_after_s: float = 30.0,
+        on_unavailable: Literal["fail", "degrade"] = "fail",
+        price: Price | None = None,
+        name: str | None = None,
+        default_headers: Mapping[str, str] | None = None,
+    ) -> None:
+        if not isinstance(model, str) or not model:
+            raise ConfigError("model", f"must be a non-empty model id, got {model!r}")
+        if not isinstance(base_url, str) or urlsplit(base_url).scheme not in ("http", "https"):
+            raise ConfigError(
+                "base_url",
+                f"must be an http(s) URL such as http://127.0.0.1:8080/v1, got {base_url!r}",
+            )
+        if mode not in _MODES:
+            raise ConfigError("mode", f"must be one of {list(_MODES)}, got {mode!r}")
+        if on_unavailable not in ("fail", "degrade"):
+            raise ConfigError(
+                "on_unavailable", f"must be 'fail' or 'degrade', got {on_unavailable!r}"
+            )
+        if mode == "completions" and tokenizer is None:
+            tokenizer = "server"
+        _checks.in_range("timeout", timeout, 0.0, 86400.0, low_open=True)
+        _checks.non_negative_int("max_retries", max_retries)
+        _checks.in_range("backoff_s", backoff_s, 0.0, 3600.0)
+        _checks.in_range("max_backoff_s", max_backoff_s, 0.0, 3600.0)
+        _checks.in_range("max_retry_after_s", max_retry_after_s, 0.0, 86400.0)
+        if price is not None and not isinstance(price, Price):
+            raise ConfigError(
+                "price", f"must be a Price(input, cached, output), got {type(price).__name__}"
+            )
+
+        getter = getattr(api_key, "get_secret_value", None)
+        secret = getter() if callable(getter) else api_key
+        self._api_key = SecretStr(secret) if secret else None  # shown as '**********'
+        self.model = model
+        self.base_url = base_url.rstrip("/")
+        self.mode: Mode = mode
+        self.timeout = float(timeout)
+        self.max_retries = max_retries
+        self.backoff_s = float(backoff_s)
+        self.max_backoff_s = float(max_backoff_s)
+        self.max_retry_after_s = float(max_retry_after_s)
+        self.on_unavailable = on_unavailable
+        self.price = price
+        parts = urlsplit(self.base_url)
+        self.name = name or f"{model}@{parts.hostname}{f':{parts.port}' if parts.port else ''}"
+        self.server: ServerInfo | None = None
+        self._tokenizer_source = tokenizer
+        self._tokenizer: Any = None if isinstance(tokenizer, str) else tokenizer
+        self._resolved_mode: str | None = None if mode == "auto" else mode
+        self._probe_lock = anyio.Lock()
+        self._templates: dict[str, str] = {}  # rendered server templates, by request
+        self._client = openai.AsyncOpenAI(
+            api_key=secret or _NO_KEY,
+            base_url=self.base_url,
+            timeout=self.timeout,
+            max_retries=0,
+            default_headers=dict(default_headers or {}),
+        )
+
+    # ------------------------------------------------------------------ plumbing
+    def __repr__(self) -> str:
+        key = "'**********'" if self._api_key is not None else "None"
+        return (
+            f"OpenAIBackend(model={self.model!r}, base_url={self.base_url!r}, api_key={key}, "
+            f"mode={self.mode!r}, timeout={self.timeout}, max_retries={self.max_retries}, "
+            f"on_unavailable={self.on_unavailable!r})"
+        )
+
+    @property
+    def root_url(self) -> str:
+        """The server root (``base_url`` without a trailing ``/v1``)."""
+        return self.base_url[: -len("/v1")] if self.base_url.endswith("/v1") else self.base_url
+
+    async def aclose(self) -> None:
+        """Close the HTTP connection pool."""
+        await self._client.close()
+
+    async def __aenter__(self) -> OpenAIBackend:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+    def _scrub(self, text: str) -> str:
+        if self._api_key is not None:
+            text = text.replace(self._api_key.get_secret_value(), "**********")
+        return text
+
+    # ------------------------------------------------------------------ errors
+    def _typed(self, error: BaseException, what: str) -> BackendError:
+        """Map an SDK error (or our deadline) to the typed error that names what happened."""
+        where = f"{self.name} ({what} at {self.base_url})"
+        if isinstance(error, (openai.APITimeoutError, TimeoutError)):
+            return BackendTimeoutError(f"{where}: no answer within timeout={self.timeout}s")
+        if isinstance(error, openai.APIConnectionError):
+            cause = error.__cause__ or error
+            return BackendConnectionError(
+                self._scrub(f"{where}: cannot reach the server ({type(cause).__name__}: {cause})")
+            )
+        if isinstance(error, openai.APIStatusError):
+            status = error.status_code
+            detail = self._scrub(str(error.body if error.body is not None else error.message))[:500]
+            message = f"{where}: HTTP {status}: {detail}"
+            if status == 429:
+                return BackendRateLimitError(message, retry_after=_retry_after(error))
+            if status >= 500:
+                return BackendServerError(message)
+            lowered = detail.lower()
+            if "context" in lowered and any(
+                w in lowered for w in ("exceed", "length", "too long", "maximum", "overflow")
+            ):
+                return BackendContextOverflowError(
+                    message + "; shorten the conversation or lower max_tokens"
+                )
+            if status == 401:
+                return BackendAuthenticationError(f"{where}: HTTP 401: the API key was rejected")
+            if status == 403:
+                return BackendPermissionError(message)
+            if status == 404:
+                return BackendNotFoundError(message + f"; check model={self.model!r} and base_url")
+            return BackendRequestError(message)
+        return BackendError(self._scrub(f"{where}: {type(error).__name__}: {error}"))
+
+    async def _post(self, path: str, body: dict[str, Any], what: str) -> Any:
+        """POST a JSON body within one attempt's deadline; typed errors on failure."""
+        try:
+            with anyio.fail_after(self.timeout):
+                return await self._client.post(path, body=body, cast_to=object)
+        except (openai.OpenAIError, TimeoutError) as error:
+            raise self._typed(error, what) from None
+
+    async def _get(self, path: str, what: str) -> Any:
+        try:
+            with anyio.fail_after(self.timeout):
+                return await self._client.get(path, cast_to=object)
+        except (openai.OpenAIError, TimeoutError) as error:
+            raise self._typed(error, what) from None
+
+    # ------------------------------------------------------------------ probing
+    async def probe(self) -> ServerInfo:
+        """Ask the server what it is (``GET /models``), once; sets ``server`` and the mode."""
+        async with self._probe_lock:
+            if self.server is not None:
+                return self.server
+            try:
+                models = await self._get("/models", "probe")
+            except _RETRYABLE:
+                raise  # retried by generate(); probing again next attempt
+            except BackendError:
+                models = None
+            dialect = _dialect_of(self.base_url, models)
+            ids = (
+                tuple(
+                    str(m.get("id"))
+                    for m in (models or {}).get("data", [])
+                    if isinstance(m, Mapping)
+                )
+                if isinstance(models, Mapping)
+                else ()
+            )
+            info = _DIALECTS[dialect]
+            self.server = ServerInfo(
+                info.dialect,
+                ids,
+                info.continues_assistant,
+                info.template_endpoint,
+                info.names_stop_string,
+            )
+            if self._resolved_mode is None:
+                self._resolved_mode = self._auto_mode(self.server)
+            logger.info("%s: server dialect %s, mode %s", self.name, dialect, self._resolved_mode)
+            return self.server
+
+    def _auto_mode(self, server: ServerInfo) -> str:
+        if self._tokenizer_source is not None:
+            return "completions"
+        if server.dialect == "llama.cpp":
+            self._tokenizer_source = "server"
+            return "completions"
+        if server.dialect in ("vllm", "sglang"):
+            return "chat-continue"
+        if server.dialect == "deepseek":
+            return "deepseek-prefix"
+        if server.dialect == "llama-cpp-python":
+            return "completions-needs-tokenizer"
+        return "chat"
+
+    @property
+    def resolved_mode(self) -> str | None:
+        """The mode in use (``None`` until ``auto`` has probed the server)."""
+        return self._resolved_mode
+
+    # ------------------------------------------------------------------ prompts
+    def _local_tokenizer(self) -> Any:
+        if self._tokenizer is None:
+            source = self._tokenizer_source
+            assert isinstance(source, str)
+            if source.startswith("bundled:"):
+                from collab_agent.backends import bundled
+
+                self._tokenizer = bundled.load_tokenizer(source.removeprefix("bundled:"))
+            else:
+                from transformers import AutoTokenizer
+
+                self._tokenizer = AutoTokenizer.from_pretrained(source)
+        return self._tokenizer
+
+    async def _prompt(self, request: GenerateRequest) -> str:
+        """The chat template applied to the messages with a generation prompt, plus reasoning."""
+        messages = [dict(m) for m in request.messages]
+        tools = [dict(t) for t in request.tools] if request.tools else None
+        if self._tokenizer_source == "server":
+            body: dict[str, Any] = {"messages": messages}
+            if tools:
+                body["tools"] = tools
+            key = json.dumps(body, sort_keys=True, default=str)
+            cached = self._templates.get(key)
+            if cached is not None:
+                return cached + request.reasoning
+            data = await self._post(f"{self.root_url}/apply-template", body, "apply-template")
+            if not isinstance(data, Mapping) or not isinstance(data.get("prompt"), str):
+                raise CapabilityError(
+                    f"{self.name}: the server has no /apply-template endpoint; pass tokenizer= "
+                    "(a Hugging Face tokenizer or its path) to render the chat template locally"
+                )
+            rendered = data["prompt"]
+            if len(self._templates) >= 256:
+                self._templates.pop(next(iter(self._templates)))
+            self._templates[key] = rendered
+        else:
+            tokenizer = self._local_tokenizer()
+            kwargs: dict[str, Any] = {"tokenize": False, "add_generation_prompt": True}
+            if tools:
+                kwargs["tools"] = tools
+            rendered = tokenizer.apply_chat_template(messages, **kwargs)
+        return rendered + request.reasoning
+
+    # ------------------------------------------------------------------ one attempt
+    def _sampling(self, request: GenerateRequest) -> dict[str, Any]:
+        body: dict[str, Any] = {
+            "model": self.model,
+            "max_tokens": request.max_tokens,
+            "temperature": request.sampling.temperature,
+            "top_p": request.sampling.top_p,
+        }
+        if request.sampling.seed is not None:
+            body["seed"] = request.sampling.seed
+        if request.stop:
+            body["stop"] = list(request.stop)
+        return body
+
+    def _wants_logprobs(self, request: GenerateRequest) -> bool:
+        """Logprobs are also asked for internally where they tell a stop string from EOS."""
+        if request.logprobs:
+            return True
+        names = self.server.names_stop_string if self.server else False
+        return bool(request.stop) and not names
+
+    async def _attempt(self, request: GenerateRequest) -> Generation:
+        if self._resolved_mode is None:
+            await self.probe()
+        mode = self._resolved_mode
+        want_logprobs = self._wants_logprobs(request)
+        if mode == "completions-needs-tokenizer":
+            if request.reasoning:
+                raise CapabilityError(
+                    f"{self.name}: llama-cpp-python ignores a trailing assistant message and has no "
+                    "template endpoint; pass tokenizer= (a Hugging Face tokenizer or its path) so the "
+                    "prompt is rendered locally and sent to /completions"
+                )
+            mode = "chat"
+        if mode == "completions":
+            body = self._sampling(request)
+            body["prompt"] = await self._prompt(request)
+            if want_logprobs:
+                body["logprobs"] = max(1, _top_n(request))
+            data = await self._post("/completions", body, "completion")
+            choice = (data.get("choices") or [{}])[0] if isinstance(data, Mapping) else {}
+            text = choice.get("text") or ""
+            reasoning_text = ""
+            native_calls: list[Any] = []
+        else:
+            body = self._sampling(request)
+            messages = [dict(m) for m in request.messages]
+            if request.reasoning:
+                if mode == "chat":
+                    raise CapabilityError(
+                        f"{self.name}: mode 'chat' cannot continue a partial assistant text on this "
+                        f"server (dialect {self.server.dialect if self.server else 'unknown'}); pass "
+                        "mode='completions' with tokenizer=, or mode='chat-continue' (vLLM, SGLang), "
+                        "'chat-prefill' (llama.cpp) or 'deepseek-prefix' (DeepSeek)"
+                    )
+                last: dict[str, Any] = {"role": "assistant", "content": request.reasoning}
+                if mode == "deepseek-prefix":
+                    last["prefix"] = True
+                messages.append(last)
+                if mode == "chat-continue":
+                    body["continue_final_message"] = True
+                    body["add_generation_prompt"] = False
+            body["messages"] = messages
+            if request.tools:
+                body["tools"] = [dict(t) for t in request.tools]
+            if want_logprobs:
+                body["logprobs"] = True
+                body["top_logprobs"] = max(1, _top_n(request))
+            data = await self._post("/chat/completions", body, "chat completion")
+            choice = (data.get("choices") or [{}])[0] if isinstance(data, Mapping) else {}
+            message = choice.get("message") or {}
+            text = message.get("content") or ""
+            if request.reasoning and mode == "chat-prefill" and text.startswith(request.reasoning):
+                text = text[len(request.reasoning) :]  # llama.cpp repeats the prefix
+            reasoning_text = message.get("reasoning_content") or message.get("reasoning") or ""
+            native_calls = message.get("tool_calls") or []
+        if not isinstance(data, Mapping) or not data.get("choices"):
+            raise BackendError(
+                self._scrub(f"{self.name}: the server's answer has no choices: {str(data)[:300]}")
+            )
+        return self._generation(request, data, choice, text, reasoning_text, native_calls)
+
+    def _generation(
+        self,
+        request: GenerateRequest,
+        data: Mapping[str, Any],
+        choice: Mapping[str, Any],
+        text: str,
+        reasoning_text: str,
+        native_calls: list[Any],
+    ) -> Generation:
+        prompt, cached, completion = _usage(data)
+        logprobs = _chosen_logprobs(choice.get("logprobs"))
+        text, left_in = _cut_at_stop(text, request.stop)
+        finish = choice.get("finish_reason")
+        stop_string: str | None = left_in
+        reason: StopReason
+        if left_in is not None:
+            reason = "step"
+        elif finish == "length":
+            reason = "length"
+        elif finish == "tool_calls":
+            reason = "eos"
+        else:
+            named = choice.get("stop_reason", choice.get("matched_stop"))
+            if isinstance(named, str) and named:
+                reason, stop_string = "step", named
+            elif isinstance(named, int) or not request.stop:
+                reason = "eos"
+            elif logprobs is not None and completion > len(logprobs):
+                # llama.cpp counts the stop string's tokens but returns logprobs only up to it
+                reason = "step"
+            else:
+                reason = "eos"
+            if reason == "step" and stop_string is None and len(request.stop) == 1:
+                stop_string = request.stop[0]
+        tool_calls: list[dict[str, Any]] = []
+        for call in native_calls:
+            found = _native_call(call)
+            if found is not None:
+                tool_calls.append(found)
+        if not tool_calls and request.purpose == "answer" and request.tools:
+            parsed = parse_tool_calls(text, request.tools)
+            if parsed.tool_calls:
+                tool_calls = parsed.tool_calls
+                text = parsed.content
+        cost = self.price.cost(prompt, cached, completion) if self.price else 0.0
+        extra: dict[str, Any] = {}
+        if _top_n(request) and "top_logprobs" in Generation.__dataclass_fields__:
+            extra["top_logprobs"] = _top_logprobs(choice.get("logprobs"))
+        return Generation(
+            text=text,
+            stop_reason=reason,
+            logprobs=logprobs if request.logprobs else None,
+            prompt_tokens=prompt,
+            cached_tokens=cached,
+            completion_tokens=completion,
+            cost=cost,
+            tool_calls=tool_calls,
+            reasoning_text=reasoning_text,
+            stop_string=stop_string if reason == "step" else None,
+            **extra,
+        )
+
+    # ------------------------------------------------------------------ the contract
+    def _wait(self, state: RetryCallState) -> float:
+        error = state.outcome.exception() if state.outcome else None
+        if isinstance(error, BackendRateLimitError) and error.retry_after is not None:
+            return min(error.retry_after, self.max_retry_after_s)
+        backoff = wait_exponential_jitter(
+            multiplier=self.backoff_s, max=self.max_backoff_s, jitter=self.backoff_s
+        )
+        return float(backoff(state))
+
+    def _stop(self, state: RetryCallState) -> bool:
+        error = state.outcome.exception() if state.outcome else None
+        if (
+            isinstance(error, BackendRateLimitError)
+            and (error.retry_after or 0) > self.max_retry_after_s
+        ):
+            return True  # the server asks us to wait longer than we may
+        return bool(stop_after_attempt(self.max_retries + 1)(state))
+
+    def _log_retry(self, state: RetryCallState) -> None:
+        error = state.outcome.exception() if state.outcome else None
+        wait = state.next_action.sleep if state.next_action else 0.0
+        logger.warning(
+            "%s: attempt %d failed (%s); retrying in %.2fs",
+            self.name,
+            state.attempt_number,
+            type(error).__name__,
+            wait,
+        )
+
+    async def generate(self, request: GenerateRequest) -> Generation:
+        """Continue ``request.reasoning``; retries transient failures within bounds.
+
+        Raises:
+            BackendUnavailableError: (a subclass naming timeout, connection, rate limit or server
+                error) the server stayed unreachable through the retries.
+            BackendError: a non-retryable rejection (context overflow, 4xx, bad answer).
+            CapabilityError: the server cannot continue reasoning in the chosen mode.
+        """
+        start = time.perf_counter()
+        attempts = 0
+        retrying = AsyncRetrying(
+            stop=self._stop,
+            wait=self._wait,
+            retry=retry_if_exception_type(_RETRYABLE),
+            before_sleep=self._log_retry,
+            reraise=True,
+        )
+        try:
+            async for attempt in retrying:
+                with attempt:
+                    attempts = attempt.retry_state.attempt_number
+                    generation = await self._attempt(request)
+        except _RETRYABLE as error:
+            error.args = (
+                f"{error.args[0]} (gave up after {attempts} attempt(s), "
+                f"{time.perf_counter() - start:.1f}s)",
+            )
+            raise
+        generation.seconds = time.perf_counter() - start
+        return generation
+
+
+def _native_call(call: Any) -> dict[str, Any] | None:
+    """A server's native tool call (``{"id", "function": {"name", "arguments"}}``) as
+    ``{"id", "name", "args", "type"}``; ``None`` when its arguments are not a JSON object."""
+    if not isinstance(call, Mapping):
+        return None
+    parsed = parse_tool_calls(json.dumps([call]))
+    return parsed.tool_calls[0] if parsed.tool_calls else None
+
+
+def from_env(
+    model: str, base_url: str, *, api_key_env: str = "OPENAI_API_KEY", **options: Any
+) -> OpenAIBackend:
+    """An `OpenAIBackend` whose key comes from the environment variable ``api_key_env``."""
+    return OpenAIBackend(model, base_url, os.environ.get(api_key_env), **options)

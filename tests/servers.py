@@ -1,0 +1,194 @@
+"""Real servers on 127.0.0.1 for the backend tests.
+
+- `ScriptedServer`: a small HTTP/1.1 server (asyncio streams) that answers each request with the
+  next scripted action: a JSON reply with any status and headers, a stall, or a dropped
+  connection. It counts requests and open connections, so tests can check that nothing leaks.
+- fixtures starting llama.cpp's server (xllamacpp) on the bundled GGUF files, stopped after.
+
+Export the fixtures with ``pytest_plugins = ["tests.servers"]`` in ``tests/conftest.py``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import pytest
+
+from collab_agent.backends import bundled
+from collab_agent.backends.llamacpp import LlamaCppServer
+
+SMOL = "smollm2-135m-instruct"
+QWEN_SMALL = "qwen2.5-coder-0.5b-instruct"
+QWEN_LARGE = "qwen2.5-coder-1.5b-instruct"
+
+
+# ============================================================================ scripted HTTP server
+@dataclass
+class Reply:
+    """One scripted answer.
+
+    Attributes:
+        status: HTTP status.
+        body: JSON body (``None``: the default completion body of the server).
+        headers: extra headers (e.g. ``{"Retry-After": "1"}``).
+        stall_s: seconds to wait before answering (``float('inf')``: never answer).
+        drop: close the connection without answering.
+    """
+
+    status: int = 200
+    body: Any = None
+    headers: dict[str, str] = field(default_factory=dict)
+    stall_s: float = 0.0
+    drop: bool = False
+
+
+def chat_body(text: str = "Paris.", **extra: Any) -> dict[str, Any]:
+    """A chat completion answer in OpenAI's format."""
+    message = {"role": "assistant", "content": text, **extra.pop("message", {})}
+    return {
+        "id": "chatcmpl-1",
+        "object": "chat.completion",
+        "created": 1,
+        "model": "m",
+        "choices": [{"index": 0, "message": message, "finish_reason": extra.pop("finish_reason", "stop"),
+                     **extra.pop("choice", {})}],
+        "usage": extra.pop("usage", {"prompt_tokens": 12, "completion_tokens": 2, "total_tokens": 14}),
+        **extra,
+    }  # fmt: skip
+
+
+class ScriptedServer:
+    """A real HTTP server on 127.0.0.1 replaying a script; the last reply repeats."""
+
+    def __init__(self, *replies: Reply) -> None:
+        self.script = list(replies) or [Reply()]
+        self.requests: list[dict[str, Any]] = []
+        self.open_connections = 0
+        self.connections = 0
+        self._server: asyncio.Server | None = None
+        self._writers: set[asyncio.StreamWriter] = set()
+        self.port = 0
+        self._changed = asyncio.Event()  # set on every new request and closed connection
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/v1"
+
+    def _next(self) -> Reply:
+        return self.script.pop(0) if len(self.script) > 1 else self.script[0]
+
+    async def __aenter__(self) -> ScriptedServer:
+        self._server = await asyncio.start_server(self._handle, "127.0.0.1", 0)
+        self.port = self._server.sockets[0].getsockname()[1]
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        assert self._server is not None
+        self._server.close()
+        for writer in list(self._writers):
+            writer.close()
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(self._server.wait_closed(), 2)
+
+    async def wait_idle(self, within_s: float = 2.0) -> bool:
+        """Wait until no client connection is open; whether that happened in time."""
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(within_s):
+                while self.open_connections:
+                    self._changed.clear()
+                    await self._changed.wait()
+        return self.open_connections == 0
+
+    async def wait_request(self, within_s: float = 5.0) -> None:
+        """Wait until the server has received a request."""
+        async with asyncio.timeout(within_s):
+            while not self.requests:
+                self._changed.clear()
+                await self._changed.wait()
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.open_connections += 1
+        self.connections += 1
+        self._writers.add(writer)
+        try:
+            while True:
+                line = await reader.readline()
+                if not line:
+                    return
+                method, path, _ = line.decode().split(" ", 2)
+                headers: dict[str, str] = {}
+                while (header := await reader.readline()) not in (b"\r\n", b"\n", b""):
+                    name, _, value = header.decode().partition(":")
+                    headers[name.strip().lower()] = value.strip()
+                length = int(headers.get("content-length", "0"))
+                raw = await reader.readexactly(length) if length else b""
+                self.requests.append(
+                    {"method": method, "path": path, "headers": headers,
+                     "json": json.loads(raw) if raw else None}
+                )  # fmt: skip
+                self._changed.set()
+                reply = self._next()
+                if reply.stall_s:
+                    # stall, but notice a client that hangs up (read returns EOF)
+                    stall = reply.stall_s if reply.stall_s != float("inf") else 3600.0
+                    with contextlib.suppress(TimeoutError):
+                        if not await asyncio.wait_for(reader.read(1), stall):
+                            return
+                if reply.drop:
+                    return
+                body = json.dumps(reply.body if reply.body is not None else chat_body()).encode()
+                head = [f"HTTP/1.1 {reply.status} X", "Content-Type: application/json",
+                        f"Content-Length: {len(body)}"]  # fmt: skip
+                head += [f"{k}: {v}" for k, v in reply.headers.items()]
+                writer.write(("\r\n".join(head) + "\r\n\r\n").encode() + body)
+                await writer.drain()
+        except (ConnectionError, asyncio.IncompleteReadError, asyncio.CancelledError):
+            return
+        finally:
+            self.open_connections -= 1
+            self._changed.set()
+            self._writers.discard(writer)
+            writer.close()
+
+
+@contextlib.asynccontextmanager
+async def scripted(*replies: Reply) -> AsyncIterator[ScriptedServer]:
+    async with ScriptedServer(*replies) as server:
+        yield server
+
+
+# ============================================================================ llama.cpp fixtures
+def _gguf_or_skip(name: str) -> str:
+    if not bundled.is_installed(name):
+        pytest.skip(f"bundled model {name} is not installed: {bundled.get(name).pip_command}")
+    return f"bundled:{name}"
+
+
+def _server(name: str, **options: Any) -> Iterator[LlamaCppServer]:
+    pytest.importorskip("xllamacpp")
+    server = LlamaCppServer(_gguf_or_skip(name), threads=1, **options)
+    with server:
+        yield server
+
+
+@pytest.fixture(scope="session")
+def smol_server() -> Iterator[LlamaCppServer]:
+    """llama.cpp serving SmolLM2-135M (98 MB, starts in about a second), 2 slots of 2048."""
+    yield from _server(SMOL, n_parallel=2, ctx_size=2048)
+
+
+@pytest.fixture(scope="module")
+def qwen_small_server() -> Iterator[LlamaCppServer]:
+    """llama.cpp serving the bundled Qwen2.5-Coder-0.5B (Q4_K_M)."""
+    yield from _server(QWEN_SMALL, n_parallel=1, ctx_size=4096)
+
+
+@pytest.fixture(scope="module")
+def qwen_large_server() -> Iterator[LlamaCppServer]:
+    """llama.cpp serving the bundled Qwen2.5-Coder-1.5B (Q4_K_M)."""
+    yield from _server(QWEN_LARGE, n_parallel=1, ctx_size=4096)
