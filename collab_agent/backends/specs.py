@@ -6,7 +6,7 @@
 ``openai:MODEL@BASE_URL``     an OpenAI-compatible server; key from ``OPENAI_API_KEY``
 ``llamacpp:bundled:NAME``     a llama.cpp server started (and stopped) for a bundled GGUF
 ``llamacpp:PATH.gguf``        the same for any GGUF file
-``tiny`` / ``tiny:SEED``      random weights at a tiny Qwen2 shape, for smoke runs
+``tiny`` / ``tiny:SEED``      random weights at a tiny Qwen2 shape (seed 0 small, others larger)
 ============================  ==================================================================
 """
 
@@ -90,20 +90,28 @@ def load_backend(
     """Build the backend a spec names. ``options`` go to the backend's constructor
     (``dtype``, ``device`` for local models; ``timeout``, ``price`` for servers)."""
     parsed = spec if isinstance(spec, ModelSpec) else parse_spec(spec)
-    if parsed.kind in ("bundled", "hf"):
+    if parsed.kind in ("bundled", "hf", "tiny"):
         from collab_agent.backends.local import TransformersBackend
 
+        cls: type[TransformersBackend] = TransformersBackend
+        if options.get("max_batch_size", 1) > 1:
+            from collab_agent.backends.batching import BatchedTransformersBackend
+
+            cls = BatchedTransformersBackend
+        else:
+            options.pop("max_batch_size", None)
+        if parsed.kind == "tiny":
+            from collab_agent.backends.tiny import tiny_qwen2
+
+            seed = int(parsed.target)
+            model, tokenizer = tiny_qwen2(seed=seed, size="small" if seed == 0 else "large")
+            return cls(model, tokenizer, name=f"tiny-qwen2-{seed}", **options)
         name = f"bundled:{parsed.target}" if parsed.kind == "bundled" else parsed.target
-        return TransformersBackend.from_pretrained(name, **options)
-    if parsed.kind == "tiny":
-        from collab_agent.backends.local import TransformersBackend
-        from collab_agent.backends.tiny import tiny_qwen2
-
-        model, tokenizer = tiny_qwen2(seed=int(parsed.target))
-        return TransformersBackend(model, tokenizer, name=f"tiny-qwen2-{parsed.target}", **options)
+        return cls.from_pretrained(name, **options)
     if parsed.kind == "openai":
         from collab_agent.backends.openai import OpenAIBackend
 
+        assert parsed.base_url is not None
         return OpenAIBackend(
             parsed.target, base_url=parsed.base_url, api_key=os.environ.get(api_key_env), **options
         )
