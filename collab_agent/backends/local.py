@@ -14,7 +14,9 @@ cache logic lives in small functions (`prompt_token_ids`, `ConversationCache.reu
 
 from __future__ import annotations
 
+import contextlib
 import inspect
+import json
 import threading
 import time
 from collections import OrderedDict
@@ -44,9 +46,28 @@ END_OF_TURN_TOKENS = ("<|im_end|>", "<|endoftext|>", "<|eot_id|>", "<end_of_turn
 
 
 # =========================================================================== prompt rendering
+def _with_decoded_arguments(message: dict[str, Any]) -> dict[str, Any]:
+    """OpenAI-format tool calls carry JSON-string arguments; chat templates (Qwen's) apply
+    ``tojson`` to them, so give them the decoded object."""
+    calls = message.get("tool_calls")
+    if not calls:
+        return message
+    decoded = []
+    for call in calls:
+        call = dict(call)
+        function = dict(call.get("function") or {})
+        arguments = function.get("arguments")
+        if isinstance(arguments, str):
+            with contextlib.suppress(json.JSONDecodeError):
+                function["arguments"] = json.loads(arguments) if arguments.strip() else {}
+            call["function"] = function
+        decoded.append(call)
+    return {**message, "tool_calls": decoded}
+
+
 def render_prompt(tokenizer: PreTrainedTokenizerBase, request: GenerateRequest) -> str:
     """The chat rendered with its template and a generation prompt, then the reasoning verbatim."""
-    messages = [dict(m) for m in request.messages]
+    messages = [_with_decoded_arguments(dict(m)) for m in request.messages]
     tools: list[Any] | None = [dict(t) for t in request.tools] if request.tools else None
     try:
         text = tokenizer.apply_chat_template(
@@ -74,6 +95,8 @@ def common_prefix_length(a: Sequence[int], b: Sequence[int]) -> int:
 
 # =========================================================================== per-conversation cache
 def _kv_bytes(kv: Any) -> int:
+    if hasattr(kv, "device_bytes"):  # a compressed cache counts what stays on the device
+        return int(kv.device_bytes())
     total = 0
     for layer in getattr(kv, "layers", ()):
         for name in ("keys", "values"):
@@ -268,6 +291,9 @@ class TransformersBackend:
         max_cached_conversations: most conversations whose KV cache is kept (LRU).
         max_cache_bytes: most bytes of KV cache kept over all conversations (LRU); a
             conversation whose cache alone is larger is dropped after each call.
+        cache: a KV method of `collab_agent.cache` (``SmallKV(assistant=small_backend)``,
+            ``H2O()``, ...) that compresses every conversation's cache; ``None`` keeps it whole.
+            A compressed cache cannot be cropped, so a rollback prefills the conversation anew.
 
     Attributes:
         processed_tokens: tokens the model has run forward on (prefill and decode), for
@@ -286,6 +312,7 @@ class TransformersBackend:
         device: Any = None,
         max_cached_conversations: int = 8,
         max_cache_bytes: int = 2 << 30,
+        cache: Any = None,
     ) -> None:
         _checks.positive_int("max_cached_conversations", max_cached_conversations)
         _checks.positive_int("max_cache_bytes", max_cache_bytes)
@@ -304,6 +331,9 @@ class TransformersBackend:
         self._closed = False
         params = inspect.signature(model.forward).parameters
         self._cache_arg = "cache" if "cache" in params else "past_key_values"
+        # A KV method of collab_agent.cache (SmallKV, H2O, ...) compresses every conversation's
+        # cache; it hooks the model once here and hands out a compressed cache per conversation.
+        self.kv_method = cache.attach(self.model) if cache is not None else None
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -436,6 +466,8 @@ class TransformersBackend:
 
     # ------------------------------------------------------------------ the model
     def _new_cache(self) -> Any:
+        if self.kv_method is not None:
+            return self.kv_method.new_cache()
         from transformers import DynamicCache
 
         return DynamicCache(config=self.model.config)

@@ -1,0 +1,246 @@
+"""Decode throughput of full-cache SDPA, H2O and SmallKV at a 20% KV budget, on one GPU.
+
+Self-contained: random-weight models at the Qwen2-7B shape (LRM) and the Qwen2-0.5B shape (SRM,
+the assistant of SmallKV), batch 16, 2048 prompt + 256 decode tokens, bf16, CUDA. Needs only
+torch, transformers and this repository (``pip install -e .``). Prints one JSON line on stdout;
+progress goes to stderr. Finishes in well under 5 minutes on an H100/H200.
+
+    python benchmarks/gpu_smallkv_throughput.py            # the GPU run
+    python benchmarks/gpu_smallkv_throughput.py --tiny     # the same logic at a tiny CPU shape
+
+Both models use a 151,936-token vocabulary (the 0.5B's; the real 7B has 152,064), since
+SmallKV needs one tokenizer for both.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+import traceback
+from typing import Any
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+
+SHAPES: dict[str, dict[str, Any]] = {
+    "qwen2-7b": dict(
+        hidden_size=3584,
+        intermediate_size=18944,
+        num_hidden_layers=28,
+        num_attention_heads=28,
+        num_key_value_heads=4,
+        vocab_size=151936,
+    ),
+    "qwen2-0.5b": dict(
+        hidden_size=896,
+        intermediate_size=4864,
+        num_hidden_layers=24,
+        num_attention_heads=14,
+        num_key_value_heads=2,
+        vocab_size=151936,
+    ),
+    "tiny-large": dict(
+        hidden_size=128,
+        intermediate_size=256,
+        num_hidden_layers=3,
+        num_attention_heads=8,
+        num_key_value_heads=2,
+        vocab_size=1024,
+    ),
+    "tiny-small": dict(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=1024,
+    ),
+}
+
+
+def log(message: str) -> None:
+    print(f"[gpu-smallkv {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+
+
+def build(shape: str, dtype: Any, device: Any, seed: int) -> Any:
+    import torch
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(seed)
+    config = Qwen2Config(
+        **SHAPES[shape],
+        max_position_embeddings=32768,
+        rope_theta=1000000.0,
+        tie_word_embeddings=False,
+    )
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)  # build in the target dtype: no float32 copy of 7B weights
+    try:
+        with torch.device(device):
+            model = Qwen2ForCausalLM(config)
+    finally:
+        torch.set_default_dtype(previous)
+    return model.to(dtype).eval()
+
+
+def sync(device: Any) -> None:
+    import torch
+
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+
+
+def run_full_sdpa(model: Any, ids: Any, steps: int) -> dict[str, Any]:
+    """Plain transformers: DynamicCache, SDPA attention, greedy decode."""
+    import torch
+    from transformers import DynamicCache
+
+    device = ids.device
+    model.set_attn_implementation("sdpa")
+    with torch.inference_mode():
+        cache = DynamicCache()
+        sync(device)
+        t0 = time.perf_counter()
+        out = model(input_ids=ids, cache=cache, use_cache=True, logits_to_keep=1)
+        sync(device)
+        t1 = time.perf_counter()
+        tok = out.logits[:, -1].argmax(-1, keepdim=True)
+        for _ in range(steps - 1):
+            out = model(input_ids=tok, cache=cache, use_cache=True)
+            tok = out.logits[:, -1].argmax(-1, keepdim=True)
+        sync(device)
+        t2 = time.perf_counter()
+    return _figures(ids.shape[0], steps, t1 - t0, t2 - t1, 1.0)
+
+
+def run_method(model: Any, ids: Any, steps: int, method: Any) -> dict[str, Any]:
+    """A collab-agent KV method (its cache and the "collab_kv" attention), greedy decode."""
+    import torch
+
+    from collab_agent.cache import decode, prefill
+
+    with torch.inference_mode():
+        cache, last, prefill_s = prefill(model, ids, method)
+        out = decode(model, cache, last, steps, track_bytes=False, keep_logits=False)
+    return _figures(ids.shape[0], steps, prefill_s, out.decode_seconds, out.kv_bytes_ratio)
+
+
+def _figures(
+    batch: int, steps: int, prefill_s: float, decode_s: float, ratio: float
+) -> dict[str, Any]:
+    return {
+        "decode_tokens_per_s": round(batch * (steps - 1) / decode_s, 2),
+        "end_to_end_tokens_per_s": round(batch * steps / (prefill_s + decode_s), 2),
+        "prefill_s": round(prefill_s, 3),
+        "decode_s": round(decode_s, 3),
+        "kv_bytes_ratio": round(ratio, 4),
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tiny", action="store_true", help="tiny shapes on CPU (logic check)")
+    parser.add_argument("--batch", type=int, default=None)
+    parser.add_argument("--prompt", type=int, default=None)
+    parser.add_argument("--decode", type=int, default=None)
+    parser.add_argument("--budget", type=float, default=0.2)
+    parser.add_argument(
+        "--methods", default="full_sdpa,h2o,smallkv", help="comma-separated: full_sdpa,h2o,smallkv"
+    )
+    args = parser.parse_args(argv)
+
+    import torch
+
+    if args.tiny:
+        device, dtype = torch.device("cpu"), torch.float32
+        large_shape, small_shape = "tiny-large", "tiny-small"
+        batch, prompt, steps = args.batch or 2, args.prompt or 160, args.decode or 8
+    else:
+        if not torch.cuda.is_available():
+            print(
+                "error: no CUDA device visible to torch "
+                f"(torch {torch.__version__}, CUDA build: {torch.version.cuda}); "
+                "this benchmark needs one GPU. Use --tiny to check its logic on CPU.",
+                file=sys.stderr,
+            )
+            return 2
+        device, dtype = torch.device("cuda"), torch.bfloat16
+        large_shape, small_shape = "qwen2-7b", "qwen2-0.5b"
+        batch, prompt, steps = args.batch or 16, args.prompt or 2048, args.decode or 256
+
+    from collab_agent.cache import H2O, SmallKV
+
+    started = time.perf_counter()
+    log(f"building random-weight {large_shape} and {small_shape} ({dtype}) on {device}")
+    large = build(large_shape, dtype, device, seed=1)
+    small = build(small_shape, dtype, device, seed=0)
+    vocab = SHAPES[large_shape]["vocab_size"]
+    gen = torch.Generator(device="cpu").manual_seed(0)
+    ids = torch.randint(0, vocab, (batch, prompt), generator=gen).to(device)
+    warm_ids = ids[:, : min(prompt, 128)]
+
+    makers = {
+        "full_sdpa": lambda: None,
+        "h2o": lambda: H2O(budget=args.budget),
+        "smallkv": lambda: SmallKV(assistant=small, budget=args.budget),
+    }
+    result: dict[str, Any] = {
+        "device": torch.cuda.get_device_name(0) if device.type == "cuda" else "cpu",
+        "torch": torch.__version__,
+        "large_shape": large_shape,
+        "small_shape": small_shape,
+        "batch": batch,
+        "prompt_tokens": prompt,
+        "decode_tokens": steps,
+        "budget": args.budget,
+        "dtype": str(dtype).replace("torch.", ""),
+        "methods": {},
+    }
+    for name in [m.strip() for m in args.methods.split(",") if m.strip()]:
+        if name not in makers:
+            print(
+                f"error: --methods: unknown method {name!r}; choose from {sorted(makers)}",
+                file=sys.stderr,
+            )
+            return 2
+        try:
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+                torch.cuda.reset_peak_memory_stats()
+            method = makers[name]()
+
+            def run(i: Any, s: int, m: Any = method) -> dict[str, Any]:
+                return run_full_sdpa(large, i, s) if m is None else run_method(large, i, s, m)
+
+            log(f"{name}: warm-up")
+            run(warm_ids, 4)
+            log(f"{name}: batch {batch}, {prompt} + {steps} tokens")
+            figures = run(ids, steps)
+            if device.type == "cuda":
+                figures["peak_memory_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
+            if method is not None and hasattr(method, "detach"):
+                method.detach()
+            result["methods"][name] = figures
+            log(f"{name}: {figures}")
+        except Exception as exc:  # keep going: report the other methods
+            traceback.print_exc(file=sys.stderr)
+            result["methods"][name] = {"error": f"{type(exc).__name__}: {exc}"[:500]}
+    full = result["methods"].get("full_sdpa", {}).get("decode_tokens_per_s")
+    for name in ("h2o", "smallkv"):
+        speed = result["methods"].get(name, {}).get("decode_tokens_per_s")
+        if full and speed:
+            result["methods"][name]["decode_speed_vs_full_sdpa"] = round(speed / full, 3)
+    h2o = result["methods"].get("h2o", {}).get("decode_tokens_per_s")
+    smallkv = result["methods"].get("smallkv", {}).get("decode_tokens_per_s")
+    if h2o and smallkv:
+        result["smallkv_vs_h2o"] = round(smallkv / h2o, 3)
+    result["seconds"] = round(time.perf_counter() - started, 1)
+    print(json.dumps(result), flush=True)
+    return 0 if all("error" not in v for v in result["methods"].values()) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

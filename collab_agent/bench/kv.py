@@ -1,0 +1,314 @@
+"""`collab-agent bench kv`: SmallKV against H2O, SnapKV and StreamingLLM at equal KV budgets.
+
+Protocol (issue 6): each context is a chat prompt of exactly ``--context-tokens`` tokens
+(MATH-500 problems with their worked solutions as few-shot examples, then a new problem). The
+full-cache LRM writes its greedy continuation (``--tokens``) one token at a time; every method
+then reads the same prompt and is teacher-forced along that continuation one token at a time
+(the same decode mode). Reported per method and budget: ``top1_agreement`` with the full-cache
+LRM, mean ``kl`` (nats, full || method) of the next-token distributions, ``kv_bytes_ratio``
+(device KV bytes relative to the full cache after the last step) and ``decode_speed_ratio``
+(decode step time of the full cache over the method's, same batch, same run).
+
+To fit a CPU, the prompt is prefilled once with a probe that records every method's statistics
+and the cache is cloned per method; the contexts and budgets of one method run as the rows of
+one batch.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, Any
+
+import typer
+
+if TYPE_CHECKING:
+    import torch
+
+DATA = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "math500.jsonl"
+METHOD_NAMES = ("smallkv", "h2o", "snapkv", "streaming")
+VARIANTS = ("smallkv_window", "smallkv_paper", "smallkv_accumulated")
+"""Extra rows on request: SmallKV with the window score (the default, named explicitly), with the
+paper's plain-sum combination, or with the paper's accumulated score."""
+
+
+def log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def build_contexts(tokenizer: Any, count: int, length: int, data: Path) -> list[list[int]]:
+    """``count`` chat prompts of exactly ``length`` tokens: a few-shot block of MATH-500 problems
+    with their worked solutions (cut at the front to fit), then a new problem to solve. Equal
+    lengths let the contexts run as rows of one batch."""
+    problems = [json.loads(line) for line in data.read_text(encoding="utf-8").splitlines() if line]
+    problems = [p for p in problems if "[asy]" not in p["solution"]]
+    marker = "<<SHOTS>>"
+    contexts: list[list[int]] = []
+    for index in range(count):
+        question = problems[(index * 37 + 250) % len(problems)]["question"]
+        messages = [
+            {"role": "system", "content": "You are a careful mathematician."},
+            {
+                "role": "user",
+                "content": f"Here are worked examples.\n\n{marker}\n\n"
+                f"Now solve this problem step by step.\nProblem: {question}",
+            },
+        ]
+        text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        head, tail = text.split(marker)
+        head_ids = tokenizer(head, add_special_tokens=False)["input_ids"]
+        tail_ids = tokenizer(tail, add_special_tokens=False)["input_ids"]
+        room = length - len(head_ids) - len(tail_ids)
+        if room < 64:
+            from collab_agent.errors import ConfigError
+
+            raise ConfigError(
+                "--context-tokens",
+                f"{length} leaves no room for examples; use at least {length - room + 64}",
+            )
+        shots: list[int] = []
+        cursor = index * 37
+        while len(shots) < room:
+            p = problems[cursor % len(problems)]
+            cursor += 1
+            shot = f"Problem: {p['question']}\nSolution: {p['solution']}\n\n"
+            shots += tokenizer(shot, add_special_tokens=False)["input_ids"]
+        contexts.append(head_ids + shots[len(shots) - room :] + tail_ids)
+    return contexts
+
+
+def kl_and_agreement(ref: torch.Tensor, got: torch.Tensor) -> tuple[float, float]:
+    """Mean KL(ref || got) in nats and top-1 agreement over the steps of ``(T, V)`` logits."""
+    import torch
+
+    lp_ref = torch.log_softmax(ref.float(), -1)
+    lp_got = torch.log_softmax(got.float(), -1)
+    kl = (lp_ref.exp() * (lp_ref - lp_got)).sum(-1).mean().item()
+    agree = (ref.argmax(-1) == got.argmax(-1)).float().mean().item()
+    return kl, agree
+
+
+def make_method(name: str, small: Any) -> Any:
+    from collab_agent.cache import H2O, SmallKV, SnapKV, StreamingLLM
+
+    if name == "smallkv":
+        return SmallKV(assistant=small)
+    if name == "smallkv_window":
+        return SmallKV(assistant=small, score="window")
+    if name == "smallkv_accumulated":
+        return SmallKV(assistant=small, score="accumulated")
+    if name == "smallkv_paper":
+        return SmallKV(assistant=small, combine="paper")
+    return {"h2o": H2O, "snapkv": SnapKV, "streaming": StreamingLLM}[name]()
+
+
+def statistics_probe(small: Any) -> Any:
+    """A method that never compresses but records, in one prefill, what every method needs:
+    H2O's accumulated attention, SnapKV's window votes, SmallKV's calibration block. The prompt
+    is then prefilled once and the cache cloned per method (`CompressedCache.clone`)."""
+    from collab_agent.cache import H2O, SmallKV, SnapKV
+    from collab_agent.cache.base import accumulate_scores
+
+    snap, smallkv = SnapKV(), SmallKV(assistant=small)
+
+    class StatisticsProbe(H2O):
+        def ready(self, cache: Any, layer: Any) -> bool:
+            return False
+
+        def observe(self, cache: Any, layer: Any, probs: Any, q_pos: Any, k_pos: Any) -> None:
+            accumulate_scores(layer, probs, k_pos)
+            window = q_pos >= layer.length - snap.window
+            if bool(window.any()):
+                snap.observe(cache, layer, probs[:, :, :, window], q_pos[window], k_pos)
+            calib = q_pos < smallkv.calibration_tokens
+            if bool(calib.any()):
+                smallkv.observe(cache, layer, probs[:, :, :, calib], q_pos[calib], k_pos)
+
+    return StatisticsProbe(budget=1.0)
+
+
+def run_kv_bench(
+    small: Any,
+    large: Any,
+    contexts: list[list[int]],
+    tokens: int,
+    budgets: list[float],
+    methods: tuple[str, ...] = METHOD_NAMES,
+) -> dict[str, Any]:
+    """The benchmark itself, on loaded models; returns the JSON object `bench kv` prints.
+
+    All contexts (equal lengths) and budgets run as the rows of one batch: row
+    ``c * len(budgets) + i`` is context ``c`` at budget ``budgets[i]``.
+    """
+    import torch
+
+    from collab_agent.cache import Full, decode, prefill
+
+    device = next(large.parameters()).device
+    n_ctx, n_b = len(contexts), len(budgets)
+    ids = torch.tensor(contexts, device=device)
+    log(f"[kv] {n_ctx} contexts of {ids.shape[1]} tokens: one prefill (all statistics)")
+    base, last, seconds = prefill(large, ids, statistics_probe(small))
+    log(f"[kv]   prefill {seconds:.0f} s; full-cache greedy continuation of {tokens} tokens")
+    greedy = decode(large, base.clone(method=Full()), last, tokens)
+    forced = greedy.tokens.repeat_interleave(n_b, 0)
+    last_rows = last.repeat_interleave(n_b, 0)
+    row_budgets = budgets * n_ctx
+    # the reference: the full cache's own one-token-at-a-time decode (the same mode as the
+    # methods' teacher forcing); its speed at the methods' batch size over a few steps
+    reference = greedy.logits.repeat_interleave(n_b, 0)
+    timing_steps = min(tokens, 17)
+    full_timing = decode(
+        large,
+        base.clone(method=Full(), batch_repeat=n_b),
+        last_rows,
+        timing_steps,
+        forced=forced,
+    )
+    full_step = full_timing.decode_seconds / (timing_steps - 1)
+    log(f"[kv]   full: {1 / full_step:.2f} steps/s at batch {n_ctx * n_b}")
+    floor = [
+        kl_and_agreement(greedy.logits[c, :timing_steps], full_timing.logits[c * n_b])[1]
+        for c in range(n_ctx)
+    ]
+    result: dict[str, Any] = {"methods": {}}
+    srm_ready = None
+    for name in methods:
+        method = make_method(name, small).attach(large)
+        start = time.perf_counter()
+        cache = base.clone(method=method)
+        if name.startswith("smallkv"):
+            if srm_ready is None:  # the SRM reads the prompt once for every SmallKV variant
+                method.observe_tokens(cache, ids)
+                srm_ready = cache
+            else:
+                cache = srm_ready.clone(method=method)
+        out = decode(
+            large,
+            cache.clone(budgets=row_budgets, batch_repeat=n_b),
+            last_rows,
+            tokens,
+            forced=forced,
+        )
+        cells: dict[str, Any] = {}
+        for i, budget in enumerate(budgets):
+            rows = [c * n_b + i for c in range(n_ctx)]
+            figures = [kl_and_agreement(reference[r], out.logits[r]) for r in rows]
+            cells[str(budget)] = {
+                "top1_agreement": round(sum(f[1] for f in figures) / n_ctx, 4),
+                "kl": round(sum(f[0] for f in figures) / n_ctx, 4),
+                "kv_bytes_ratio": round(sum(_row_ratio(out.cache, r) for r in rows) / n_ctx, 4),
+                "decode_speed_ratio": round(full_step * (tokens - 1) / out.decode_seconds, 4),
+            }
+            log(f"[kv]   {name} @ {budget}: {cells[str(budget)]}")
+        result["methods"][name] = cells
+        if hasattr(method, "detach"):
+            method.detach()
+        log(f"[kv]   {name}: {time.perf_counter() - start:.0f} s")
+    result["full_numerics_floor"] = {
+        "top1_agreement": round(sum(floor) / n_ctx, 4),
+        "note": "full cache, batched teacher-forced vs its own greedy decode (first steps)",
+    }
+    result["contexts"] = n_ctx
+    result["context_tokens"] = ids.shape[1]
+    result["tokens"] = tokens
+    result["budget_accounting"] = "prompt compressed to budget; decoded tokens add to the allowance"
+    return result
+
+
+def _row_ratio(cache: Any, row: int) -> float:
+    """Final device KV bytes of batch row ``row`` relative to the full cache."""
+    kept = full = 0.0
+    for layer in cache.layers:
+        if layer.keys is None:
+            continue
+        _, h, _, d = layer.keys.shape
+        full += 2 * h * layer.length * d
+        if not layer.compressed:
+            kept += 2 * h * layer.length * d
+            continue
+        kept += 2 * d * int((layer.positions[row] >= 0).sum())
+        if layer.marginal_positions is not None:
+            kept += d * int((layer.marginal_positions[row] >= 0).sum())
+    return kept / full if full else 1.0
+
+
+def load_models(models: str) -> tuple[Any, Any, Any]:
+    """(small, large, tokenizer) for ``bundled`` (the Qwen 0.5B/1.5B pair, bf16) or ``tiny``."""
+    if models == "tiny":
+        from collab_agent.backends.tiny import tiny_pair
+
+        pair = tiny_pair()
+        return pair.small, pair.large, pair.tokenizer
+    if models != "bundled":
+        from collab_agent.errors import ConfigError
+
+        raise ConfigError("--models", f"must be 'bundled' or 'tiny', got {models!r}")
+    from collab_agent.backends import bundled
+
+    tokenizer = bundled.load_tokenizer()
+    small = bundled.load_model(bundled.DEFAULT_SMALL)
+    large = bundled.load_model(bundled.DEFAULT_LARGE)
+    return small, large, tokenizer
+
+
+def register(bench: typer.Typer) -> None:
+    """Add ``kv`` to the ``bench`` sub-app."""
+
+    @bench.command("kv")
+    def kv(
+        models: Annotated[
+            str, typer.Option(help="bundled (Qwen 0.5B assists 1.5B) or tiny.")
+        ] = "bundled",
+        budgets: Annotated[str, typer.Option(help="Comma-separated KV budgets.")] = "0.2,0.1,0.05",
+        contexts: Annotated[int, typer.Option(help="Number of contexts.")] = 2,
+        context_tokens: Annotated[
+            int, typer.Option(help="Minimum prompt length in tokens.")
+        ] = 1500,
+        tokens: Annotated[int, typer.Option(help="Teacher-forced tokens per context.")] = 256,
+        methods: Annotated[str, typer.Option(help="Comma-separated methods.")] = ",".join(
+            METHOD_NAMES
+        ),
+        data: Annotated[Path, typer.Option(help="MATH-500 JSONL for the contexts.")] = DATA,
+        as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
+    ) -> None:
+        """KV compression at equal budgets: agreement and KL with the full cache, bytes, speed."""
+        import torch
+
+        from collab_agent.errors import ConfigError
+
+        try:
+            budget_list = [float(b) for b in budgets.split(",") if b.strip()]
+        except ValueError as exc:
+            raise ConfigError(
+                "--budgets", f"must be numbers like 0.2,0.1, got {budgets!r}"
+            ) from exc
+        if not budget_list or not all(0 < b <= 1 for b in budget_list):
+            raise ConfigError("--budgets", f"each must lie in (0, 1], got {budgets!r}")
+        method_list = tuple(m.strip() for m in methods.split(",") if m.strip())
+        unknown = set(method_list) - set(METHOD_NAMES) - set(VARIANTS)
+        if unknown:
+            raise ConfigError(
+                "--methods", f"unknown {sorted(unknown)}; choose from {METHOD_NAMES + VARIANTS}"
+            )
+        if contexts < 1 or tokens < 2:
+            raise ConfigError("--contexts/--tokens", "need at least 1 context and 2 tokens")
+        torch.manual_seed(0)
+        with torch.inference_mode():
+            small, large, tokenizer = load_models(models)
+            ctx = build_contexts(tokenizer, contexts, context_tokens, data)
+            result = run_kv_bench(small, large, ctx, tokens, budget_list, method_list)
+        result["models"] = models
+        if as_json:
+            print(json.dumps(result))
+            return
+        header = f"{'method':<10} {'budget':>6} {'top1':>7} {'KL':>8} {'bytes':>7} {'speed':>7}"
+        print(header)
+        for name, cells in result["methods"].items():
+            for b, c in cells.items():
+                print(
+                    f"{name:<10} {b:>6} {c['top1_agreement']:>7.3f} {c['kl']:>8.4f} "
+                    f"{c['kv_bytes_ratio']:>7.3f} {c['decode_speed_ratio']:>7.3f}"
+                )

@@ -1,0 +1,62 @@
+"""`bench kv` on tiny random-weight models: the JSON keys DESIGN.md fixes, and sane figures."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from transformers import Qwen2Config, Qwen2ForCausalLM
+
+from collab_agent.bench.kv import METHOD_NAMES, run_kv_bench
+
+
+def tiny(seed: int, layers: int, heads: int, hidden: int) -> Qwen2ForCausalLM:
+    torch.manual_seed(seed)
+    config = Qwen2Config(
+        vocab_size=256,
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=2,
+        max_position_embeddings=1024,
+        initializer_range=0.2,
+    )
+    return Qwen2ForCausalLM(config).eval()
+
+
+def test_run_kv_bench_reports_every_method_and_budget():
+    small, large = tiny(0, 2, 4, 64), tiny(1, 2, 8, 128)
+    g = torch.Generator().manual_seed(0)
+    contexts = torch.randint(0, 256, (2, 180), generator=g).tolist()
+    with torch.inference_mode():
+        result = run_kv_bench(small, large, contexts, tokens=4, budgets=[0.2, 0.1])
+    assert set(result["methods"]) == set(METHOD_NAMES)
+    for cells in result["methods"].values():
+        assert set(cells) == {"0.2", "0.1"}
+        for budget, cell in cells.items():
+            assert set(cell) >= {"top1_agreement", "kl", "kv_bytes_ratio", "decode_speed_ratio"}
+            assert (
+                0 <= cell["top1_agreement"] <= 1 and math.isfinite(cell["kl"]) and cell["kl"] >= 0
+            )
+            assert cell["kv_bytes_ratio"] < float(budget) + 0.05
+    assert result["full_numerics_floor"]["top1_agreement"] == 1.0
+
+
+def test_a_reversible_method_cloned_after_a_shared_prefill_starts_from_every_token():
+    from collab_agent.bench.kv import statistics_probe
+    from collab_agent.cache import SmallKV
+    from collab_agent.cache.generate import decode, prefill
+
+    small, large = tiny(0, 2, 4, 64), tiny(1, 2, 8, 128)
+    ids = torch.randint(0, 256, (1, 150), generator=torch.Generator().manual_seed(1))
+    with torch.inference_mode():
+        base, last, _ = prefill(large, ids, statistics_probe(small))
+        full_keys = [layer.keys.clone() for layer in base.layers]
+        method = SmallKV(assistant=small, budget=0.1).attach(large)
+        cache = base.clone(method=method)
+        method.observe_tokens(cache, ids)
+        out = decode(large, cache, last, 3)
+    assert torch.isfinite(out.logits).all()
+    for layer, keys in zip(cache.layers, full_keys, strict=True):
+        torch.testing.assert_close(layer.host_keys[..., :150, :], keys)
