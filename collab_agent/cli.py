@@ -37,7 +37,7 @@ stdout = Console()
 AUTHOR_STYLE = {"small": "cyan", "large": "magenta"}
 
 BENCH_MODULES = ("prefix_reuse", "edge_cloud", "kv", "batch")
-COMMAND_MODULES = ("collab_agent.evaluation.cli",)
+COMMAND_MODULES = ("collab_agent.evaluation.cli", "collab_agent.calibrate_cli")
 
 ModelsOption = Annotated[
     str | None, typer.Option("--models", help="Preset pair: bundled (default), llamacpp or tiny.")

@@ -96,6 +96,10 @@ class Reasoner:
         for role in ("small", "large"):
             if not callable(getattr(getattr(self, role), "generate", None)):
                 raise ConfigError(role, "must be a Backend with an async generate(request) method")
+        for trigger in self.policy.triggers:
+            check = getattr(trigger, "check", None)
+            if callable(check):  # a trigger that needs a capability says so now, not mid-run
+                check(self.small, self.large)
 
     async def run(
         self,
@@ -222,6 +226,7 @@ class Reasoner:
         end = self.format.end_of_reasoning(step.text)
         if end is not None:
             trace.stop_reason = "answer"
+            trace.answer_truncated = step.stop_reason == "length"
             trace.answer = self.format.extract_answer(step.text[end:])
             trace.answer_author = step.author
             step.text = step.text[:end].rstrip()
@@ -248,6 +253,7 @@ class Reasoner:
             trace.stop_reason == "answer"
             and trace.answer_author == role
             and bool(trace.answer)
+            and not trace.answer_truncated  # cut off by the step's token limit: write it whole
             and not self.format.close  # a <think> model's answer follows in further paragraphs
         )
         if keep:

@@ -100,6 +100,7 @@ class Trace:
     usage: dict[str, Usage] = field(default_factory=lambda: {"small": Usage(), "large": Usage()})
     seconds: float = 0.0
     degraded_steps: int = 0
+    answer_truncated: bool = False
     session: Session | None = field(default=None, repr=False, compare=False)
     """The live collaboration (backends, messages) while it runs; triggers that call a model
     (SpecReason's judge) go through it. Not serialised."""

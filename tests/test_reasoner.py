@@ -338,3 +338,15 @@ async def test_closing_the_stream_early_stops_generating_and_frees_caches() -> N
     assert first.kind == "step"
     assert small.calls == 1
     assert small.released == ["c"]
+
+
+async def test_an_answer_cut_off_by_the_step_limit_is_written_whole() -> None:
+    small = ScriptedBackend(
+        [
+            ScriptedStep('So we call it.\nFinal answer: {"na', stop_reason="length"),
+            ScriptedStep(' {"name": "x"}', stop_reason="eos"),
+        ]
+    )
+    trace = await Reasoner(small, ScriptedBackend([]), SmallOnly()).run(QUESTION)
+    assert trace.answer == '{"name": "x"}'
+    assert small.requests[-1].reasoning == "So we call it.\n\nFinal answer:"

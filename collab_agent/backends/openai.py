@@ -44,6 +44,7 @@ from urllib.parse import urlsplit
 
 import anyio
 import openai
+from anyio.lowlevel import RunVar
 from langchain_core.exceptions import (
     ContextOverflowError,
     ModelAPIError,
@@ -364,15 +365,18 @@ class OpenAIBackend:
         self._tokenizer_source = tokenizer
         self._tokenizer: Any = None if isinstance(tokenizer, str) else tokenizer
         self._resolved_mode: str | None = None if mode == "auto" else mode
-        self._probe_lock = anyio.Lock()
         self._templates: dict[str, str] = {}  # rendered server templates, by request
-        self._client = openai.AsyncOpenAI(
-            api_key=secret or _NO_KEY,
-            base_url=self.base_url,
-            timeout=self.timeout,
-            max_retries=0,
-            default_headers=dict(default_headers or {}),
-        )
+        self._client_options: dict[str, Any] = {
+            "api_key": secret or _NO_KEY,
+            "base_url": self.base_url,
+            "timeout": self.timeout,
+            "max_retries": 0,
+            "default_headers": dict(default_headers or {}),
+        }
+        # One HTTP pool and probe lock per event loop: a pool bound to a closed loop (a finished
+        # sync invoke, a previous pytest loop) cannot be reused.
+        self._client_var: RunVar[openai.AsyncOpenAI] = RunVar(f"collab-agent-openai-{id(self)}")
+        self._lock_var: RunVar[anyio.Lock] = RunVar(f"collab-agent-openai-lock-{id(self)}")
 
     # ------------------------------------------------------------------ plumbing
     def __repr__(self) -> str:
@@ -388,9 +392,32 @@ class OpenAIBackend:
         """The server root (``base_url`` without a trailing ``/v1``)."""
         return self.base_url[: -len("/v1")] if self.base_url.endswith("/v1") else self.base_url
 
+    @property
+    def _client(self) -> openai.AsyncOpenAI:
+        """The HTTP client of the running event loop, made on first use in that loop."""
+        try:
+            return self._client_var.get()
+        except LookupError:
+            client = openai.AsyncOpenAI(**self._client_options)
+            self._client_var.set(client)
+            return client
+
+    @property
+    def _probe_lock(self) -> anyio.Lock:
+        try:
+            return self._lock_var.get()
+        except LookupError:
+            lock = anyio.Lock()
+            self._lock_var.set(lock)
+            return lock
+
     async def aclose(self) -> None:
-        """Close the HTTP connection pool."""
-        await self._client.close()
+        """Close the running event loop's HTTP connection pool."""
+        try:
+            client = self._client_var.get()
+        except LookupError:
+            return
+        await client.close()
 
     async def __aenter__(self) -> OpenAIBackend:
         return self

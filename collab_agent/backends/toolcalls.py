@@ -128,6 +128,12 @@ def _json_spans(text: str) -> list[tuple[int, int, Any]]:
     return spans
 
 
+def _first_json(text: str) -> Any:
+    """The first JSON value in ``text``, ignoring what follows it (a stray code fence)."""
+    value, _ = json.JSONDecoder().raw_decode(text.strip())
+    return value
+
+
 def parse_tool_calls(
     text: str, tools: Sequence[Mapping[str, Any]] | None = None
 ) -> ParsedToolCalls:
@@ -152,7 +158,7 @@ def parse_tool_calls(
         for match in tagged:
             body = match.group(1).strip()
             try:
-                found = _calls_in(json.loads(body), allowed)
+                found = _calls_in(_first_json(body), allowed)
             except json.JSONDecodeError as error:
                 found, problem = None, f"not valid JSON: {error.msg} at {error.pos}"
             else:
@@ -174,7 +180,7 @@ def parse_tool_calls(
 
     for match in _FENCED.finditer(text):
         try:
-            found = _calls_in(json.loads(match.group(1)), allowed)
+            found = _calls_in(_first_json(match.group(1)), allowed)
         except json.JSONDecodeError:
             continue
         if found:

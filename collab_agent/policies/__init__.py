@@ -2,6 +2,13 @@
 
 from collab_agent.policies.base import BaseTrigger, Handoff, Policy, Reject, Trigger
 from collab_agent.policies.fixed import LargeOnly, SmallOnly
+from collab_agent.policies.signals import (
+    LargeSurprise,
+    Repetition,
+    SmallUncertainty,
+    StepSignal,
+    SurpriseReason,
+)
 from collab_agent.policies.trigreason import (
     HESITATION_WORDS,
     CognitiveOffload,
@@ -18,10 +25,15 @@ __all__ = [
     "Handoff",
     "InterventionRequest",
     "LargeOnly",
+    "LargeSurprise",
     "Policy",
     "Reject",
+    "Repetition",
     "SmallOnly",
+    "SmallUncertainty",
+    "StepSignal",
     "StrategicPriming",
+    "SurpriseReason",
     "TrigReason",
     "Trigger",
     "confident_share",

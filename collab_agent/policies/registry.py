@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import importlib
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from collab_agent.errors import ConfigError
 from collab_agent.policies.base import Policy
 from collab_agent.policies.fixed import LargeOnly, SmallOnly
+from collab_agent.policies.signals import SurpriseReason
 from collab_agent.policies.trigreason import TrigReason
 
 
@@ -23,12 +25,19 @@ BUILTIN: dict[str, Callable[..., Policy]] = {
     "large-only": LargeOnly,
     "trigreason": TrigReason,
     "specreason": _specreason,
+    "surprise": SurpriseReason,
 }
 
 
 def resolve_policy(name: str, **options: Any) -> Policy:
     """A built-in policy by name (``small-only``, ``large-only``, ``trigreason``,
-    ``specreason``) or a user's factory as ``module:function``; ``options`` go to the factory."""
+    ``specreason``, ``surprise``), a user's factory as ``module:function`` (``options`` go to
+    the factory), or a policy file written by ``collab-agent calibrate`` (a ``.json`` path;
+    its thresholds are the calibrated ones, so ``options`` are ignored)."""
+    if name.endswith(".json") or (name not in BUILTIN and ":" not in name and Path(name).is_file()):
+        from collab_agent.calibration import load_policy_file
+
+        return load_policy_file(name)
     if name in BUILTIN:
         factory = BUILTIN[name]
     elif ":" in name:
@@ -39,9 +48,10 @@ def resolve_policy(name: str, **options: Any) -> Policy:
             raise ConfigError(
                 "policy", f"cannot import module {module_name!r} of {name!r}: {error}"
             ) from error
-        factory = getattr(module, attribute, None)
-        if not callable(factory):
+        found = getattr(module, attribute, None)
+        if not callable(found):
             raise ConfigError("policy", f"{module_name!r} has no callable {attribute!r}")
+        factory = found
     else:
         raise ConfigError(
             "policy", f"{name!r} is not one of {sorted(BUILTIN)} nor a module:factory reference"

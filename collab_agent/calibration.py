@@ -1,0 +1,769 @@
+"""Calibration per model pair, and the policy file that stores its result.
+
+The thresholds of trigger-based collaboration depend on the pair: TrigReason tunes ``rho`` per
+small model (0.85 for R1-Distill-1.5B, 0.75 for Qwen3-0.6B, Sec. 4). `calibrate` chooses them from
+a dev set instead of by hand:
+
+1. *record*: the small model answers every problem alone while every candidate signal is
+   measured on each of its steps (nothing fires); the large model answers alone too, for the
+   reference accuracy. Per-signal AUROC for predicting a wrong small-only answer is reported.
+2. *search*: for each candidate trigger, the threshold is searched (a few full runs of the pair,
+   bracketing on the measured small-model token share) so that the small model writes at least
+   ``target_share`` of the reasoning tokens; among the thresholds run, the most accurate one
+   that reaches the target is kept.
+3. *choose*: the most accurate candidate that reaches the target (ties: higher share) becomes the
+   policy, written as a JSON policy file that ``collab-agent run/eval --policy FILE.json`` and
+   ``CollabChatModel`` load with `load_policy_file`.
+
+The small-model token share is aggregated over the data set: small-model reasoning tokens over
+all reasoning tokens of accepted steps, summed over problems.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import json
+import math
+import os
+import uuid
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import anyio
+
+from collab_agent import _checks
+from collab_agent.errors import ConfigError
+from collab_agent.policies.base import BaseTrigger, Policy, Reject, Trigger
+from collab_agent.policies.fixed import LargeOnly
+from collab_agent.policies.signals import LargeSurprise, Repetition, SmallUncertainty, StepSignal
+from collab_agent.policies.trigreason import (
+    CognitiveOffload,
+    InterventionRequest,
+    StrategicPriming,
+    confident_share,
+)
+
+if TYPE_CHECKING:
+    from collab_agent.evaluation.datasets import Problem
+    from collab_agent.reasoner import Reasoner
+    from collab_agent.trace import Step, Trace
+
+POLICY_FILE_FORMAT = "collab-agent-policy"
+POLICY_FILE_VERSION = 1
+
+
+# =============================================================================== policy files
+def trigger_types() -> dict[str, type]:
+    """Trigger classes a policy file names by their ``name`` (``"large_surprise"``...); any
+    other dataclass trigger is named ``"module:Class"``."""
+    types: dict[str, type] = {
+        cls.name: cls
+        for cls in (
+            StrategicPriming,
+            CognitiveOffload,
+            InterventionRequest,
+            LargeSurprise,
+            SmallUncertainty,
+            Repetition,
+        )
+    }
+    try:
+        from collab_agent.policies.specreason import StepJudge
+
+        types[StepJudge.name] = StepJudge
+    except ImportError:  # pragma: no cover - SpecReason is optional here
+        pass
+    return types
+
+
+def _jsonable(value: Any) -> bool:
+    if value is None or isinstance(value, (str, bool, int, float)):
+        return True
+    if isinstance(value, (list, tuple)):
+        return all(_jsonable(v) for v in value)
+    return False
+
+
+def trigger_to_dict(trigger: Trigger) -> dict[str, Any]:
+    """A trigger as a JSON object: ``{"type": NAME, **fields}``. The trigger must be a
+    dataclass; its init fields that are shown in its repr and hold JSON values are kept."""
+    if not dataclasses.is_dataclass(trigger) or isinstance(trigger, type):
+        raise ConfigError(
+            "policy", f"trigger {trigger.name!r} is not a dataclass and cannot be saved to a file"
+        )
+    cls = type(trigger)
+    known = trigger_types()
+    kind = (
+        trigger.name if known.get(trigger.name) is cls else f"{cls.__module__}:{cls.__qualname__}"
+    )
+    out: dict[str, Any] = {"type": kind}
+    for f in dataclasses.fields(trigger):
+        if not f.init or not f.repr or f.name.startswith("_"):
+            continue
+        value = getattr(trigger, f.name)
+        if f.name == "name" and value == cls.name:
+            continue
+        if _jsonable(value):
+            out[f.name] = list(value) if isinstance(value, tuple) else value
+    return out
+
+
+def trigger_from_dict(data: Mapping[str, Any], where: str = "triggers[0]") -> Trigger:
+    """The trigger a policy file's entry describes (see `trigger_to_dict`)."""
+    if not isinstance(data, Mapping) or not isinstance(data.get("type"), str):
+        raise ConfigError(where, f"must be an object with a 'type' string, got {data!r}")
+    kind = data["type"]
+    options = {k: v for k, v in data.items() if k != "type"}
+    known = trigger_types()
+    if kind in known:
+        cls: Any = known[kind]
+    elif ":" in kind:
+        module_name, _, attribute = kind.partition(":")
+        try:
+            cls = getattr(importlib.import_module(module_name), attribute)
+        except (ImportError, AttributeError) as error:
+            raise ConfigError(where, f"cannot find trigger class {kind!r}: {error}") from error
+    else:
+        raise ConfigError(
+            where, f"unknown trigger type {kind!r}; known: {sorted(known)} or module:Class"
+        )
+    try:
+        trigger = cls(**options)
+    except TypeError as error:
+        raise ConfigError(where, f"bad fields for {kind!r}: {error}") from error
+    if not isinstance(trigger, Trigger):
+        raise ConfigError(where, f"{kind!r} is not a trigger")
+    return trigger
+
+
+def policy_to_dict(policy: Policy, calibration: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """A policy as the JSON object of a policy file (``calibration`` kept as written)."""
+    out: dict[str, Any] = {
+        "format": POLICY_FILE_FORMAT,
+        "version": POLICY_FILE_VERSION,
+        "name": policy.name,
+        "default_author": policy.default_author,
+        "answer_by": policy.answer_by,
+        "triggers": [trigger_to_dict(t) for t in policy.triggers],
+    }
+    if calibration is not None:
+        out["calibration"] = dict(calibration)
+    return out
+
+
+def policy_from_dict(data: Mapping[str, Any], source: str = "policy") -> Policy:
+    """The policy a policy file's JSON object describes."""
+    if not isinstance(data, Mapping) or data.get("format") != POLICY_FILE_FORMAT:
+        raise ConfigError(
+            source, f'is not a collab-agent policy file (needs "format": "{POLICY_FILE_FORMAT}")'
+        )
+    version = data.get("version")
+    if version != POLICY_FILE_VERSION:
+        raise ConfigError(
+            source,
+            f"has version {version!r}; this collab-agent reads version {POLICY_FILE_VERSION}",
+        )
+    triggers = data.get("triggers", [])
+    if not isinstance(triggers, list):
+        raise ConfigError(f"{source}: triggers", "must be a list of trigger objects")
+    return Policy(
+        triggers=tuple(
+            trigger_from_dict(t, f"{source}: triggers[{i}]") for i, t in enumerate(triggers)
+        ),
+        name=str(data.get("name") or "calibrated"),
+        default_author=data.get("default_author", "small"),
+        answer_by=data.get("answer_by"),
+    )
+
+
+def save_policy_file(
+    policy: Policy, path: str | os.PathLike[str], calibration: Mapping[str, Any] | None = None
+) -> Path:
+    """Write ``policy`` (and the calibration that produced it) as a JSON policy file."""
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    target.write_text(
+        json.dumps(policy_to_dict(policy, calibration), indent=2) + "\n", encoding="utf-8"
+    )
+    return target
+
+
+def load_policy_file(path: str | os.PathLike[str]) -> Policy:
+    """The policy stored in a JSON policy file (written by ``collab-agent calibrate``).
+
+    Raises:
+        ConfigError: the file is missing, is not JSON, or does not describe a policy; the
+            message names the file.
+    """
+    source = str(path)
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except OSError as error:
+        raise ConfigError("policy", f"cannot read policy file {source!r}: {error}") from error
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise ConfigError(
+            "policy", f"{source!r} is not valid JSON ({error.msg} at line {error.lineno})"
+        ) from error
+    return policy_from_dict(data, source)
+
+
+# =============================================================================== candidates
+Measure = Callable[["Trace", "Step"], Awaitable["float | None"]]
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """A trigger whose threshold calibration chooses.
+
+    Attributes:
+        name: the trigger's name (a key of the results).
+        measure: the step's signal value (``None``: not measurable, never fires).
+        build: the trigger at a given threshold (it fires when the signal is above it).
+        bounds: the thresholds the trigger accepts (others are clamped into them).
+    """
+
+    name: str
+    measure: Measure
+    build: Callable[[float], Trigger]
+    bounds: tuple[float, float] = (-math.inf, math.inf)
+
+
+def signal_candidate(prototype: StepSignal) -> Candidate:
+    """A candidate from a `StepSignal` prototype; its ``threshold`` is what is calibrated."""
+
+    async def measure(trace: Trace, step: Step) -> float | None:
+        if step.tokens < prototype.min_tokens:
+            return None
+        return await prototype.measure(trace, step)
+
+    return Candidate(
+        prototype.name, measure, lambda t: dataclasses.replace(prototype, threshold=float(t))
+    )
+
+
+def cognitive_offload_candidate(tau: float = 1.05) -> Candidate:
+    """TrigReason's cognitive offload (Sec. 3.3) with ``rho`` calibrated instead of the paper's."""
+
+    async def measure(trace: Trace, step: Step) -> float | None:
+        return confident_share(step.logprobs, tau) if step.logprobs else None
+
+    return Candidate(
+        "cognitive_offload",
+        measure,
+        lambda t: CognitiveOffload(tau=tau, rho=min(1.0, max(1e-6, float(t)))),
+        bounds=(1e-6, 1.0),
+    )
+
+
+CANDIDATES: dict[str, Callable[[], Candidate]] = {
+    "large_surprise": lambda: signal_candidate(LargeSurprise()),
+    "small_uncertainty": lambda: signal_candidate(SmallUncertainty()),
+    "repetition": lambda: signal_candidate(Repetition()),
+    "cognitive_offload": cognitive_offload_candidate,
+}
+"""The candidates ``collab-agent calibrate --signals`` chooses from, by name."""
+
+
+def candidates_by_name(names: Sequence[str]) -> list[Candidate]:
+    """The built-in candidates named (see `CANDIDATES`)."""
+    unknown = [n for n in names if n not in CANDIDATES]
+    if unknown or not names:
+        raise ConfigError("signals", f"must name some of {sorted(CANDIDATES)}, got {list(names)!r}")
+    return [CANDIDATES[n]() for n in names]
+
+
+# =============================================================================== recording
+@dataclass
+class StepRecord:
+    """One small-model step of the recording run and every candidate's signal on it."""
+
+    index: int
+    tokens: int
+    values: dict[str, float | None]
+
+
+@dataclass
+class SignalRecorder(BaseTrigger):
+    """A trigger that never fires: it measures every candidate on each small-model step and keeps
+    the values per conversation in ``records`` (for calibration only)."""
+
+    candidates: Sequence[Candidate] = ()
+    records: dict[str, list[StepRecord]] = field(default_factory=dict)
+    name: str = "signal_recorder"
+
+    async def after_step(self, trace: Trace, step: Step) -> Reject | None:
+        if step.author == "small":
+            values = {c.name: await c.measure(trace, step) for c in self.candidates}
+            self.records.setdefault(trace.conversation_id, []).append(
+                StepRecord(step.index, step.tokens, values)
+            )
+        return None
+
+
+# =============================================================================== runs
+@dataclass
+class ProblemRun:
+    """One problem answered by one policy."""
+
+    problem_id: str
+    correct: bool
+    small_tokens: int
+    large_tokens: int
+    large_input_tokens: int
+    large_output_tokens: int
+    conversation_id: str
+    answer: str = ""
+
+
+@dataclass
+class PolicyRun:
+    """A policy over the dev set: per-problem outcomes and the aggregate figures."""
+
+    policy: str
+    problems: list[ProblemRun]
+    threshold: float | None = None
+
+    @property
+    def accuracy(self) -> float:
+        return sum(p.correct for p in self.problems) / len(self.problems) if self.problems else 0.0
+
+    @property
+    def small_token_share(self) -> float:
+        small = sum(p.small_tokens for p in self.problems)
+        total = small + sum(p.large_tokens for p in self.problems)
+        return small / total if total else 0.0
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "policy": self.policy,
+            "threshold": self.threshold,
+            "accuracy": self.accuracy,
+            "small_token_share": self.small_token_share,
+            "lrm_input_tokens": sum(p.large_input_tokens for p in self.problems),
+            "lrm_output_tokens": sum(p.large_output_tokens for p in self.problems),
+            "correct": sorted(p.problem_id for p in self.problems if p.correct),
+        }
+
+
+Grader = Callable[[str, "Problem"], bool]
+
+
+def default_grader(answer: str, problem: Problem) -> bool:
+    """`collab_agent.evaluation.grading.is_correct` of the answer against the reference."""
+    from collab_agent.evaluation.grading import is_correct
+
+    return is_correct(answer, problem.answer)
+
+
+async def run_policy(
+    make_reasoner: Callable[[Policy], Reasoner],
+    policy: Policy,
+    problems: Sequence[Problem],
+    *,
+    grader: Grader = default_grader,
+    concurrency: int = 1,
+    threshold: float | None = None,
+    on_problem: Callable[[str, ProblemRun], None] | None = None,
+) -> PolicyRun:
+    """Answer every problem with ``policy`` (``concurrency`` at a time) and grade the answers."""
+    reasoner = make_reasoner(policy)
+    results: dict[int, ProblemRun] = {}
+    limiter = anyio.CapacityLimiter(concurrency)
+
+    async def one(i: int, problem: Problem) -> None:
+        async with limiter:
+            conversation_id = f"calibrate-{policy.name}-{problem.id}-{uuid.uuid4().hex[:8]}"
+            trace = await reasoner.run(problem.messages(), conversation_id=conversation_id)
+            large = trace.usage["large"]
+            run = ProblemRun(
+                problem_id=problem.id,
+                correct=bool(grader(trace.answer, problem)),
+                small_tokens=trace.tokens_by("small"),
+                large_tokens=trace.tokens_by("large"),
+                large_input_tokens=large.input_tokens,
+                large_output_tokens=large.completion_tokens,
+                conversation_id=conversation_id,
+                answer=trace.answer,
+            )
+            results[i] = run
+            if on_problem is not None:
+                on_problem(policy.name, run)
+
+    async with anyio.create_task_group() as group:
+        for i, problem in enumerate(problems):
+            group.start_soon(one, i, problem)
+    return PolicyRun(policy.name, [results[i] for i in range(len(problems))], threshold)
+
+
+# =============================================================================== statistics
+def auroc(scores: Sequence[float], labels: Sequence[bool]) -> float | None:
+    """Area under the ROC curve of ``scores`` for predicting ``labels`` (ties count half);
+    ``None`` when one class is empty."""
+    positives = [s for s, y in zip(scores, labels, strict=True) if y]
+    negatives = [s for s, y in zip(scores, labels, strict=True) if not y]
+    if not positives or not negatives:
+        return None
+    ranked = sorted(scores)
+    # average ranks (1-based) with ties
+    rank: dict[float, float] = {}
+    i = 0
+    while i < len(ranked):
+        j = i
+        while j + 1 < len(ranked) and ranked[j + 1] == ranked[i]:
+            j += 1
+        rank[ranked[i]] = (i + j) / 2 + 1
+        i = j + 1
+    rank_sum = sum(rank[s] for s in positives)
+    n_pos, n_neg = len(positives), len(negatives)
+    return (rank_sum - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg)
+
+
+def signal_quality(
+    records: Mapping[str, list[StepRecord]], wrong: Mapping[str, bool], name: str
+) -> dict[str, Any]:
+    """How well a signal predicts a wrong small-only answer: AUROC over steps (each step labelled
+    by its problem's outcome) and over problems (the problem's largest step value)."""
+    step_scores: list[float] = []
+    step_labels: list[bool] = []
+    problem_scores: list[float] = []
+    problem_labels: list[bool] = []
+    for conversation, steps in records.items():
+        values = [r.values.get(name) for r in steps]
+        measured = [v for v in values if v is not None]
+        label = wrong[conversation]
+        step_scores += measured
+        step_labels += [label] * len(measured)
+        if measured:
+            problem_scores.append(max(measured))
+            problem_labels.append(label)
+    mean = {
+        outcome: (sum(s for s, y in zip(step_scores, step_labels, strict=True) if y == flag) / n)
+        if (n := sum(y == flag for y in step_labels))
+        else None
+        for outcome, flag in (("wrong", True), ("right", False))
+    }
+    return {
+        "step_auroc": auroc(step_scores, step_labels),
+        "problem_auroc": auroc(problem_scores, problem_labels),
+        "measured_steps": len(step_scores),
+        "mean_in_wrong": mean["wrong"],
+        "mean_in_right": mean["right"],
+    }
+
+
+def threshold_options(
+    records: Mapping[str, list[StepRecord]],
+    name: str,
+    bounds: tuple[float, float] = (-math.inf, math.inf),
+) -> list[tuple[float, float]]:
+    """Every distinct threshold of a signal on the recorded small-model steps, with the share of
+    recorded small-model tokens it would reject (steps whose value is above it): above the top
+    value (rejects none), between neighbouring values, below the lowest (rejects all measured).
+    Sorted by rejected share."""
+    total = sum(r.tokens for steps in records.values() for r in steps)
+    weighted: dict[float, int] = {}
+    for steps in records.values():
+        for r in steps:
+            v = r.values.get(name)
+            if v is not None:
+                weighted[v] = weighted.get(v, 0) + r.tokens
+    if not weighted or total == 0:
+        return [(min(max(0.0, bounds[0]), bounds[1]), 0.0)]
+    values = sorted(weighted)
+    options = [(values[-1], 0.0)]
+    above = weighted[values[-1]]
+    for i in range(len(values) - 2, -1, -1):
+        options.append(((values[i] + values[i + 1]) / 2, above / total))
+        above += weighted[values[i]]
+    span = values[-1] - values[0]
+    options.append((values[0] - max(1e-6, 0.5 * span if span else 1.0), above / total))
+    clamped: dict[float, float] = {}
+    for t, q in options:  # clamping may merge options: keep the first (smallest share)
+        clamped.setdefault(min(max(t, bounds[0]), bounds[1]), q)
+    return sorted(((t, q) for t, q in clamped.items()), key=lambda o: o[1])
+
+
+def threshold_for_fraction(
+    records: Mapping[str, list[StepRecord]],
+    name: str,
+    fraction: float,
+    bounds: tuple[float, float] = (-math.inf, math.inf),
+) -> tuple[float, float]:
+    """The threshold whose rejected share of recorded small-model tokens (see
+    `threshold_options`) is closest to ``fraction``; returns ``(threshold, rejected share)``."""
+    options = threshold_options(records, name, bounds)
+    return min(options, key=lambda o: (abs(o[1] - fraction), o[1]))
+
+
+@dataclass
+class Recording:
+    """The recording run: the small model alone, every candidate signal measured on each of its
+    steps (nothing fires), and how well each signal predicts a wrong answer.
+
+    Attributes:
+        small_only: the small-only outcomes.
+        records: the measured steps per conversation id (in problem order).
+        signals: per signal, `signal_quality` (AUROC over steps and over problems).
+    """
+
+    small_only: PolicyRun
+    records: dict[str, list[StepRecord]]
+    signals: dict[str, dict[str, Any]]
+
+    def to_dict(self) -> dict[str, Any]:
+        """The figures, and every step's values per problem id (for analysis)."""
+        steps = {
+            run.problem_id: {
+                "correct": run.correct,
+                "answer": run.answer,
+                "steps": [
+                    {"index": r.index, "tokens": r.tokens, **r.values}
+                    for r in self.records.get(run.conversation_id, [])
+                ],
+            }
+            for run in self.small_only.problems
+        }
+        return {"small-only": self.small_only.summary(), "signals": self.signals, "problems": steps}
+
+
+async def record_signals(
+    make_reasoner: Callable[[Policy], Reasoner],
+    problems: Sequence[Problem],
+    candidates: Sequence[Candidate],
+    *,
+    grader: Grader = default_grader,
+    concurrency: int = 1,
+    on_problem: Callable[[str, ProblemRun], None] | None = None,
+) -> Recording:
+    """Run the small model alone on ``problems`` while measuring every candidate signal on each
+    of its steps; grade the answers and score each signal (AUROC for a wrong answer)."""
+    recorder = SignalRecorder(candidates=candidates)
+    policy = Policy(
+        triggers=(recorder,), name="small-only", default_author="small", answer_by="small"
+    )
+    small_only = await run_policy(
+        make_reasoner,
+        policy,
+        problems,
+        grader=grader,
+        concurrency=concurrency,
+        on_problem=on_problem,
+    )
+    records = {
+        run.conversation_id: recorder.records.get(run.conversation_id, [])
+        for run in small_only.problems
+    }
+    wrong = {run.conversation_id: not run.correct for run in small_only.problems}
+    signals = {c.name: signal_quality(records, wrong, c.name) for c in candidates}
+    return Recording(small_only, records, signals)
+
+
+# =============================================================================== calibration
+@dataclass
+class CandidateResult:
+    """The threshold search of one candidate: every run, and the one kept."""
+
+    name: str
+    runs: list[PolicyRun]
+    chosen: PolicyRun | None
+    reached: bool
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "reached_target": self.reached,
+            "chosen": None if self.chosen is None else self.chosen.summary(),
+            "runs": [{k: v for k, v in r.summary().items() if k != "correct"} for r in self.runs],
+        }
+
+
+@dataclass
+class CalibrationResult:
+    """What `calibrate` found; ``policy`` is the chosen policy, ``to_dict`` the report kept in
+    the policy file."""
+
+    policy: Policy
+    target_share: float
+    problems: list[str]
+    small_only: PolicyRun
+    large_only: PolicyRun | None
+    signals: dict[str, dict[str, Any]]
+    candidates: list[CandidateResult]
+    chosen: CandidateResult | None
+    settings: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        baselines = {"small-only": self.small_only.summary()}
+        if self.large_only is not None:
+            baselines["large-only"] = self.large_only.summary()
+        return {
+            "target_share": self.target_share,
+            "problems": self.problems,
+            "baselines": baselines,
+            "signals": self.signals,
+            "candidates": [c.summary() for c in self.candidates],
+            "chosen": None if self.chosen is None else self.chosen.name,
+            "reached_target": bool(self.chosen and self.chosen.reached),
+            **self.settings,
+        }
+
+
+def _best(runs: Sequence[PolicyRun], target: float) -> tuple[PolicyRun, bool]:
+    reaching = [r for r in runs if r.small_token_share >= target - 1e-9]
+    if reaching:
+        return max(reaching, key=lambda r: (r.accuracy, r.small_token_share)), True
+    return max(runs, key=lambda r: (r.small_token_share, r.accuracy)), False
+
+
+async def calibrate(
+    make_reasoner: Callable[[Policy], Reasoner],
+    problems: Sequence[Problem],
+    *,
+    target_share: float = 0.6,
+    candidates: Sequence[Candidate] | None = None,
+    priming_steps: int = 1,
+    rounds: int = 3,
+    tolerance: float = 0.03,
+    run_large_only: bool = True,
+    grader: Grader = default_grader,
+    concurrency: int = 1,
+    name: str = "calibrated",
+    on_problem: Callable[[str, ProblemRun], None] | None = None,
+) -> CalibrationResult:
+    """Choose a trigger and its threshold for a model pair on a dev set (see the module doc).
+
+    Args:
+        make_reasoner: builds the `Reasoner` of the pair for a policy (same settings each time).
+        problems: the dev set.
+        target_share: the small model's share of reasoning tokens to reach, in (0, 1).
+        candidates: triggers to calibrate (default: every one of `CANDIDATES`).
+        priming_steps: strategic-priming steps written by the large model first (TrigReason
+            Sec. 3.2; 0 turns priming off), kept in the chosen policy.
+        rounds: most full runs of the pair per candidate in the threshold search.
+        tolerance: the search stops once a run's share is within this above the target.
+        run_large_only: also run the large model alone (the reference accuracy).
+        grader: ``grader(answer, problem) -> bool``.
+        concurrency: problems answered at a time.
+        name: the chosen policy's name.
+        on_problem: called after each problem with (policy name, outcome), for progress.
+    """
+    _checks.in_range("target_share", target_share, 0.0, 1.0, low_open=True, high_open=True)
+    _checks.non_negative_int("priming_steps", priming_steps)
+    _checks.positive_int("rounds", rounds)
+    _checks.positive_int("concurrency", concurrency)
+    if not problems:
+        raise ConfigError("problems", "the dev set is empty")
+    candidates = list(candidates) if candidates is not None else [f() for f in CANDIDATES.values()]
+    if not candidates:
+        raise ConfigError("candidates", "give at least one candidate trigger")
+    common = {"grader": grader, "concurrency": concurrency, "on_problem": on_problem}
+
+    # 1. record: small-only with every signal measured, large-only for the reference
+    recording = await record_signals(make_reasoner, problems, candidates, **common)  # type: ignore[arg-type]
+    small_only, records, signals = recording.small_only, recording.records, recording.signals
+    large_only = (
+        await run_policy(make_reasoner, LargeOnly(), problems, **common)  # type: ignore[arg-type]
+        if run_large_only
+        else None
+    )
+
+    # share of the small-only reasoning the priming steps take over
+    total = sum(r.tokens for steps in records.values() for r in steps)
+    primed = sum(r.tokens for steps in records.values() for r in steps[:priming_steps])
+    free = max(1, total - primed)
+    first_fraction = min(1.0, max(0.0, ((1 - target_share) * total - primed) / free))
+
+    # 2. search each candidate's threshold
+    priming: tuple[Trigger, ...] = (StrategicPriming(steps=priming_steps),) if priming_steps else ()
+    results: list[CandidateResult] = []
+    for candidate in candidates:
+        runs: list[PolicyRun] = []
+        options = threshold_options(records, candidate.name, candidate.bounds)
+        low, high = -1.0, 2.0  # rejected shares known to reach / to miss the target
+        guess = first_fraction
+        for _ in range(rounds):
+            open_options = [o for o in options if low < o[1] < high]
+            if not open_options:
+                break
+            threshold, rejected = min(open_options, key=lambda o: (abs(o[1] - guess), o[1]))
+            policy = Policy(
+                triggers=(*priming, candidate.build(threshold)), name=f"{name}-{candidate.name}"
+            )
+            run = await run_policy(
+                make_reasoner,
+                policy,
+                problems,
+                threshold=threshold,
+                **common,  # type: ignore[arg-type]
+            )
+            runs.append(run)
+            share = run.small_token_share
+            if target_share <= share <= target_share + tolerance:
+                break
+            if share >= target_share:
+                low = rejected
+            else:
+                high = rejected
+            # the large model's share grows about in proportion to the rejected share
+            guess = rejected * (1 - target_share) / max(1e-6, 1 - share) if rejected else 2 * guess
+        chosen, reached = _best(runs, target_share)
+        results.append(CandidateResult(candidate.name, runs, chosen, reached))
+
+    # 3. choose
+    reaching = [r for r in results if r.reached and r.chosen is not None]
+    if reaching:
+        best = max(reaching, key=lambda r: (r.chosen.accuracy, r.chosen.small_token_share))  # type: ignore[union-attr]
+    else:
+        best = max(results, key=lambda r: r.chosen.small_token_share if r.chosen else 0.0)
+    by_name = {c.name: c for c in candidates}
+    assert best.chosen is not None and best.chosen.threshold is not None
+    policy = Policy(
+        triggers=(*priming, by_name[best.name].build(best.chosen.threshold)),
+        name=name,
+        default_author="small",
+    )
+    return CalibrationResult(
+        policy=policy,
+        target_share=target_share,
+        problems=[p.id for p in problems],
+        small_only=small_only,
+        large_only=large_only,
+        signals=signals,
+        candidates=results,
+        chosen=best,
+        settings={"priming_steps": priming_steps, "rounds": rounds},
+    )
+
+
+__all__ = [
+    "CANDIDATES",
+    "CalibrationResult",
+    "Candidate",
+    "CandidateResult",
+    "PolicyRun",
+    "ProblemRun",
+    "Recording",
+    "SignalRecorder",
+    "StepRecord",
+    "auroc",
+    "calibrate",
+    "candidates_by_name",
+    "cognitive_offload_candidate",
+    "load_policy_file",
+    "policy_from_dict",
+    "policy_to_dict",
+    "record_signals",
+    "run_policy",
+    "save_policy_file",
+    "signal_candidate",
+    "signal_quality",
+    "threshold_for_fraction",
+    "threshold_options",
+    "trigger_from_dict",
+    "trigger_to_dict",
+]

@@ -1,0 +1,338 @@
+"""Triggers beyond the TrigReason paper: per-step signals that the small model is going wrong.
+
+TrigReason's cognitive offload (Sec. 3.3) treats an *overconfident* small-model step as a warning
+sign; on the bundled Qwen2.5-Coder pair that signal is weak (a step's confident share averages
+0.70 in right and wrong solutions alike). Each trigger here measures one number per small-model
+step and rejects the step (the large model rewrites it from the same prefix) when the number is
+above ``threshold``:
+
+- `LargeSurprise`: how surprised the large model is by the step (mean negative log-likelihood of
+  its tokens under the LRM, or the share of tokens the LRM gives a probability below
+  ``low_prob``). The LRM reads every small-model step anyway to stay ready to take over, so with
+  prefix KV reuse this costs one prefill of the step, not a generation.
+- `SmallUncertainty`: the small model's own uncertainty (mean NLL of its chosen tokens): the
+  opposite reading of cognitive offload, free since the logprobs come with the step.
+- `Repetition`: share of the step's character n-grams already written in earlier steps; a loop
+  detector that needs no hesitation lexicon, so it works in any language.
+
+All three share `StepSignal`: ``measure(trace, step)`` returns the number (or ``None`` when it
+cannot be measured), which `collab_agent.calibration` records per step to choose ``threshold``
+for a model pair.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Literal, Protocol, runtime_checkable
+
+from collab_agent import _checks
+from collab_agent.backends.base import Backend, GenerateRequest, Generation, Role
+from collab_agent.errors import CapabilityError, ConfigError
+from collab_agent.policies.base import BaseTrigger, Policy, Reject, Trigger
+from collab_agent.policies.trigreason import StrategicPriming
+
+if TYPE_CHECKING:
+    from collab_agent.session import Session
+    from collab_agent.trace import Step, Trace
+
+Statistic = Literal["mean_nll", "low_prob_share"]
+"""How a step's token logprobs become one number: their mean negative log-likelihood (nats), or
+the share of tokens with probability below a cut."""
+
+
+@runtime_checkable
+class ScoringBackend(Protocol):
+    """A backend that returns the logprob of each token of a given text after a prompt (one
+    prefill; `collab_agent.backends.local.TransformersBackend.score`)."""
+
+    async def score(self, request: GenerateRequest, continuation: str) -> list[float]: ...
+
+
+def surprise(
+    logprobs: Sequence[float], statistic: Statistic = "mean_nll", low_prob: float = 0.1
+) -> float:
+    """One number from token logprobs: ``"mean_nll"`` is ``-mean(logprobs)`` in nats;
+    ``"low_prob_share"`` is the share of tokens with ``p < low_prob``. 0 for no tokens."""
+    if not logprobs:
+        return 0.0
+    if statistic == "mean_nll":
+        return -sum(logprobs) / len(logprobs)
+    cut = math.log(low_prob)
+    return sum(lp < cut for lp in logprobs) / len(logprobs)
+
+
+def _check_statistic(statistic: str, low_prob: float) -> None:
+    if statistic not in ("mean_nll", "low_prob_share"):
+        raise ConfigError("statistic", f"must be 'mean_nll' or 'low_prob_share', got {statistic!r}")
+    _checks.in_range("low_prob", low_prob, 0.0, 1.0, low_open=True, high_open=True)
+
+
+@dataclass
+class StepSignal(BaseTrigger):
+    """Base of the threshold triggers: reject a small-model step whose `measure` is above
+    ``threshold``. Subclasses implement ``measure``; steps shorter than ``min_tokens`` are never
+    measured nor rejected.
+
+    Attributes:
+        threshold: a step whose signal is strictly above this is rejected.
+        min_tokens: steps with fewer generated tokens are never rejected.
+    """
+
+    threshold: float = 1.0
+    min_tokens: int = 1
+
+    def __post_init__(self) -> None:
+        if isinstance(self.threshold, bool) or not isinstance(self.threshold, (int, float)):
+            raise ConfigError("threshold", f"must be a number, got {self.threshold!r}")
+        if not math.isfinite(self.threshold):
+            raise ConfigError("threshold", f"must be finite, got {self.threshold!r}")
+        _checks.non_negative_int("min_tokens", self.min_tokens)
+
+    async def measure(self, trace: Trace, step: Step) -> float | None:
+        """The step's signal; ``None`` when it cannot be measured (the step is then kept)."""
+        raise NotImplementedError
+
+    async def after_step(self, trace: Trace, step: Step) -> Reject | None:
+        if step.author != "small" or step.tokens < self.min_tokens:
+            return None
+        value = await self.measure(trace, step)
+        if value is not None and value > self.threshold:
+            return Reject(self.name, detail=f"{value:.3g} > threshold {self.threshold:.3g}")
+        return None
+
+    def check(self, small: Backend, large: Backend) -> None:
+        """Raise `CapabilityError` when the pair cannot give this signal (no-op here). A
+        `Reasoner` may call it at construction so the error comes before any generation."""
+
+
+def _session(trace: Trace, who: str) -> Session:
+    if trace.session is None:
+        raise ConfigError(
+            "trace.session",
+            f"{who} calls the large model through the trace's live session; run it inside a Reasoner",
+        )
+    return trace.session
+
+
+@dataclass
+class LargeSurprise(StepSignal):
+    """Large-model surprise (beyond TrigReason, issue 9): reject a small-model step that the
+    large model finds unlikely, and let the large model rewrite it.
+
+    The step's text (and the step delimiter after it) is scored under the LRM with one prefill
+    after the reasoning so far (`TransformersBackend.score`, which reuses the conversation's KV
+    cache, so the LRM's cache is then ready for its next step). The call is recorded in the trace
+    as a large-model call (prompt and cached tokens, seconds) with ``purpose="score"``.
+
+    Policies are built before backends, so the capability is checked at the first use: a large
+    backend without ``score`` (an OpenAI-compatible server) raises `CapabilityError` then, or at
+    once when `check` is called with the pair.
+
+    Attributes:
+        threshold: reject when the statistic is strictly above this (default 1.0 nats of mean
+            NLL; calibrate per pair with ``collab-agent calibrate``).
+        statistic: ``"mean_nll"`` (nats per token) or ``"low_prob_share"`` (share of tokens
+            with ``p < low_prob``, threshold then in [0, 1]).
+        low_prob: probability cut of ``"low_prob_share"`` (default 0.1).
+        min_tokens: steps with fewer generated tokens are never scored (default 4).
+    """
+
+    threshold: float = 1.0
+    statistic: Statistic = "mean_nll"
+    low_prob: float = 0.1
+    min_tokens: int = 4
+    name: str = "large_surprise"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _check_statistic(self.statistic, self.low_prob)
+
+    def check(self, small: Backend, large: Backend) -> None:
+        if not isinstance(large, ScoringBackend):
+            raise CapabilityError(
+                f"{self.name}: the large backend {getattr(large, 'name', large)!r} "
+                f"({type(large).__name__}) cannot score a given text (it has no async "
+                "score(request, continuation) method); use a local large model "
+                "(bundled:NAME, hf:PATH) or drop this trigger"
+            )
+
+    async def measure(self, trace: Trace, step: Step) -> float | None:
+        logprobs = await self.large_logprobs(trace, step)
+        return surprise(logprobs, self.statistic, self.low_prob) if logprobs else None
+
+    async def large_logprobs(self, trace: Trace, step: Step) -> list[float]:
+        """The LRM's logprob of each token of ``step`` after the reasoning before it, the call
+        recorded in the trace as a large-model call."""
+        session = _session(trace, self.name)
+        large = session.large
+        self.check(session.small, large)
+        fmt = session.format
+        prefix = fmt.reasoning_prefix([(s.text, s.stop_reason == "step") for s in trace.steps])
+        continuation = step.text + (fmt.delimiter if step.stop_reason == "step" else "")
+        request = session.request(prefix, purpose="score", max_tokens=1)
+        processed_before = getattr(large, "processed_tokens", None)
+        started = time.perf_counter()
+        logprobs: list[float] = list(await large.score(request, continuation))  # type: ignore[attr-defined]
+        seconds = time.perf_counter() - started
+        trace.record("large", _score_usage(large, request, logprobs, processed_before, seconds))
+        return logprobs
+
+
+def _score_usage(
+    large: Any,
+    request: GenerateRequest,
+    logprobs: Sequence[float],
+    processed_before: int | None,
+    seconds: float,
+) -> Generation:
+    """A `Generation` that accounts a scoring call: prompt = conversation + scored text, cached =
+    what the backend did not recompute (from its ``processed_tokens`` counter when it has one;
+    approximate when other conversations use the backend at the same time)."""
+    prompt_ids = getattr(large, "prompt_ids", None)
+    prompt_tokens = len(logprobs) + (len(prompt_ids(request)) if callable(prompt_ids) else 0)
+    cached = 0
+    processed_after = getattr(large, "processed_tokens", None)
+    if isinstance(processed_before, int) and isinstance(processed_after, int):
+        cached = min(prompt_tokens, max(0, prompt_tokens - (processed_after - processed_before)))
+    return Generation(
+        text="",
+        stop_reason="length",
+        logprobs=list(logprobs),
+        prompt_tokens=prompt_tokens,
+        cached_tokens=cached,
+        completion_tokens=0,
+        seconds=seconds,
+    )
+
+
+@dataclass
+class SmallUncertainty(StepSignal):
+    """Small-model uncertainty (beyond TrigReason, issue 9): reject a small-model step whose own
+    token logprobs are low, the opposite reading of cognitive offload (Sec. 3.3), at no extra
+    cost. Needs the SRM's chosen-token logprobs; a step without them is kept.
+
+    Attributes:
+        threshold: reject when the statistic is strictly above this (default 0.5 nats of mean
+            NLL; calibrate per pair).
+        statistic: ``"mean_nll"`` or ``"low_prob_share"`` (share of tokens with
+            ``p < low_prob``).
+        low_prob: probability cut of ``"low_prob_share"`` (default 0.1).
+        min_tokens: steps with fewer generated tokens are never rejected (default 4).
+    """
+
+    threshold: float = 0.5
+    statistic: Statistic = "mean_nll"
+    low_prob: float = 0.1
+    min_tokens: int = 4
+    name: str = "small_uncertainty"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _check_statistic(self.statistic, self.low_prob)
+
+    async def measure(self, trace: Trace, step: Step) -> float | None:
+        if not step.logprobs:
+            return None
+        return surprise(step.logprobs, self.statistic, self.low_prob)
+
+
+_SPACE = re.compile(r"\s+")
+
+
+def char_ngrams(text: str, n: int) -> set[str]:
+    """The set of character ``n``-grams of ``text`` after lower-casing and collapsing
+    whitespace (language-independent: no word splitting)."""
+    normal = _SPACE.sub(" ", text.lower()).strip()
+    return {normal[i : i + n] for i in range(len(normal) - n + 1)}
+
+
+def repeated_share(text: str, earlier: Sequence[str], n: int) -> float | None:
+    """Share of ``text``'s character ``n``-grams that occur in ``earlier`` texts; ``None`` when
+    ``text`` is shorter than ``n`` characters or there is nothing earlier."""
+    grams = char_ngrams(text, n)
+    if not grams or not earlier:
+        return None
+    seen: set[str] = set()
+    for previous in earlier:
+        seen |= char_ngrams(previous, n)
+    return len(grams & seen) / len(grams)
+
+
+@dataclass
+class Repetition(StepSignal):
+    """Repetition (beyond TrigReason, issue 9): reject a small-model step that mostly repeats
+    earlier steps, measured as the share of its character n-grams already written. Replaces the
+    English hesitation lexicon of the intervention request (Sec. 3.4) as a loop detector: it
+    needs no word list and works in any script.
+
+    Attributes:
+        threshold: reject when the repeated share is strictly above this, in [0, 1) (default
+            0.8).
+        n: n-gram length in characters (default 12).
+        window: compare with at most this many preceding steps (``None``: all of them).
+        min_tokens: steps with fewer generated tokens are never rejected (default 4).
+    """
+
+    threshold: float = 0.8
+    n: int = 12
+    window: int | None = None
+    min_tokens: int = 4
+    name: str = "repetition"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _checks.positive_int("n", self.n)
+        if self.window is not None:
+            _checks.positive_int("window", self.window)
+
+    async def measure(self, trace: Trace, step: Step) -> float | None:
+        earlier = [s.text for s in trace.steps]
+        if self.window is not None:
+            earlier = earlier[-self.window :]
+        return repeated_share(step.text, earlier, self.n)
+
+
+def SurpriseReason(
+    *,
+    priming_steps: int = 1,
+    threshold: float = 1.0,
+    statistic: Statistic = "mean_nll",
+    low_prob: float = 0.1,
+    min_tokens: int = 4,
+    repetition: float | None = 0.8,
+    answer_by: Role | None = None,
+    name: str = "surprise",
+) -> Policy:
+    """The large model primes the first steps (TrigReason Sec. 3.2), then rewrites every
+    small-model step it finds surprising (`LargeSurprise`) or that repeats earlier steps
+    (`Repetition`, unless ``repetition`` is ``None``). Thresholds are per pair: calibrate them
+    with ``collab-agent calibrate``."""
+    triggers: list[Trigger] = []
+    if priming_steps:
+        triggers.append(StrategicPriming(steps=priming_steps))
+    triggers.append(
+        LargeSurprise(
+            threshold=threshold, statistic=statistic, low_prob=low_prob, min_tokens=min_tokens
+        )
+    )
+    if repetition is not None:
+        triggers.append(Repetition(threshold=repetition))
+    return Policy(triggers=tuple(triggers), name=name, default_author="small", answer_by=answer_by)
+
+
+__all__ = [
+    "LargeSurprise",
+    "Repetition",
+    "ScoringBackend",
+    "SmallUncertainty",
+    "Statistic",
+    "StepSignal",
+    "SurpriseReason",
+    "char_ngrams",
+    "repeated_share",
+    "surprise",
+]
