@@ -25,6 +25,7 @@ __all__ = [
     "BackendError",
     "BackendUnavailableError",
     "CapabilityError",
+    "CollabChatModel",
     "CollabError",
     "ConfigError",
     "Firing",
@@ -32,10 +33,37 @@ __all__ = [
     "Generation",
     "InvalidMessagesError",
     "ModelNotInstalledError",
+    "OpenAIBackend",
+    "Reasoner",
     "Role",
     "Sampling",
+    "SmallKV",
+    "SpecReason",
     "Step",
     "Trace",
+    "TransformersBackend",
+    "TrigReason",
     "Usage",
+    "load_backend",
 ]
 __version__ = "0.1.0"
+
+_LAZY = {
+    "CollabChatModel": "collab_agent.chat_model",
+    "Reasoner": "collab_agent.reasoner",
+    "TransformersBackend": "collab_agent.backends.local",
+    "OpenAIBackend": "collab_agent.backends.openai",
+    "load_backend": "collab_agent.backends.specs",
+    "TrigReason": "collab_agent.policies",
+    "SpecReason": "collab_agent.policies.specreason",
+    "SmallKV": "collab_agent.cache",
+}
+"""Exported on first use, so ``import collab_agent`` loads neither langchain nor torch."""
+
+
+def __getattr__(name: str) -> object:
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'collab_agent' has no attribute {name!r}")

@@ -22,7 +22,6 @@ from collab_agent.backends.llamacpp import LlamaCppBackend, LlamaCppServer
 from collab_agent.backends.openai import BackendContextOverflowError, OpenAIBackend
 from collab_agent.errors import ConfigError
 
-
 pytestmark = pytest.mark.server
 
 LIST = [

