@@ -9,6 +9,7 @@ from collab_agent.policies.signals import (
     StepSignal,
     SurpriseReason,
 )
+from collab_agent.policies.specreason import SpecReason, StepJudge
 from collab_agent.policies.trigreason import (
     HESITATION_WORDS,
     CognitiveOffload,
@@ -31,6 +32,8 @@ __all__ = [
     "Repetition",
     "SmallOnly",
     "SmallUncertainty",
+    "SpecReason",
+    "StepJudge",
     "StepSignal",
     "StrategicPriming",
     "SurpriseReason",

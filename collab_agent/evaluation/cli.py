@@ -1,0 +1,174 @@
+"""The ``collab-agent eval`` command (registered on the main app by `register`).
+
+Heavy imports (torch, transformers, matplotlib) happen inside the command so ``--help`` stays
+fast. The summary goes to stdout (one JSON object with ``--json``); progress goes to stderr.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+
+def register(app: typer.Typer) -> None:
+    """Add the ``eval`` command to the ``collab-agent`` app."""
+    app.command("eval")(eval_command)
+
+
+def eval_command(
+    data: Annotated[
+        str,
+        typer.Option(
+            "--data",
+            help="A JSON Lines file (id, question, answer) or a bundled set: gsm8k_test, "
+            "math500, aime24, aime25.",
+        ),
+    ] = "gsm8k_test",
+    policy: Annotated[
+        str,
+        typer.Option(
+            "--policy",
+            help="Comma-separated: small-only, large-only, specreason, trigreason, module:factory.",
+        ),
+    ] = "small-only,large-only,specreason,trigreason",
+    limit: Annotated[int | None, typer.Option(help="The first N problems only.")] = None,
+    samples: Annotated[int, typer.Option(help="Runs per problem and policy.")] = 1,
+    concurrency: Annotated[int, typer.Option(help="Most runs at once.")] = 1,
+    out: Annotated[
+        Path | None,
+        typer.Option(help="Output folder (records.jsonl, summary.json, plot); resumable."),
+    ] = None,
+    fresh: Annotated[
+        bool, typer.Option("--fresh", help="Discard earlier results in --out instead of resuming.")
+    ] = False,
+    models: Annotated[
+        str | None,
+        typer.Option("--models", help="Preset pair: bundled (default), llamacpp or tiny."),
+    ] = None,
+    small: Annotated[str | None, typer.Option("--small", help="Small model spec.")] = None,
+    large: Annotated[str | None, typer.Option("--large", help="Large model spec.")] = None,
+    temperature: Annotated[float, typer.Option(help="0 is greedy.")] = 0.0,
+    top_p: Annotated[float, typer.Option(help="Nucleus sampling when temperature > 0.")] = 0.95,
+    seed: Annotated[int | None, typer.Option(help="Base seed; sample i uses seed + i.")] = None,
+    budget: Annotated[int, typer.Option(help="Most reasoning tokens per problem.")] = 1024,
+    max_steps: Annotated[int, typer.Option(help="Most reasoning steps per problem.")] = 48,
+    step_max_tokens: Annotated[int, typer.Option(help="Most tokens of one step.")] = 256,
+    answer_max_tokens: Annotated[int, typer.Option(help="Most tokens of the answer.")] = 48,
+    priming: Annotated[
+        int,
+        typer.Option(
+            help="TrigReason's priming steps (paper: 20; these short-step instruct models need 1-2)."
+        ),
+    ] = 1,
+    rho: Annotated[
+        float | None, typer.Option(help="TrigReason's cognitive-offload rho (default 0.85).")
+    ] = None,
+    threshold: Annotated[float, typer.Option(help="SpecReason's score threshold (0-9).")] = 7.0,
+    score: Annotated[
+        str, typer.Option(help="SpecReason's score: greedy or expected (needs top logprobs).")
+    ] = "greedy",
+    think: Annotated[
+        bool, typer.Option(help="The models reason inside <think> ... </think>.")
+    ] = False,
+    timeout: Annotated[
+        float | None, typer.Option(help="Seconds one run may take before it is recorded failed.")
+    ] = None,
+    report_only: Annotated[
+        bool,
+        typer.Option(
+            "--report-only",
+            help="Run nothing: summarise the records already in --out (an interrupted run "
+            "counts the problems every policy finished).",
+        ),
+    ] = False,
+    as_json: Annotated[
+        bool, typer.Option("--json", help="Print the summary as one JSON object on stdout.")
+    ] = False,
+) -> None:
+    """Run policies on a data set and compare accuracy, small-model share, LRM use and latency."""
+    import anyio
+    from rich.console import Console
+
+    from collab_agent.backends.base import Sampling
+    from collab_agent.evaluation.datasets import resolve_dataset
+    from collab_agent.evaluation.report import markdown_table, summary_table
+    from collab_agent.evaluation.runner import PLOT_FILE, evaluate
+    from collab_agent.prompting import STEPWISE, THINK
+
+    stderr = Console(stderr=True)
+    data_path = resolve_dataset(data)
+    names = [p.strip() for p in policy.split(",") if p.strip()]
+    trig: dict[str, Any] = {"priming_steps": priming}
+    if rho is not None:
+        trig["rho"] = rho
+    options = {"trigreason": trig, "specreason": {"threshold": threshold, "score": score}}
+    out_dir = out if out is not None else Path("collab-eval") / data_path.stem
+    sampling = Sampling(
+        temperature=temperature, top_p=1.0 if temperature == 0 else top_p, seed=seed
+    )
+
+    if report_only:
+        from collab_agent.evaluation.report import summarise_folder
+
+        summary = summarise_folder(out_dir)
+        if as_json:
+            print(json.dumps(summary))
+        else:
+            Console().print(summary_table(summary, title=str(out_dir)))
+            print(markdown_table(summary))
+        return
+
+    from collab_agent.backends.specs import resolve_pair
+    from collab_agent.cli import load_pair
+
+    small_spec, large_spec = resolve_pair(models, small, large)
+    small_backend, large_backend = load_pair(None, small_spec, large_spec)
+
+    async def main() -> Any:
+        try:
+            return await evaluate(
+                data_path,
+                names,
+                small=small_backend,
+                large=large_backend,
+                samples=samples,
+                concurrency=concurrency,
+                limit=limit,
+                out=out_dir,
+                resume=not fresh,
+                sampling=sampling,
+                seed=seed,
+                format=THINK if think else STEPWISE,
+                budget=budget,
+                max_steps=max_steps,
+                step_max_tokens=step_max_tokens,
+                answer_max_tokens=answer_max_tokens,
+                policy_options=options,
+                problem_timeout_s=timeout,
+                progress=True,
+                describe={
+                    "small_spec": small_spec,
+                    "large_spec": large_spec,
+                    "data": str(data_path),
+                    "policy_options": options,
+                },
+            )
+        finally:
+            for backend in (small_backend, large_backend):
+                close = getattr(backend, "aclose", None)
+                if close is not None:
+                    await close()
+
+    report = anyio.run(main)
+    if as_json:
+        print(json.dumps(report.summary))
+        return
+    console = Console()
+    console.print(
+        summary_table(report.summary, title=f"{data_path.stem}: {small_spec} + {large_spec}")
+    )
+    print(markdown_table(report.summary))
+    stderr.print(f"records, summary and plot in {out_dir} ({PLOT_FILE}); {report.ran} run(s) now")

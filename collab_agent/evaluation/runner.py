@@ -1,0 +1,485 @@
+"""The evaluation runner: every policy on the same problems, concurrently, resumably.
+
+`evaluate` runs each policy on each problem ``samples`` times (up to ``concurrency`` at once, in
+one anyio task group bounded by a `CapacityLimiter`), grades each answer, and appends one
+`ProblemRecord` per run to ``OUT/records.jsonl`` (its full trace to ``OUT/traces.jsonl``) as soon
+as it finishes. A rerun with the same ``out`` skips what is already done, so an interrupted
+evaluation picks up where it stopped. The summary per policy (`report.summarise`) is written to
+``OUT/summary.json`` with a plot of accuracy against small-model share.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from collections.abc import Mapping, Sequence
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import anyio
+
+from collab_agent import _checks
+from collab_agent.backends.base import GREEDY, Backend, Sampling
+from collab_agent.errors import ConfigError
+from collab_agent.evaluation.datasets import Problem, load_dataset
+from collab_agent.evaluation.grading import grade
+from collab_agent.policies.base import Policy
+from collab_agent.policies.trigreason import confident_share
+from collab_agent.prompting import STEPWISE, ReasoningFormat
+from collab_agent.reasoner import Reasoner
+from collab_agent.trace import Trace
+
+RECORDS_FILE = "records.jsonl"
+TRACES_FILE = "traces.jsonl"
+SUMMARY_FILE = "summary.json"
+CONFIG_FILE = "config.json"
+PLOT_FILE = "accuracy_vs_small_share.png"
+
+OVERCONFIDENT_TAU = 1.05
+OVERCONFIDENT_RHO = 0.85
+"""TrigReason's cognitive-offload cut (Sec. 3.3), used to count overconfident small-model steps
+in every trace whatever policy wrote it, to compare right and wrong answers."""
+
+
+@dataclass
+class ProblemRecord:
+    """One policy's run on one problem (one sample), as written to ``records.jsonl``.
+
+    Attributes:
+        policy: the policy's name.
+        problem_id: the problem's id.
+        sample: the sample index (0 .. samples-1).
+        reference: the reference answer.
+        answer: the answer the collaboration gave.
+        predicted: the answer as the grader read it (``None`` when it found none).
+        correct: whether it matches the reference.
+        steps_by_author: accepted reasoning steps per model.
+        tokens_by_author: accepted reasoning tokens per model.
+        small_token_share: share of reasoning tokens the small model wrote.
+        small_step_share: share of reasoning steps the small model wrote.
+        triggers: how often each trigger fired.
+        firings: each firing (``step_index``, ``trigger``, ``action``, ``detail``).
+        last_trigger: the last trigger that fired before the answer (``None`` if none did).
+        usage: per model: calls, prompt / cached / completion tokens, seconds, cost.
+        answer_author: who wrote the answer.
+        stop_reason: why the reasoning ended.
+        small_steps: accepted small-model steps with logprobs.
+        overconfident_small_steps: of those, how many TrigReason's cognitive offload would call
+            overconfident (tau 1.05, rho 0.85).
+        latency_s: wall time of the whole collaboration.
+        cost: price of all calls.
+        judge_scores: scores a judge trigger (SpecReason's) gave this run's small-model steps,
+            in step order (``None`` where it wrote no digit).
+        error: the error that stopped the run (the record then counts as not done).
+    """
+
+    policy: str
+    problem_id: str
+    sample: int
+    reference: str
+    answer: str = ""
+    predicted: str | None = None
+    correct: bool = False
+    steps_by_author: dict[str, int] = field(default_factory=dict)
+    tokens_by_author: dict[str, int] = field(default_factory=dict)
+    small_token_share: float = 0.0
+    small_step_share: float = 0.0
+    triggers: dict[str, int] = field(default_factory=dict)
+    firings: list[dict[str, Any]] = field(default_factory=list)
+    last_trigger: str | None = None
+    usage: dict[str, dict[str, float]] = field(default_factory=dict)
+    answer_author: str | None = None
+    stop_reason: str | None = None
+    small_steps: int = 0
+    overconfident_small_steps: int = 0
+    latency_s: float = 0.0
+    cost: float = 0.0
+    judge_scores: list[float | None] = field(default_factory=list)
+    error: str | None = None
+
+    @property
+    def key(self) -> tuple[str, str, int]:
+        return (self.policy, self.problem_id, self.sample)
+
+    @classmethod
+    def from_trace(cls, policy: str, problem: Problem, sample: int, trace: Trace) -> ProblemRecord:
+        graded_text = trace.answer or (trace.steps[-1].text if trace.steps else "")
+        verdict = grade(graded_text, problem.answer)
+        summary = trace.summary()
+        small = [s for s in trace.steps if s.author == "small" and s.logprobs]
+        return cls(
+            policy=policy,
+            problem_id=problem.id,
+            sample=sample,
+            reference=problem.answer,
+            answer=trace.answer,
+            predicted=verdict.predicted,
+            correct=verdict.correct,
+            steps_by_author=summary["steps_by_author"],
+            tokens_by_author=summary["tokens_by_author"],
+            small_token_share=trace.small_token_share,
+            small_step_share=trace.small_step_share,
+            triggers=trace.trigger_counts,
+            firings=[asdict(f) for f in trace.firings],
+            last_trigger=trace.firings[-1].trigger if trace.firings else None,
+            usage={role: asdict(u) for role, u in trace.usage.items()},
+            answer_author=trace.answer_author,
+            stop_reason=trace.stop_reason,
+            small_steps=len(small),
+            overconfident_small_steps=sum(
+                confident_share(s.logprobs or [], OVERCONFIDENT_TAU) > OVERCONFIDENT_RHO
+                for s in small
+            ),
+            latency_s=trace.seconds,
+            cost=trace.cost,
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> ProblemRecord:
+        known = cls.__dataclass_fields__
+        return cls(**{k: v for k, v in data.items() if k in known})
+
+
+@dataclass
+class EvalReport:
+    """What `evaluate` returns.
+
+    Attributes:
+        summary: per policy name, the figures of `report.summarise` (``accuracy``,
+            ``relative_accuracy``, ``small_token_share``, ``small_step_share``, ``lrm_calls``,
+            ``lrm_input_tokens``, ``lrm_output_tokens``, ``latency_s``, ``cost``, ...).
+        records: every record of this evaluation (resumed ones included), one per policy,
+            problem and sample.
+        out: the folder the records, summary and plot were written to (``None`` if none).
+        ran: how many runs this call performed (the rest were resumed from ``out``).
+    """
+
+    summary: dict[str, dict[str, Any]]
+    records: list[ProblemRecord]
+    out: Path | None = None
+    ran: int = 0
+
+    def to_json(self) -> str:
+        return json.dumps(self.summary, indent=2, sort_keys=False)
+
+
+# ---------------------------------------------------------------------------- resume files
+def read_records(out: str | os.PathLike[str]) -> list[ProblemRecord]:
+    """The records in ``OUT/records.jsonl``; a last line cut short by an interruption is
+    ignored."""
+    path = Path(out) / RECORDS_FILE
+    if not path.exists():
+        return []
+    records = []
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            if not line.strip():
+                continue
+            try:
+                records.append(ProblemRecord.from_dict(json.loads(line)))
+            except (json.JSONDecodeError, TypeError):
+                continue  # a line cut short when the run was killed
+    return records
+
+
+def _check_config(out: Path, config: dict[str, Any], resume: bool) -> None:
+    """Refuse to mix results of different models or settings in one ``out`` folder."""
+    path = out / CONFIG_FILE
+    if resume and path.exists():
+        previous = json.loads(path.read_text(encoding="utf-8"))
+        changed = sorted(k for k in config if k in previous and previous[k] != config[k])
+        if changed:
+            details = "; ".join(f"{k}: {previous[k]!r} -> {config[k]!r}" for k in changed)
+            raise ConfigError(
+                "out",
+                f"{out} holds results of another configuration ({details}); "
+                "choose a new output folder or start afresh (resume=False / --fresh)",
+            )
+    if not resume:
+        for name in (RECORDS_FILE, TRACES_FILE, SUMMARY_FILE):
+            (out / name).unlink(missing_ok=True)
+    path.write_text(json.dumps(config, indent=2), encoding="utf-8")
+
+
+def _append(path: Path, data: Mapping[str, Any]) -> None:
+    with open(path, "a", encoding="utf-8") as f:
+        f.write(json.dumps(data) + "\n")
+        f.flush()
+
+
+# ---------------------------------------------------------------------------- evaluate
+def _resolve_policies(
+    policies: Sequence[str | Policy] | Mapping[str, Policy] | str,
+    options: Mapping[str, Mapping[str, Any]],
+) -> list[Policy]:
+    from collab_agent.policies.registry import resolve_policy
+
+    if isinstance(policies, str):
+        policies = [p.strip() for p in policies.split(",") if p.strip()]
+    if isinstance(policies, Mapping):
+        resolved = []
+        for name, policy in policies.items():
+            policy.name = name
+            resolved.append(policy)
+    else:
+        resolved = [
+            p if isinstance(p, Policy) else resolve_policy(p, **options.get(p, {}))
+            for p in policies
+        ]
+    if not resolved:
+        raise ConfigError("policies", "name at least one policy")
+    names = [p.name for p in resolved]
+    duplicates = sorted({n for n in names if names.count(n) > 1})
+    if duplicates:
+        raise ConfigError("policies", f"two policies share the name(s) {duplicates}")
+    return resolved
+
+
+async def evaluate(
+    data: Sequence[Problem] | str | os.PathLike[str],
+    policies: Sequence[str | Policy] | Mapping[str, Policy] | str,
+    *,
+    small: Backend,
+    large: Backend,
+    samples: int = 1,
+    concurrency: int = 1,
+    limit: int | None = None,
+    out: str | os.PathLike[str] | None = None,
+    resume: bool = True,
+    sampling: Sampling = GREEDY,
+    seed: int | None = None,
+    format: ReasoningFormat = STEPWISE,
+    budget: int = 2048,
+    max_steps: int = 64,
+    step_max_tokens: int = 256,
+    answer_max_tokens: int = 64,
+    policy_options: Mapping[str, Mapping[str, Any]] | None = None,
+    problem_timeout_s: float | None = None,
+    progress: bool = False,
+    describe: Mapping[str, Any] | None = None,
+) -> EvalReport:
+    """Run every policy on the same problems and summarise accuracy, offload, latency and cost.
+
+    Args:
+        data: problems, a JSON Lines file, or a bundled data set's name (``"gsm8k_test"``).
+        policies: policy names (``"small-only"``, ``"large-only"``, ``"specreason"``,
+            ``"trigreason"``, ``"module:factory"``; a comma-separated string works too),
+            `Policy` objects, or a mapping of display name to policy.
+        small: the small model's backend.
+        large: the large model's backend.
+        samples: runs per problem and policy; accuracy is the mean over them.
+        concurrency: most runs at once.
+        limit: the first ``limit`` problems only.
+        out: folder for ``records.jsonl``, ``traces.jsonl``, ``summary.json`` and the plot;
+            ``None`` keeps everything in memory.
+        resume: skip runs already recorded in ``out`` (from an interrupted or smaller run).
+        sampling: sampling of every step (default greedy); with ``seed``, sample ``i`` uses
+            seed ``seed + i``.
+        seed: base seed of the samples.
+        format: the reasoning format (`STEPWISE` or `THINK`).
+        budget, max_steps, step_max_tokens, answer_max_tokens: as in `Reasoner`.
+        policy_options: keyword arguments per policy name given to its factory
+            (``{"trigreason": {"priming_steps": 1}}``).
+        problem_timeout_s: a run taking longer is stopped and recorded as an error.
+        progress: show a progress bar on stderr.
+        describe: extra settings to note in ``config.json`` (the model specs, ...); a rerun
+            into the same ``out`` with different values is refused.
+
+    Returns:
+        An `EvalReport` with the summary per policy and every record.
+    """
+    from collab_agent.evaluation.report import plot_summary, summarise
+
+    _checks.positive_int("samples", samples)
+    _checks.positive_int("concurrency", concurrency)
+    if problem_timeout_s is not None:
+        _checks.in_range("problem_timeout_s", problem_timeout_s, 0.0, math.inf, low_open=True)
+    problems = (
+        load_dataset(data, limit=limit)
+        if isinstance(data, (str, os.PathLike))
+        else list(data)[: limit if limit is not None else None]
+    )
+    if not problems:
+        raise ConfigError("data", "holds no problems")
+    resolved = _resolve_policies(policies, policy_options or {})
+    out_dir = Path(out) if out is not None else None
+    config = {
+        "small": small.name,
+        "large": large.name,
+        "format": format.name,
+        "sampling": asdict(sampling),
+        "seed": seed,
+        "budget": budget,
+        "max_steps": max_steps,
+        "step_max_tokens": step_max_tokens,
+        "answer_max_tokens": answer_max_tokens,
+        **(dict(describe) if describe else {}),
+    }
+    done: dict[tuple[str, str, int], ProblemRecord] = {}
+    if out_dir is not None:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        _check_config(out_dir, config, resume)
+        done = {r.key: r for r in read_records(out_dir) if r.error is None}
+    wanted = {(p.name, q.id, s) for p in resolved for q in problems for s in range(samples)}
+    jobs = [
+        (policy, problem, s)
+        for problem in problems
+        for s in range(samples)
+        for policy in resolved
+        if (policy.name, problem.id, s) not in done
+    ]
+    results: list[ProblemRecord] = [r for k, r in done.items() if k in wanted]
+    limiter = anyio.CapacityLimiter(concurrency)
+
+    def reasoner_for(policy: Policy, sample: int) -> Reasoner:
+        sample_seed = None if seed is None else seed + sample
+        return Reasoner(
+            small,
+            large,
+            policy,
+            format=format,
+            sampling=Sampling(sampling.temperature, sampling.top_p, sample_seed),
+            budget=budget,
+            max_steps=max_steps,
+            step_max_tokens=step_max_tokens,
+            answer_max_tokens=answer_max_tokens,
+        )
+
+    async def run_one(policy: Policy, problem: Problem, sample: int, advance: Any) -> None:
+        async with limiter:
+            started = time.perf_counter()
+            conversation_id = f"eval:{policy.name}:{problem.id}:{sample}"
+            trace: Trace | None = None
+            try:
+                with anyio.fail_after(problem_timeout_s) if problem_timeout_s else nullcontext():
+                    trace = await reasoner_for(policy, sample).run(
+                        problem.messages(), conversation_id=conversation_id
+                    )
+                record = ProblemRecord.from_trace(policy.name, problem, sample, trace)
+                record.judge_scores = _pop_judge_scores(policy, conversation_id)
+            except TimeoutError:
+                record = ProblemRecord(
+                    policy.name,
+                    problem.id,
+                    sample,
+                    problem.answer,
+                    error=f"timeout after {problem_timeout_s} s",
+                    latency_s=time.perf_counter() - started,
+                )
+            except ConfigError:
+                raise  # a misconfigured policy or backend fails every problem: stop now
+            except Exception as error:  # recorded, retried by the next run
+                record = ProblemRecord(
+                    policy.name,
+                    problem.id,
+                    sample,
+                    problem.answer,
+                    error=f"{type(error).__name__}: {error}",
+                    latency_s=time.perf_counter() - started,
+                )
+            results.append(record)
+            if out_dir is not None:
+                _append(out_dir / RECORDS_FILE, record.to_dict())
+                if trace is not None:
+                    _append(
+                        out_dir / TRACES_FILE,
+                        {"policy": policy.name, "problem_id": problem.id, "sample": sample}
+                        | {"trace": trace.to_dict()},
+                    )
+            advance(record)
+
+    with _progress_bar(progress, total=len(wanted), done=len(wanted) - len(jobs)) as advance:
+        async with anyio.create_task_group() as tg:
+            for policy, problem, sample in jobs:
+                tg.start_soon(run_one, policy, problem, sample, advance)
+
+    order = {p.name: i for i, p in enumerate(resolved)}
+    results.sort(key=lambda r: (order.get(r.policy, 0), r.problem_id, r.sample))
+    thresholds = {p.name: _policy_extras(p).get("judge_threshold") for p in resolved}
+    summary = summarise(
+        results,
+        policies=[p.name for p in resolved],
+        judge_thresholds={k: v for k, v in thresholds.items() if v is not None},
+    )
+    if out_dir is not None:
+        (out_dir / SUMMARY_FILE).write_text(json.dumps(summary, indent=2), encoding="utf-8")
+        plot_summary(summary, out_dir / PLOT_FILE)
+    return EvalReport(summary=summary, records=results, out=out_dir, ran=len(jobs))
+
+
+def _pop_judge_scores(policy: Policy, conversation_id: str) -> list[float | None]:
+    """The scores a judge trigger (one with ``pop_scores``, like SpecReason's) gave in one run."""
+    scores: list[float | None] = []
+    for trigger in policy.triggers:
+        pop = getattr(trigger, "pop_scores", None)
+        if callable(pop):
+            scores.extend(pop(conversation_id))
+    return scores
+
+
+def _policy_extras(policy: Policy) -> dict[str, Any]:
+    """The threshold of a judge trigger, to report its accept rate."""
+    for trigger in policy.triggers:
+        if callable(getattr(trigger, "pop_scores", None)):
+            threshold = getattr(trigger, "threshold", None)
+            if threshold is not None:
+                return {"judge_threshold": threshold}
+    return {}
+
+
+class _progress_bar:
+    """A rich progress bar on stderr (or nothing); yields ``advance(record)``."""
+
+    def __init__(self, enabled: bool, total: int, done: int) -> None:
+        self.enabled, self.total, self.done = enabled, total, done
+        self.correct = 0
+        self.finished = 0
+        self._progress: Any = None
+        self._task: Any = None
+
+    def __enter__(self) -> Any:
+        if self.enabled:
+            from rich.console import Console
+            from rich.progress import (
+                BarColumn,
+                MofNCompleteColumn,
+                Progress,
+                TextColumn,
+                TimeElapsedColumn,
+                TimeRemainingColumn,
+            )
+
+            self._progress = Progress(
+                TextColumn("[bold]eval"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TextColumn("{task.fields[status]}"),
+                TimeElapsedColumn(),
+                TimeRemainingColumn(),
+                console=Console(stderr=True),
+            )
+            self._progress.__enter__()
+            self._task = self._progress.add_task(
+                "eval", total=self.total, completed=self.done, status="resumed" if self.done else ""
+            )
+        return self.advance
+
+    def advance(self, record: ProblemRecord) -> None:
+        self.finished += 1
+        self.correct += record.correct
+        if self._progress is not None:
+            status = f"{record.policy} {record.problem_id}: " + (
+                "error" if record.error else ("right" if record.correct else "wrong")
+            )
+            self._progress.update(self._task, advance=1, status=status)
+
+    def __exit__(self, *exc: object) -> None:
+        if self._progress is not None:
+            self._progress.__exit__(*exc)
