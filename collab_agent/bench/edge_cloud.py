@@ -186,7 +186,9 @@ def register(bench: typer.Typer) -> None:
             try:
                 for spec in (small_spec, large_spec):
                     _log(f"loading {spec} ...")
-                    options = {"threads": threads} if spec.startswith("llamacpp:") else {}
+                    options: dict[str, Any] = (
+                        {"threads": threads} if spec.startswith("llamacpp:") else {}
+                    )
                     backends.append(load_backend(spec, **options))
                 return await run_bench(
                     backends[0],
