@@ -96,6 +96,9 @@ def run(
     think: Annotated[
         bool, typer.Option(help="The models reason inside <think> ... </think>.")
     ] = False,
+    api_key_env: Annotated[
+        str, typer.Option(help="Environment variable holding the key of openai: specs.")
+    ] = "OPENAI_API_KEY",
     as_json: Annotated[
         bool, typer.Option("--json", help="Print the trace as JSON, nothing else.")
     ] = False,
@@ -108,7 +111,7 @@ def run(
 
     options: dict[str, Any] = {"priming_steps": priming} if policy == "trigreason" else {}
     chosen = resolve_policy(policy, **options)
-    small_backend, large_backend = load_pair(models, small, large)
+    small_backend, large_backend = load_pair(models, small, large, api_key_env=api_key_env)
     reasoner = Reasoner(
         small_backend,
         large_backend,
