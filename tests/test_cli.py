@@ -1,0 +1,65 @@
+"""The collab-agent command, run as a user runs it (a subprocess)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+
+def collab_agent(*args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    return subprocess.run(
+        [sys.executable, "-m", "collab_agent.cli", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=env,
+    )
+
+
+def test_run_on_tiny_models_prints_the_trace_as_json() -> None:
+    done = collab_agent("run", "What is 2 + 2?", "--models", "tiny", "--budget", "16", "--json")
+    assert done.returncode == 0, done.stderr
+    trace = json.loads(done.stdout)
+    assert trace["policy"] == "trigreason"
+    assert trace["steps"] and trace["steps"][0]["author"] == "large"
+    assert trace["steps"][0]["trigger"] == "strategic_priming"
+    assert trace["usage"]["large"]["calls"] >= 1
+
+
+def test_models_lists_the_three_bundled_models() -> None:
+    done = collab_agent("models", "--json")
+    assert done.returncode == 0, done.stderr
+    names = {row["name"] for row in json.loads(done.stdout)}
+    assert names == {
+        "qwen2.5-coder-0.5b-instruct",
+        "qwen2.5-coder-1.5b-instruct",
+        "smollm2-135m-instruct",
+    }
+
+
+@pytest.mark.parametrize(
+    "args, fragment",
+    [
+        (["run", "q", "--small", "nonsense"], "model spec"),
+        (["run", "q", "--models", "huge"], "--models"),
+        (["run", "q", "--models", "tiny", "--policy", "no-such-policy"], "policy"),
+        (["run", "q", "--models", "tiny", "--budget", "0"], "budget"),
+    ],
+)
+def test_bad_arguments_give_one_clear_line_and_exit_code_2(args: list[str], fragment: str) -> None:
+    done = collab_agent(*args)
+    assert done.returncode == 2
+    assert fragment in done.stderr
+    assert "Traceback" not in done.stderr
+
+
+def test_every_benchmark_is_registered() -> None:
+    done = collab_agent("bench", "--help")
+    assert done.returncode == 0
+    for name in ("prefix-reuse", "edge-cloud", "kv", "batch"):
+        assert name in done.stdout
