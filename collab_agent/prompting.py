@@ -167,9 +167,9 @@ def validate_messages(messages: Sequence[Mapping[str, Any]]) -> list[dict[str, A
     return checked
 
 
-_HESITATION_SPLIT = re.compile(r"\s+")
+_WHITESPACE = re.compile(r"\s+")
 
 
 def normalise_step(text: str) -> str:
     """Lower-case, whitespace-collapsed text, for comparing steps."""
-    return _HESITATION_SPLIT.sub(" ", text.strip().lower())
+    return _WHITESPACE.sub(" ", text.strip().lower())

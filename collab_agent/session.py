@@ -8,7 +8,7 @@ their calls counted in the trace like every step.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from collab_agent.backends.base import Backend, GenerateRequest, Generation, Role, Sampling
@@ -41,7 +41,6 @@ class Session:
     sampling: Sampling
     trace: Trace
     tools: Sequence[Mapping[str, Any]] | None = None
-    fallback_to_small: bool = field(default=False)
 
     def backend(self, role: Role) -> Backend:
         return self.small if role == "small" else self.large
