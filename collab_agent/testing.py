@@ -27,12 +27,15 @@ class ScriptedStep:
             one token with logprob -1.0.
         stop_reason: what the generation reports (``"step"``, ``"eos"``, ``"length"``).
         tool_calls: native tool calls to return, ``{"id", "name", "args"}``.
+        top_logprobs: alternatives per token ``{token: logprob}``, returned when a request asks
+            for top logprobs.
     """
 
     text: str
     logprobs: Sequence[float] | None = None
     stop_reason: StopReason = "step"
     tool_calls: Sequence[dict[str, Any]] = ()
+    top_logprobs: Sequence[dict[str, float]] | None = None
 
     def token_logprobs(self) -> list[float]:
         if self.logprobs is not None:
@@ -106,6 +109,11 @@ class ScriptedBackend:
             text=text,
             stop_reason=item.stop_reason,
             logprobs=logprobs if request.logprobs else None,
+            top_logprobs=(
+                [dict(t) for t in item.top_logprobs]
+                if request.top_logprobs and item.top_logprobs is not None
+                else None
+            ),
             prompt_tokens=prompt_tokens,
             completion_tokens=len(logprobs),
             seconds=time.perf_counter() - started,

@@ -75,6 +75,17 @@ async def test_greedy_text_is_the_same_batched_and_alone(small) -> None:
     assert backend.batch_size == 0 and backend.waiting == 0
 
 
+async def test_top_logprobs_are_the_same_batched_and_alone(small) -> None:
+    model, tokenizer = small
+    requests = [request(i, top_logprobs=3, stop=("e",)) for i in range(4)]
+    batched = await together(BatchedTransformersBackend(model, tokenizer), requests)
+    for got, want in zip(batched, await alone(model, tokenizer, requests), strict=True):
+        assert got.top_logprobs is not None and want.top_logprobs is not None
+        assert len(got.top_logprobs) == got.completion_tokens == len(want.top_logprobs)
+        for g, w in zip(got.top_logprobs, want.top_logprobs, strict=True):
+            assert set(g) == set(w) and all(abs(g[t] - w[t]) < 1e-3 for t in w)
+
+
 async def test_seeded_sampling_is_the_same_batched_and_alone(small) -> None:
     model, tokenizer = small
     sampling = Sampling(temperature=0.8, top_p=0.9, seed=7)

@@ -98,6 +98,24 @@ async def test_logprobs_are_chosen_token_logprobs(smol: OpenAIBackend) -> None:
     assert (await smol.generate(request(HELLO, stop=(), max_tokens=4))).logprobs is None
 
 
+@pytest.mark.parametrize("mode", ["completions", "chat-prefill"])
+async def test_top_logprobs_come_back_from_either_endpoint(
+    smol_server: LlamaCppServer, mode: str
+) -> None:
+    backend = OpenAIBackend("smol", smol_server.base_url, mode=mode, timeout=600)
+    try:
+        generation = await backend.generate(
+            request(HELLO, stop=(), max_tokens=3, logprobs=True, top_logprobs=4)
+        )
+    finally:
+        await backend.aclose()
+    assert generation.top_logprobs is not None and len(generation.top_logprobs) == 3
+    assert generation.logprobs is not None
+    for chosen, alternatives in zip(generation.logprobs, generation.top_logprobs, strict=True):
+        assert 1 <= len(alternatives) <= 4 and all(v <= 0 for v in alternatives.values())
+        assert max(alternatives.values()) == pytest.approx(chosen, abs=1e-3)  # greedy: on top
+
+
 async def test_continuation_does_not_repeat_the_prefix_and_hits_the_prefix_cache(
     smol: OpenAIBackend,
 ) -> None:

@@ -190,6 +190,30 @@ async def test_logprobs_are_real_log_probabilities(pair_backends):
     assert all(lp <= 0 for lp in gen.logprobs)
 
 
+async def test_top_logprobs_are_the_most_likely_tokens(pair_backends):
+    small, _ = pair_backends
+    req = request("top", max_tokens=6, logprobs=True, top_logprobs=5)
+    gen = await small.generate(req)
+    assert gen.top_logprobs is not None and len(gen.top_logprobs) == gen.completion_tokens == 6
+    ids = small.prompt_ids(req)
+    with torch.inference_mode():
+        logits = small.model(torch.tensor([ids])).logits[0, -1].float()
+    best = torch.log_softmax(logits, dim=-1).topk(5)
+    want = {small.tokenizer.decode([int(i)]): float(v) for v, i in zip(*best, strict=True)}
+    first = gen.top_logprobs[0]
+    assert set(first) == set(want) and all(abs(first[t] - want[t]) < 1e-3 for t in want)
+    for chosen, alternatives in zip(gen.logprobs, gen.top_logprobs, strict=True):
+        assert max(alternatives.values()) == pytest.approx(chosen, abs=1e-4)  # greedy: on top
+    assert (await small.generate(request("top2", max_tokens=2))).top_logprobs is None
+
+
+def test_top_logprobs_is_bounded() -> None:
+    with pytest.raises(ConfigError, match="top_logprobs"):
+        GenerateRequest("c", QUESTION, top_logprobs=21)
+    with pytest.raises(ConfigError, match="top_logprobs"):
+        GenerateRequest("c", QUESTION, top_logprobs=-1)
+
+
 async def test_score_gives_the_logprob_of_each_continuation_token(pair_backends):
     small, _ = pair_backends
     req = request("score", "First, count the apples.\n\n")

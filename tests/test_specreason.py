@@ -99,11 +99,13 @@ class TopLogprobsBackend:
             text = "Final answer: 1" if request.reasoning else "Rewritten."
             return Generation(text=text, stop_reason="step", completion_tokens=1)
         best = max(self.top, key=lambda t: self.top[t])
-        generation = Generation(
-            text=best, stop_reason="length", logprobs=[self.top[best]], completion_tokens=1
+        return Generation(
+            text=best,
+            stop_reason="length",
+            logprobs=[self.top[best]],
+            top_logprobs=[dict(self.top)] if request.top_logprobs else None,
+            completion_tokens=1,
         )
-        generation.top_logprobs = [dict(self.top)]  # type: ignore[attr-defined]
-        return generation
 
 
 async def test_expected_score_rejects_a_step_the_greedy_score_accepts() -> None:
@@ -114,6 +116,9 @@ async def test_expected_score_rejects_a_step_the_greedy_score_accepts() -> None:
         large = TopLogprobsBackend(top)
         trace = await Reasoner(small, large, SpecReason(score=method)).run(QUESTION)  # type: ignore[arg-type]
         assert trace.steps[0].author == author, method
+        judge_requests = [r for r in large.requests if r.purpose == "judge"]
+        assert judge_requests
+        assert {r.top_logprobs for r in judge_requests} == {10 if method == "expected" else 0}
 
 
 def test_score_parsing() -> None:
@@ -183,3 +188,21 @@ async def test_specreason_on_tiny_models(tiny_pair) -> None:  # type: ignore[no-
     assert judged == small_steps >= 1
     assert trace.usage["large"].calls >= judged
     assert len(trace.firings) == sum(s.rejected_text is not None for s in trace.steps)
+
+
+async def test_expected_score_on_a_real_judge_reads_its_top_logprobs(tiny_pair) -> None:  # type: ignore[no-untyped-def]
+    """A real model's judge token: the expected score is the digit mean over its top logprobs."""
+    from collab_agent.backends.local import TransformersBackend
+
+    large = TransformersBackend(tiny_pair.large, tiny_pair.tokenizer, name="tiny-large")
+    digits = {str(d): float(-d) for d in range(10)}  # what a judge with digits on top would give
+    judge = StepJudge(score="expected", top_logprobs=20)
+    request = GenerateRequest("j", QUESTION, max_tokens=1, stop=(), top_logprobs=20)
+    generation = await large.generate(request)
+    assert generation.top_logprobs is not None and len(generation.top_logprobs) == 1
+    top = generation.top_logprobs[0]
+    assert 1 <= len(top) <= 20 and sum(math.exp(v) for v in top.values()) <= 1 + 1e-4
+    assert judge.score_of(generation) == (expected_score(top) or greedy_score(generation.text))
+    assert judge.score_of(Generation("3", "length", top_logprobs=[digits])) == pytest.approx(
+        expected_score(digits)
+    )

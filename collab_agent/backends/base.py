@@ -44,6 +44,9 @@ class Sampling:
 
 GREEDY = Sampling(temperature=0.0, top_p=1.0)
 
+MAX_TOP_LOGPROBS = 20
+"""The most alternatives per token a request may ask for (the OpenAI API's own limit)."""
+
 
 @dataclass(frozen=True)
 class GenerateRequest:
@@ -58,6 +61,8 @@ class GenerateRequest:
         max_tokens: the most tokens to generate.
         sampling: temperature, top-p and seed.
         logprobs: whether the chosen-token logprob of every generated token is wanted.
+        top_logprobs: how many most likely alternatives (token text -> logprob) to return for
+            every generated token (0: none); SpecReason's expected score reads them.
         tools: tools in OpenAI format, rendered into the prompt (or sent natively).
         purpose: why the call is made (``"step"``, ``"answer"``, ``"judge"``, ``"score"``), for
             accounting and for backends that route answers through a chat endpoint.
@@ -70,6 +75,7 @@ class GenerateRequest:
     max_tokens: int = 512
     sampling: Sampling = field(default_factory=Sampling)
     logprobs: bool = False
+    top_logprobs: int = 0
     tools: Sequence[Mapping[str, Any]] | None = None
     purpose: str = "step"
 
@@ -77,6 +83,12 @@ class GenerateRequest:
         if not self.messages:
             raise _checks.ConfigError("messages", "must hold at least one message")
         _checks.positive_int("max_tokens", self.max_tokens)
+        _checks.non_negative_int("top_logprobs", self.top_logprobs)
+        if self.top_logprobs > MAX_TOP_LOGPROBS:
+            raise _checks.ConfigError(
+                "top_logprobs",
+                f"at most {MAX_TOP_LOGPROBS} (OpenAI's limit), got {self.top_logprobs}",
+            )
 
 
 @dataclass
@@ -87,6 +99,9 @@ class Generation:
         text: the generated text, without the stop string that ended it.
         stop_reason: ``"step"`` (a stop string), ``"eos"``, ``"length"`` or ``"answer"``.
         logprobs: the chosen-token logprob of each generated token, when requested.
+        top_logprobs: per generated token, the most likely alternatives ``{token text: logprob}``
+            when ``request.top_logprobs`` asked for them (``None`` when not asked or the server
+            gave none).
         prompt_tokens: tokens of the prompt (conversation plus reasoning so far).
         cached_tokens: of those, how many were served from a cache, not recomputed.
         completion_tokens: tokens generated.
@@ -101,6 +116,7 @@ class Generation:
     text: str
     stop_reason: StopReason
     logprobs: list[float] | None = None
+    top_logprobs: list[dict[str, float]] | None = None
     prompt_tokens: int = 0
     cached_tokens: int = 0
     completion_tokens: int = 0

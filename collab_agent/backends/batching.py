@@ -44,6 +44,7 @@ from collab_agent.backends.local import (
     _tokens_before,
     find_stop,
     sample_next,
+    top_alternatives,
 )
 from collab_agent.errors import BackendError, CapabilityError
 from collab_agent.limits import OverloadedError
@@ -64,6 +65,7 @@ class _Row:
     cached_tokens: int = 0
     tokens: list[int] = field(default_factory=list)  # generated (kept so far)
     logprobs: list[float] = field(default_factory=list)
+    top: list[dict[str, float]] = field(default_factory=list)  # alternatives per kept token
     lengths: list[int] = field(default_factory=list)  # decoded text length after each token
     pending: int = -1  # sampled, not yet forwarded
     last_logits: Any = None  # logits after the last forwarded token
@@ -549,13 +551,15 @@ class BatchedTransformersBackend(TransformersBackend):
             return
         row.tokens.append(token)
         row.logprobs.append(float(logprobs[token]))
+        if request.top_logprobs:
+            row.top.append(top_alternatives(logprobs, request.top_logprobs, self.tokenizer))
         text = str(self.tokenizer.decode(row.tokens, skip_special_tokens=False))
         row.lengths.append(len(text))
         found = find_stop(text, request.stop)
         if found is not None:
             position, stop = found
             kept = _tokens_before(row.lengths, position)
-            del row.tokens[kept:], row.logprobs[kept:]
+            del row.tokens[kept:], row.logprobs[kept:], row.top[kept:]
             self._finish(row, "step", text[:position], stop)
         elif len(row.tokens) >= request.max_tokens:
             self._finish(row, "length", text)
@@ -572,6 +576,7 @@ class BatchedTransformersBackend(TransformersBackend):
             text=text,
             stop_reason=reason,
             logprobs=list(row.logprobs) if request.logprobs else None,
+            top_logprobs=list(row.top) if request.top_logprobs else None,
             prompt_tokens=row.prompt_tokens,
             cached_tokens=row.cached_tokens,
             completion_tokens=len(row.tokens),

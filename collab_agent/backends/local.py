@@ -17,11 +17,12 @@ from __future__ import annotations
 import contextlib
 import inspect
 import json
+import math
 import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import anyio
@@ -262,6 +263,20 @@ def end_of_turn_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) 
     return frozenset(ids)
 
 
+def top_alternatives(logprobs: torch.Tensor, k: int, tokenizer: Any) -> dict[str, float]:
+    """The ``k`` most likely next tokens as ``{token text: logprob}`` from one row of log-softmax
+    scores (what OpenAI's ``top_logprobs`` returns; tokens decoding to the same text are summed)."""
+    import torch
+
+    values, ids = torch.topk(logprobs, k)
+    out: dict[str, float] = {}
+    for value, token_id in zip(values.tolist(), ids.tolist(), strict=True):
+        text = str(tokenizer.decode([token_id], skip_special_tokens=False))
+        previous = out.get(text)
+        out[text] = value if previous is None else math.log(math.exp(previous) + math.exp(value))
+    return out
+
+
 class _Cancelled(Exception):
     """The caller went away; the worker stopped at the next token."""
 
@@ -275,6 +290,7 @@ class _Decoded:
     logprobs: list[float]
     stop_string: str | None
     sampled: list[int]  # every token sampled, past the stop string too (not an end of turn)
+    top: list[dict[str, float]] = field(default_factory=list)  # alternatives per kept token
 
 
 class TransformersBackend:
@@ -529,6 +545,7 @@ class TransformersBackend:
             text=decoded.text,
             stop_reason=decoded.stop_reason,
             logprobs=decoded.logprobs if request.logprobs else None,
+            top_logprobs=decoded.top if request.top_logprobs else None,
             prompt_tokens=len(prompt),
             cached_tokens=reused,
             completion_tokens=len(decoded.tokens),
@@ -552,14 +569,18 @@ class TransformersBackend:
             generator = torch.Generator(device=logits.device).manual_seed(sampling.seed)
         tokens: list[int] = []
         logprobs: list[float] = []
+        top: list[dict[str, float]] = []
         lengths: list[int] = []  # decoded text length after each token
         text = ""
         while True:
             token = sample_next(logits, sampling, generator)
             if token in self.eos_token_ids:
-                return _Decoded(text, "eos", tokens, logprobs, None, tokens)
+                return _Decoded(text, "eos", tokens, logprobs, None, tokens, top)
             tokens.append(token)
-            logprobs.append(float(torch.log_softmax(logits, dim=-1)[token]))
+            row = torch.log_softmax(logits.float(), dim=-1)
+            logprobs.append(float(row[token]))
+            if request.top_logprobs:
+                top.append(top_alternatives(row, request.top_logprobs, self.tokenizer))
             text = str(self.tokenizer.decode(tokens, skip_special_tokens=False))
             lengths.append(len(text))
             found = find_stop(text, request.stop)
@@ -567,10 +588,16 @@ class TransformersBackend:
                 position, stop = found
                 kept = _tokens_before(lengths, position)
                 return _Decoded(
-                    text[:position], "step", tokens[:kept], logprobs[:kept], stop, tokens
+                    text[:position],
+                    "step",
+                    tokens[:kept],
+                    logprobs[:kept],
+                    stop,
+                    tokens,
+                    top[:kept],
                 )
             if len(tokens) >= request.max_tokens:
-                return _Decoded(text, "length", tokens, logprobs, None, tokens)
+                return _Decoded(text, "length", tokens, logprobs, None, tokens, top)
             if cancel.is_set():
                 raise _Cancelled
             logits = self._forward(entry, [token])[-1]

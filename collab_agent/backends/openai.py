@@ -211,8 +211,8 @@ def _chosen_logprobs(logprobs: Any) -> list[float] | None:
 
 
 def _top_n(request: GenerateRequest) -> int:
-    """Alternatives per token a request asks for (``top_logprobs``, when the request has it)."""
-    return int(getattr(request, "top_logprobs", 0) or 0)
+    """Alternatives per token a request asks for (``request.top_logprobs``)."""
+    return request.top_logprobs
 
 
 def _top_logprobs(logprobs: Any) -> list[dict[str, float]] | None:
@@ -595,7 +595,7 @@ class OpenAIBackend:
 
     def _wants_logprobs(self, request: GenerateRequest) -> bool:
         """Logprobs are also asked for internally where they tell a stop string from EOS."""
-        if request.logprobs:
+        if request.logprobs or request.top_logprobs:
             return True
         names = self.server.names_stop_string if self.server else False
         return bool(request.stop) and not names
@@ -706,13 +706,11 @@ class OpenAIBackend:
                 tool_calls = parsed.tool_calls
                 text = parsed.content
         cost = self.price.cost(prompt, cached, completion) if self.price else 0.0
-        extra: dict[str, Any] = {}
-        if _top_n(request) and "top_logprobs" in Generation.__dataclass_fields__:
-            extra["top_logprobs"] = _top_logprobs(choice.get("logprobs"))
         return Generation(
             text=text,
             stop_reason=reason,
             logprobs=logprobs if request.logprobs else None,
+            top_logprobs=_top_logprobs(choice.get("logprobs")) if _top_n(request) else None,
             prompt_tokens=prompt,
             cached_tokens=cached,
             completion_tokens=completion,
@@ -720,7 +718,6 @@ class OpenAIBackend:
             tool_calls=tool_calls,
             reasoning_text=reasoning_text,
             stop_string=stop_string if reason == "step" else None,
-            **extra,
         )
 
     # ------------------------------------------------------------------ the contract

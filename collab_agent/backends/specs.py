@@ -16,6 +16,7 @@ import os
 from dataclasses import dataclass
 from typing import Any, Literal
 
+from collab_agent import _checks
 from collab_agent.backends.base import Backend
 from collab_agent.errors import ConfigError
 
@@ -85,13 +86,30 @@ def resolve_pair(models: str | None, small: str | None, large: str | None) -> tu
 
 
 def load_backend(
-    spec: str | ModelSpec, *, api_key_env: str = "OPENAI_API_KEY", **options: Any
+    spec: str | ModelSpec,
+    *,
+    api_key_env: str = "OPENAI_API_KEY",
+    threads: int | None = None,
+    **options: Any,
 ) -> Backend:
     """Build the backend a spec names. ``options`` go to the backend's constructor
-    (``dtype``, ``device`` for local models; ``timeout``, ``price`` for servers)."""
+    (``dtype``, ``device`` for local models; ``timeout``, ``price`` for servers).
+
+    ``threads`` sets the CPU threads a model computes with: torch's for local models (a process-
+    wide setting), the server's for ``llamacpp:`` specs; remote servers ignore it. On a machine
+    shared by two models (or other busy work) 1 is often fastest: llama.cpp's threads meet at a
+    barrier after every operation and stall when the cores are oversubscribed.
+    """
     parsed = spec if isinstance(spec, ModelSpec) else parse_spec(spec)
+    if threads is not None:
+        _checks.positive_int("threads", threads)
     if parsed.kind in ("bundled", "hf", "tiny"):
         from collab_agent.backends.local import TransformersBackend
+
+        if threads is not None:
+            import torch
+
+            torch.set_num_threads(threads)
 
         cls: type[TransformersBackend] = TransformersBackend
         if options.get("max_batch_size", 1) > 1:
@@ -117,4 +135,6 @@ def load_backend(
         )
     from collab_agent.backends.llamacpp import llamacpp_backend
 
+    if threads is not None:
+        options["threads"] = threads
     return llamacpp_backend(parsed.target, **options)

@@ -131,15 +131,15 @@ class StepJudge(BaseTrigger):
             sampling=GREEDY,
             messages=messages,
         )
-        if self.score == "expected" and "top_logprobs" in GenerateRequest.__dataclass_fields__:
-            request = dataclasses.replace(request, top_logprobs=self.top_logprobs)  # type: ignore[call-arg]
+        if self.score == "expected":
+            request = dataclasses.replace(request, top_logprobs=self.top_logprobs)
         return request
 
     def score_of(self, generation: Generation) -> float | None:
         """The score in a judge generation: the expected digit when asked for and available,
         else the digit written; ``None`` when the judge wrote no digit."""
         if self.score == "expected":
-            top = getattr(generation, "top_logprobs", None)
+            top = generation.top_logprobs
             if top:
                 value = expected_score(top[0])
                 if value is not None:
