@@ -34,6 +34,15 @@ def eval_command(
             help="Comma-separated: small-only, large-only, specreason, trigreason, module:factory.",
         ),
     ] = "small-only,large-only,specreason,trigreason",
+    sweep: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--sweep",
+            help="Also run one policy at several settings, POLICY:PARAMETER=V1,V2,... "
+            "(e.g. trigreason:rho=0.6,0.75,0.9 or surprise:threshold=0.5,1,2); repeatable. "
+            "The plot joins each policy's settings and marks the Pareto frontier.",
+        ),
+    ] = None,
     limit: Annotated[int | None, typer.Option(help="The first N problems only.")] = None,
     samples: Annotated[int, typer.Option(help="Runs per problem and policy.")] = 1,
     concurrency: Annotated[int, typer.Option(help="Most runs at once.")] = 1,
@@ -113,6 +122,9 @@ def eval_command(
         trig["rho"] = rho
     options = {"trigreason": trig, "specreason": {"threshold": threshold, "score": score}}
     out_dir = out if out is not None else Path("collab-eval") / data_path.stem
+    from collab_agent.evaluation.sweep import expand_sweeps, parse_sweep
+
+    swept = expand_sweeps([parse_sweep(s) for s in sweep or ()], options)
     sampling = Sampling(
         temperature=temperature, top_p=1.0 if temperature == 0 else top_p, seed=seed
     )
@@ -138,7 +150,7 @@ def eval_command(
         try:
             return await evaluate(
                 data_path,
-                names,
+                [*names, *swept.values()],
                 small=small_backend,
                 large=large_backend,
                 samples=samples,

@@ -12,9 +12,11 @@ from __future__ import annotations
 
 import statistics
 from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+
+from collab_agent.evaluation.sweep import family_of, pareto_frontier
 
 if TYPE_CHECKING:
     from rich.table import Table
@@ -70,6 +72,9 @@ def summarise(
             )
         else:
             figures["relative_accuracy"] = None
+    frontier = set(pareto_frontier(summary)) if summary else set()
+    for name, figures in summary.items():
+        figures["pareto"] = name in frontier
     return summary
 
 
@@ -239,10 +244,10 @@ def markdown_table(summary: dict[str, dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def plot_summary(summary: dict[str, dict[str, Any]], path: str | Path) -> Path | None:
-    """Plot accuracy against small-model token share, one point per policy, as a PNG.
-
-    Returns the path, or ``None`` when matplotlib is not installed (the ``eval`` extra)."""
+def plot_summary(summary: Mapping[str, Mapping[str, Any]], path: str | Path) -> Path | None:
+    """Accuracy against small-model token share: one curve per policy family (a swept policy's
+    settings joined in order of share), single policies as points, and the Pareto frontier
+    dashed. Returns the path, or ``None`` when matplotlib is not installed."""
     try:
         import matplotlib
 
@@ -250,16 +255,29 @@ def plot_summary(summary: dict[str, dict[str, Any]], path: str | Path) -> Path |
         import matplotlib.pyplot as plt
     except ImportError:
         return None
-    fig, ax = plt.subplots(figsize=(6, 4.5), dpi=120)
-    for policy, figures in summary.items():
+    families: dict[str, list[tuple[float, float, str]]] = {}
+    for name, figures in summary.items():
         x, y = 100 * figures["small_token_share"], 100 * figures["accuracy"]
-        ax.scatter([x], [y], s=60)
-        ax.annotate(policy, (x, y), textcoords="offset points", xytext=(6, 4), fontsize=9)
+        families.setdefault(family_of(name), []).append((x, y, name))
+    fig, ax = plt.subplots(figsize=(7, 5), dpi=120)
+    for family, points in families.items():
+        points.sort()
+        xs, ys = [p[0] for p in points], [p[1] for p in points]
+        ax.plot(xs, ys, marker="o", linestyle="-" if len(points) > 1 else "none", label=family)
+        if len(points) > 1:
+            for x, y, name in points:
+                setting = name[len(family) + 1 : -1]
+                ax.annotate(setting, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
+    frontier = pareto_frontier(summary)
+    fx = [100 * summary[n]["small_token_share"] for n in frontier]
+    fy = [100 * summary[n]["accuracy"] for n in frontier]
+    ax.plot(fx, fy, color="black", linestyle="--", linewidth=1, alpha=0.6, label="Pareto frontier")
     ax.set_xlabel("small-model share of reasoning tokens (%)")
     ax.set_ylabel("accuracy (%)")
     ax.set_xlim(-5, 105)
     ax.set_ylim(-5, 105)
     ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=8, loc="lower left")
     ax.set_title("Accuracy against offload to the small model")
     fig.tight_layout()
     path = Path(path)
