@@ -324,3 +324,29 @@ async def test_trigreason_local_srm_and_llamacpp_lrm_answer_gsm8k(
     # priming 2 answered 20 in `bench edge-cloud`); the claim tested is that it answers.
     assert extract_answer(trace.answer) is not None, trace.answer
     print(f"answer {trace.answer!r}, correct: {is_correct(extract_answer(trace.answer), '18')}")
+
+
+async def test_llamacpp_cannot_score_and_surprise_says_so_up_front(
+    smol_server: LlamaCppServer,
+) -> None:
+    """llama.cpp's server ignores ``echo``: a trigger that scores SRM steps with the LRM is
+    refused when the reasoner is built, and a direct score call names the reason."""
+    from collab_agent.errors import CapabilityError
+    from collab_agent.policies.signals import SurpriseReason
+    from collab_agent.reasoner import Reasoner
+
+    managed = LlamaCppBackend(smol_server.model_path, server=smol_server)
+    try:
+        assert managed.can_score is False
+        with pytest.raises(CapabilityError, match="prompt logprobs"):
+            Reasoner(managed, managed, SurpriseReason())
+    finally:
+        await managed.aclose()
+    plain = OpenAIBackend("smol", smol_server.base_url, timeout=600)
+    try:
+        assert plain.can_score is None  # not known before the probe
+        with pytest.raises(CapabilityError, match=r"llama\.cpp.*prompt logprobs"):
+            await plain.score(request(HELLO), " Hello!")
+        assert plain.can_score is False
+    finally:
+        await plain.aclose()

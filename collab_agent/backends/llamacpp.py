@@ -330,6 +330,11 @@ class LlamaCppBackend(OpenAIBackend):
     can be slow; a remote API keeps `OpenAIBackend`'s 60 s).
     """
 
+    @property
+    def can_score(self) -> bool:
+        """llama.cpp's server ignores ``echo``: it returns no prompt logprobs to score a text."""
+        return False
+
     def __init__(
         self,
         model: str | os.PathLike[str],

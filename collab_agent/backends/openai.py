@@ -37,9 +37,9 @@ import json
 import logging
 import os
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, TypeVar
 from urllib.parse import urlsplit
 
 import anyio
@@ -138,6 +138,8 @@ class BackendRequestError(BackendError, ModelInvalidRequestError):
     """The server rejected the request as invalid (other 4xx; never retried)."""
 
 
+T = TypeVar("T")
+
 _RETRYABLE = (
     BackendTimeoutError,
     BackendConnectionError,
@@ -161,6 +163,9 @@ class ServerInfo:
             ``/apply-template``).
         names_stop_string: whether a response says which stop string ended it (vLLM's
             ``stop_reason``, SGLang's ``matched_stop``); otherwise it is inferred.
+        echoes_prompt_logprobs: whether completions with ``echo`` return the prompt tokens'
+            logprobs (vLLM, llama-cpp-python), which `OpenAIBackend.score` needs; llama.cpp's
+            own server ignores ``echo``.
     """
 
     dialect: str
@@ -168,14 +173,17 @@ class ServerInfo:
     continues_assistant: bool = False
     template_endpoint: bool = False
     names_stop_string: bool = False
+    echoes_prompt_logprobs: bool = True
 
 
 _DIALECTS: dict[str, ServerInfo] = {
-    "llama.cpp": ServerInfo("llama.cpp", continues_assistant=True, template_endpoint=True),
+    "llama.cpp": ServerInfo(
+        "llama.cpp", continues_assistant=True, template_endpoint=True, echoes_prompt_logprobs=False
+    ),
     "llama-cpp-python": ServerInfo("llama-cpp-python"),
     "vllm": ServerInfo("vllm", continues_assistant=True, names_stop_string=True),
     "sglang": ServerInfo("sglang", continues_assistant=True, names_stop_string=True),
-    "deepseek": ServerInfo("deepseek", continues_assistant=True),
+    "deepseek": ServerInfo("deepseek", continues_assistant=True, echoes_prompt_logprobs=False),
     "unknown": ServerInfo("unknown"),
 }
 _OWNERS = {"llamacpp": "llama.cpp", "me": "llama-cpp-python", "vllm": "vllm", "sglang": "sglang"}
@@ -509,6 +517,7 @@ class OpenAIBackend:
                 info.continues_assistant,
                 info.template_endpoint,
                 info.names_stop_string,
+                info.echoes_prompt_logprobs,
             )
             if self._resolved_mode is None:
                 self._resolved_mode = self._auto_mode(self.server)
@@ -760,6 +769,32 @@ class OpenAIBackend:
             CapabilityError: the server cannot continue reasoning in the chosen mode.
         """
         start = time.perf_counter()
+        generation = await self._with_retries(self._attempt, request)
+        generation.seconds = time.perf_counter() - start
+        return generation
+
+    async def score(self, request: GenerateRequest, continuation: str) -> list[float]:
+        """The logprob of each token of ``continuation`` written after ``request.reasoning``:
+        one completions call with ``echo`` over the rendered prompt (vLLM, llama-cpp-python
+        started with ``--logits_all true``), no generation to speak of (one token).
+
+        Raises:
+            CapabilityError: the server does not return prompt logprobs (llama.cpp's own server,
+                DeepSeek), or there is no way to render the prompt (pass ``tokenizer=``).
+        """
+        return await self._with_retries(self._score_attempt, request, continuation)
+
+    @property
+    def can_score(self) -> bool | None:
+        """Whether `score` can work here: ``False`` once the server is known not to echo prompt
+        logprobs, ``None`` before the first call has probed it."""
+        if self.server is None:
+            return None
+        return self.server.echoes_prompt_logprobs
+
+    async def _with_retries(self, attempt_fn: Callable[..., Awaitable[T]], *args: Any) -> T:
+        """``attempt_fn(*args)`` with bounded tenacity retries on transient failures."""
+        start = time.perf_counter()
         attempts = 0
         retrying = AsyncRetrying(
             stop=self._stop,
@@ -772,15 +807,59 @@ class OpenAIBackend:
             async for attempt in retrying:
                 with attempt:
                     attempts = attempt.retry_state.attempt_number
-                    generation = await self._attempt(request)
+                    result = await attempt_fn(*args)
         except _RETRYABLE as error:
             error.args = (
                 f"{error.args[0]} (gave up after {attempts} attempt(s), "
                 f"{time.perf_counter() - start:.1f}s)",
             )
             raise
-        generation.seconds = time.perf_counter() - start
-        return generation
+        return result
+
+    async def _score_attempt(self, request: GenerateRequest, continuation: str) -> list[float]:
+        server = self.server or await self.probe()
+        if not server.echoes_prompt_logprobs:
+            raise CapabilityError(
+                f"{self.name}: this server ({server.dialect}) does not return prompt logprobs "
+                "(completions with echo), so it cannot score a given text; use vLLM, "
+                "llama-cpp-python with --logits_all true, or a local large model"
+            )
+        if self._resolved_mode == "completions-needs-tokenizer" or (
+            self._tokenizer_source is None and not server.template_endpoint
+        ):
+            raise CapabilityError(
+                f"{self.name}: scoring renders the prompt for /completions; pass tokenizer= "
+                "(a Hugging Face tokenizer, its path or bundled:NAME)"
+            )
+        if not continuation:
+            return []
+        prefix = await self._prompt(request)
+        body = {
+            "model": self.model,
+            "prompt": prefix + continuation,
+            "max_tokens": 1,
+            "temperature": 0.0,
+            "echo": True,
+            "logprobs": 1,
+        }
+        data = await self._post("/completions", body, "score")
+        choice = (data.get("choices") or [{}])[0] if isinstance(data, Mapping) else {}
+        logprobs = choice.get("logprobs") if isinstance(choice, Mapping) else None
+        offsets = logprobs.get("text_offset") if isinstance(logprobs, Mapping) else None
+        values = logprobs.get("token_logprobs") if isinstance(logprobs, Mapping) else None
+        if not isinstance(offsets, list) or not isinstance(values, list):
+            raise CapabilityError(
+                self._scrub(
+                    f"{self.name}: the server answered echo without prompt logprobs "
+                    f"(text_offset, token_logprobs): {str(data)[:200]}"
+                )
+            )
+        start, end = len(prefix), len(prefix) + len(continuation)
+        return [
+            float(value)
+            for offset, value in zip(offsets, values, strict=False)
+            if start <= offset < end and value is not None
+        ]
 
 
 def _native_call(call: Any) -> dict[str, Any] | None:

@@ -152,12 +152,13 @@ class LargeSurprise(StepSignal):
         _check_statistic(self.statistic, self.low_prob)
 
     def check(self, small: Backend, large: Backend) -> None:
-        if not isinstance(large, ScoringBackend):
+        if not isinstance(large, ScoringBackend) or getattr(large, "can_score", None) is False:
             raise CapabilityError(
                 f"{self.name}: the large backend {getattr(large, 'name', large)!r} "
-                f"({type(large).__name__}) cannot score a given text (it has no async "
-                "score(request, continuation) method); use a local large model "
-                "(bundled:NAME, hf:PATH) or drop this trigger"
+                f"({type(large).__name__}) cannot score a given text (no async "
+                "score(request, continuation), or a server that returns no prompt logprobs, "
+                "like llama.cpp's own); use a local large model (bundled:NAME, hf:PATH), a vLLM "
+                "or llama-cpp-python (--logits_all true) server, or drop this trigger"
             )
 
     async def measure(self, trace: Trace, step: Step) -> float | None:
