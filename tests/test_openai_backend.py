@@ -278,3 +278,35 @@ def test_malformed_tool_call_block_is_reported_invalid() -> None:
     )
     assert parsed.tool_calls == [] and len(parsed.invalid_tool_calls) == 1
     assert "JSON" in parsed.invalid_tool_calls[0]["error"]
+
+
+async def test_score_takes_the_continuations_tokens_from_a_vllm_echo() -> None:
+    """vLLM answers completions with ``echo`` in the legacy shape: every prompt token with its
+    text offset (the first one's logprob null), then the generated token."""
+    models = {"object": "list", "data": [{"id": "m", "object": "model", "owned_by": "vllm"}]}
+    prefix = "<|im_start|>user\nWhat is 2 + 3?<|im_end|>\n<|im_start|>assistant\n2 + 3"
+    tokens = [prefix[:10], prefix[10:], " =", " 5", ".", "\n"]  # the last one is generated
+    offsets = [0, 10, len(prefix), len(prefix) + 2, len(prefix) + 4, len(prefix) + 5]
+    body = {
+        "object": "text_completion",
+        "choices": [
+            {
+                "index": 0,
+                "text": prefix + " = 5.\n",
+                "finish_reason": "length",
+                "logprobs": {
+                    "tokens": tokens,
+                    "token_logprobs": [None, -3.0, -0.5, -0.25, -1.0, -2.0],
+                    "text_offset": offsets,
+                    "top_logprobs": None,
+                },
+            }
+        ],
+    }
+    async with scripted(Reply(body=models), Reply(body=body)) as server:
+        backend = OpenAIBackend("m", server.base_url, tokenizer=ChatTemplate())  # type: ignore[arg-type]
+        scored = await backend.score(request(reasoning="2 + 3"), " = 5.")
+        await backend.aclose()
+    assert scored == [-0.5, -0.25, -1.0]
+    sent = server.requests[-1]["json"]
+    assert sent["echo"] is True and sent["prompt"] == prefix + " = 5." and sent["max_tokens"] == 1
