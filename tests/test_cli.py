@@ -63,3 +63,19 @@ def test_every_benchmark_is_registered() -> None:
     assert done.returncode == 0
     for name in ("prefix-reuse", "edge-cloud", "kv", "batch"):
         assert name in done.stdout
+
+
+def test_load_backend_threads_sets_torchs_threads_and_is_checked() -> None:
+    import torch
+
+    from collab_agent.backends.specs import load_backend
+    from collab_agent.errors import ConfigError
+
+    before = torch.get_num_threads()
+    try:
+        load_backend("tiny:0", threads=1)
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
+    with pytest.raises(ConfigError, match="threads"):
+        load_backend("tiny:0", threads=0)

@@ -177,6 +177,7 @@ async def test_spec_string_starts_a_server() -> None:
 
     backend = load_backend(f"llamacpp:bundled:{SMOL}", ctx_size=1024, n_parallel=1, threads=1)
     assert isinstance(backend, LlamaCppBackend)
+    assert backend.llama_server.threads == 1  # load_backend's threads= reaches the server
     pid = backend.llama_server.pid
     assert pid is not None and alive(pid)
     await backend.aclose()
