@@ -4,6 +4,7 @@
   next scripted action: a JSON reply with any status and headers, a stall, or a dropped
   connection. It counts requests and open connections, so tests can check that nothing leaks.
 - fixtures starting llama.cpp's server (xllamacpp) on the bundled GGUF files, stopped after.
+- `LlamaCppPythonServer`: llama-cpp-python's server, the legacy-dialect engine, the same way.
 
 Export the fixtures with ``pytest_plugins = ["tests.servers"]`` in ``tests/conftest.py``.
 """
@@ -13,6 +14,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -192,3 +201,75 @@ def qwen_small_server() -> Iterator[LlamaCppServer]:
 def qwen_large_server() -> Iterator[LlamaCppServer]:
     """llama.cpp serving the bundled Qwen2.5-Coder-1.5B (Q4_K_M)."""
     yield from _server(QWEN_LARGE, n_parallel=1, ctx_size=4096)
+
+
+# ============================================================================ llama-cpp-python
+@dataclass
+class LlamaCppPythonServer:
+    """``python -m llama_cpp.server`` (llama-cpp-python's OpenAI-compatible server) on a free
+    loopback port, in its own process group, stopped (the whole group) on exit. It serves one
+    request at a time, sends legacy completions logprobs and ignores a trailing assistant
+    message: the other dialect `OpenAIBackend` must read."""
+
+    model_path: str
+    base_url: str = ""
+    process: subprocess.Popen[bytes] | None = None
+
+    def __enter__(self) -> LlamaCppPythonServer:
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            port = probe.getsockname()[1]
+        self.log = tempfile.NamedTemporaryFile(prefix="llama-cpp-python-", suffix=".log")
+        command = [
+            sys.executable, "-m", "llama_cpp.server",
+            "--model", self.model_path,
+            "--host", "127.0.0.1",
+            "--port", str(port),
+            "--n_threads", "1",
+            "--n_ctx", "2048",
+            "--interrupt_requests", "false",
+            "--logits_all", "true",  # prompt logprobs for echo (OpenAIBackend.score)
+        ]  # fmt: skip
+        self.process = subprocess.Popen(
+            command,
+            stdin=subprocess.DEVNULL,
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        self.base_url = f"http://127.0.0.1:{port}/v1"
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                break
+            try:
+                with urllib.request.urlopen(f"{self.base_url}/models", timeout=2) as reply:
+                    if reply.status == 200:
+                        return self
+            except OSError:
+                time.sleep(0.25)
+        self.__exit__()
+        self.log.seek(0)
+        raise RuntimeError(f"llama-cpp-python's server did not start: {self.log.read()[-2000:]!r}")
+
+    def __exit__(self, *exc: object) -> None:
+        process = self.process
+        if process is not None and process.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(process.pid, signal.SIGTERM)
+            try:
+                process.wait(10)
+            except subprocess.TimeoutExpired:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(process.pid, signal.SIGKILL)
+                process.wait(10)
+        self.log.close()
+
+
+@pytest.fixture(scope="module")
+def llama_cpp_python_server() -> Iterator[LlamaCppPythonServer]:
+    """llama-cpp-python's server on SmolLM2-135M (``make install`` builds and caches its wheel)."""
+    pytest.importorskip("llama_cpp.server", reason="llama-cpp-python[server] is not installed")
+    _gguf_or_skip(SMOL)
+    with LlamaCppPythonServer(str(bundled.bundled_gguf(SMOL))) as server:
+        yield server

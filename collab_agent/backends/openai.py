@@ -845,21 +845,46 @@ class OpenAIBackend:
         data = await self._post("/completions", body, "score")
         choice = (data.get("choices") or [{}])[0] if isinstance(data, Mapping) else {}
         logprobs = choice.get("logprobs") if isinstance(choice, Mapping) else None
-        offsets = logprobs.get("text_offset") if isinstance(logprobs, Mapping) else None
+        tokens = logprobs.get("tokens") if isinstance(logprobs, Mapping) else None
         values = logprobs.get("token_logprobs") if isinstance(logprobs, Mapping) else None
-        if not isinstance(offsets, list) or not isinstance(values, list):
+        if not isinstance(tokens, list) or not isinstance(values, list) or not tokens:
             raise CapabilityError(
                 self._scrub(
                     f"{self.name}: the server answered echo without prompt logprobs "
-                    f"(text_offset, token_logprobs): {str(data)[:200]}"
+                    f"(tokens, token_logprobs): {str(data)[:200]}"
                 )
             )
-        start, end = len(prefix), len(prefix) + len(continuation)
-        return [
-            float(value)
-            for offset, value in zip(offsets, values, strict=False)
-            if start <= offset < end and value is not None
-        ]
+        return _suffix_logprobs(tokens, values, continuation, _completion_tokens(data))
+
+
+def _completion_tokens(data: Any) -> int:
+    """Tokens the server generated after the echoed prompt (``usage``; 1 when it says nothing,
+    as a ``max_tokens=1`` call generates one)."""
+    usage = data.get("usage") if isinstance(data, Mapping) else None
+    count = usage.get("completion_tokens") if isinstance(usage, Mapping) else None
+    return count if isinstance(count, int) and count >= 0 else 1
+
+
+def _suffix_logprobs(
+    tokens: Sequence[Any], values: Sequence[Any], continuation: str, generated: int
+) -> list[float]:
+    """The logprobs of the echoed prompt tokens that spell ``continuation``, the prompt's end.
+
+    Walks back from the last prompt token (the ``generated`` ones after it dropped) while the
+    token texts fit in the continuation. Token texts, not ``text_offset``: llama-cpp-python
+    counts offsets in the text with special tokens removed, vLLM in the full prompt."""
+    pairs = list(zip(tokens, values, strict=False))
+    pairs = pairs[: max(0, len(pairs) - generated)]
+    picked: list[float] = []
+    covered = 0
+    for token, value in reversed(pairs):
+        width = len(str(token))
+        if covered + width > len(continuation) or value is None:
+            break
+        covered += width
+        picked.append(float(value))
+    picked.reverse()
+    return picked
 
 
 def _native_call(call: Any) -> dict[str, Any] | None:
