@@ -9,6 +9,8 @@ from typing import Annotated, Any
 
 import typer
 
+from collab_agent.cli_options import JsonOption, LargeOption, ModelsOption, SmallOption
+
 
 def register(app: typer.Typer) -> None:
     """Add the ``calibrate`` command to the ``collab-agent`` app."""
@@ -39,12 +41,9 @@ def calibrate_command(
             help="Skip this many problems first (calibrate on problems you do not evaluate on, e.g. --offset 100 for GSM8K when evaluating on the first 100)."
         ),
     ] = 0,
-    models: Annotated[
-        str | None,
-        typer.Option("--models", help="Preset pair: bundled (default), llamacpp or tiny."),
-    ] = None,
-    small: Annotated[str | None, typer.Option("--small", help="Small model spec.")] = None,
-    large: Annotated[str | None, typer.Option("--large", help="Large model spec.")] = None,
+    models: ModelsOption = None,
+    small: SmallOption = None,
+    large: LargeOption = None,
     signals: Annotated[
         str,
         typer.Option(
@@ -74,10 +73,7 @@ def calibrate_command(
     think: Annotated[
         bool, typer.Option(help="The models reason inside <think> ... </think>.")
     ] = False,
-    as_json: Annotated[
-        bool,
-        typer.Option("--json", help="Print the calibration report as one JSON object on stdout."),
-    ] = False,
+    as_json: JsonOption = False,
 ) -> None:
     """Calibrate trigger thresholds for a model pair so the small model writes --target-share of
     the reasoning at the best accuracy, and write the chosen policy to --out."""

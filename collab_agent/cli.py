@@ -18,6 +18,7 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
+from collab_agent.cli_options import LargeOption, ModelsOption, SmallOption
 from collab_agent.errors import CollabError
 
 app = typer.Typer(
@@ -38,16 +39,6 @@ AUTHOR_STYLE = {"small": "cyan", "large": "magenta"}
 
 BENCH_MODULES = ("prefix_reuse", "edge_cloud", "kv", "batch")
 COMMAND_MODULES = ("collab_agent.evaluation.cli", "collab_agent.calibrate_cli")
-
-ModelsOption = Annotated[
-    str | None, typer.Option("--models", help="Preset pair: bundled (default), llamacpp or tiny.")
-]
-SmallOption = Annotated[
-    str | None, typer.Option("--small", help="Small model spec, e.g. bundled:NAME.")
-]
-LargeOption = Annotated[
-    str | None, typer.Option("--large", help="Large model spec, e.g. openai:MODEL@URL.")
-]
 
 
 def _register_optional_commands() -> None:

@@ -22,6 +22,8 @@ from typing import Annotated, Any
 
 import typer
 
+from collab_agent.cli_options import JsonOption
+
 TOPICS = (
     "a lighthouse keeper",
     "a lost robot",
@@ -185,7 +187,7 @@ def register(bench: typer.Typer) -> None:
                 help="torch CPU threads (default: torch's choice; 1 is faster on a busy machine).",
             ),
         ] = None,
-        as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
+        as_json: JsonOption = False,
     ) -> None:
         """Tokens per second for 1, 4 and 16 concurrent conversations (continuous batching)."""
         from collab_agent.errors import ConfigError

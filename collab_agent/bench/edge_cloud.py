@@ -24,6 +24,8 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
+from collab_agent.cli_options import JsonOption, LargeOption, SmallOption
+
 if TYPE_CHECKING:
     from collab_agent.backends.base import Backend
 
@@ -137,8 +139,8 @@ def register(bench: typer.Typer) -> None:
             str | None,
             typer.Option("--models", help="Preset pair: llamacpp (default), bundled or tiny."),
         ] = None,
-        small: Annotated[str | None, typer.Option("--small", help="Small model spec.")] = None,
-        large: Annotated[str | None, typer.Option("--large", help="Large model spec.")] = None,
+        small: SmallOption = None,
+        large: LargeOption = None,
         problems: Annotated[int, typer.Option(help="GSM8K problems to run.")] = 3,
         rtt: Annotated[float, typer.Option("--rtt", help="Round-trip time, seconds.")] = 0.1,
         bandwidth: Annotated[float, typer.Option(help="Link bandwidth, bytes/s.")] = 1.25e6,
@@ -160,7 +162,7 @@ def register(bench: typer.Typer) -> None:
         sleep: Annotated[
             bool, typer.Option("--sleep/--no-sleep", help="Really wait the link's delays.")
         ] = True,
-        as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
+        as_json: JsonOption = False,
     ) -> None:
         """LRM-only vs SpecReason vs TrigReason with the LRM behind a simulated link."""
         import anyio

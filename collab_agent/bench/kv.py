@@ -24,6 +24,8 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
+from collab_agent.cli_options import JsonOption
+
 if TYPE_CHECKING:
     import torch
 
@@ -272,7 +274,7 @@ def register(bench: typer.Typer) -> None:
             METHOD_NAMES
         ),
         data: Annotated[Path, typer.Option(help="MATH-500 JSONL for the contexts.")] = DATA,
-        as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
+        as_json: JsonOption = False,
     ) -> None:
         """KV compression at equal budgets: agreement and KL with the full cache, bytes, speed."""
         import torch

@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
+from collab_agent.cli_options import JsonOption
 from collab_agent.errors import ConfigError
 
 if TYPE_CHECKING:
@@ -234,7 +235,7 @@ def register(bench: typer.Typer) -> None:
         threads: Annotated[
             int | None, typer.Option(help="torch CPU threads (default: torch's choice).")
         ] = None,
-        as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
+        as_json: JsonOption = False,
     ) -> None:
         """Tokens each model ran forward on vs the tokens it needed, and speed vs generate."""
         import anyio

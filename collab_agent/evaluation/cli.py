@@ -12,6 +12,8 @@ from typing import Annotated, Any
 
 import typer
 
+from collab_agent.cli_options import JsonOption, LargeOption, ModelsOption, SmallOption
+
 
 def register(app: typer.Typer) -> None:
     """Add the ``eval`` command to the ``collab-agent`` app."""
@@ -53,12 +55,9 @@ def eval_command(
     fresh: Annotated[
         bool, typer.Option("--fresh", help="Discard earlier results in --out instead of resuming.")
     ] = False,
-    models: Annotated[
-        str | None,
-        typer.Option("--models", help="Preset pair: bundled (default), llamacpp or tiny."),
-    ] = None,
-    small: Annotated[str | None, typer.Option("--small", help="Small model spec.")] = None,
-    large: Annotated[str | None, typer.Option("--large", help="Large model spec.")] = None,
+    models: ModelsOption = None,
+    small: SmallOption = None,
+    large: LargeOption = None,
     temperature: Annotated[float, typer.Option(help="0 is greedy.")] = 0.0,
     top_p: Annotated[float, typer.Option(help="Nucleus sampling when temperature > 0.")] = 0.95,
     seed: Annotated[int | None, typer.Option(help="Base seed; sample i uses seed + i.")] = None,
@@ -100,9 +99,7 @@ def eval_command(
             "counts the problems every policy finished).",
         ),
     ] = False,
-    as_json: Annotated[
-        bool, typer.Option("--json", help="Print the summary as one JSON object on stdout.")
-    ] = False,
+    as_json: JsonOption = False,
 ) -> None:
     """Run policies on a data set and compare accuracy, small-model share, LRM use and latency."""
     import anyio
