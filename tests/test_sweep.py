@@ -130,5 +130,7 @@ def test_eval_command_sweeps_on_tiny_models(tmp_path: Path) -> None:
     summary = json.loads(result.stdout)
     assert list(summary) == ["large-only", "trigreason[rho=0.5]", "trigreason[rho=0.95]"]
     assert any(f["pareto"] for f in summary.values())
-    bad = CliRunner().invoke(app, ["eval", "--models", "tiny", "--sweep", "trigreason:rho=0.5"])
+    bad = CliRunner().invoke(
+        app, ["eval", "--data", str(data), "--models", "tiny", "--sweep", "trigreason:rho=0.5"]
+    )
     assert isinstance(bad.exception, ConfigError) and bad.exception.argument == "--sweep"
