@@ -7,6 +7,7 @@ import json
 import sys
 import textwrap
 from pathlib import Path
+from typing import Any
 
 import anyio
 import pytest
@@ -326,9 +327,9 @@ async def test_evaluate_on_tiny_models(tiny_pair, tmp_path: Path) -> None:  # ty
     assert trig["triggers"].get("strategic_priming") == 2  # priming: the large model opens
 
 
-def test_eval_command_prints_the_summary_as_json(tmp_path: Path) -> None:
+def eval_app() -> Any:
+    """A typer app holding only the ``eval`` command, as ``collab-agent`` registers it."""
     import typer
-    from typer.testing import CliRunner
 
     from collab_agent.evaluation.cli import register
 
@@ -339,8 +340,19 @@ def test_eval_command_prints_the_summary_as_json(tmp_path: Path) -> None:
         """collab-agent"""
 
     register(app)
-    data = tmp_path / "d.jsonl"
+    return app
+
+
+def one_problem_file(folder: Path) -> Path:
+    data = folder / "d.jsonl"
     data.write_text(json.dumps({"id": 1, "question": "What is 2 + 2?", "answer": "4"}) + "\n")
+    return data
+
+
+def test_eval_command_prints_the_summary_as_json(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    app, data = eval_app(), one_problem_file(tmp_path)
     result = CliRunner().invoke(
         app,
         [

@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 
 import pytest
-from test_eval_runner import PROBLEMS, pair
+from test_eval_runner import PROBLEMS, eval_app, one_problem_file, pair
 
 from collab_agent.errors import ConfigError
 from collab_agent.evaluation.runner import PLOT_FILE, SUMMARY_FILE, evaluate
@@ -96,20 +96,9 @@ async def test_a_swept_judge_threshold_traces_the_trade_off(tmp_path: Path) -> N
 
 
 def test_eval_command_sweeps_on_tiny_models(tmp_path: Path) -> None:
-    import typer
     from typer.testing import CliRunner
 
-    from collab_agent.evaluation.cli import register
-
-    app = typer.Typer()
-
-    @app.callback()
-    def root() -> None:
-        """collab-agent"""
-
-    register(app)
-    data = tmp_path / "d.jsonl"
-    data.write_text(json.dumps({"id": 1, "question": "What is 2 + 2?", "answer": "4"}) + "\n")
+    app, data = eval_app(), one_problem_file(tmp_path)
     result = CliRunner().invoke(
         app,
         [

@@ -218,11 +218,6 @@ def _chosen_logprobs(logprobs: Any) -> list[float] | None:
     return None
 
 
-def _top_n(request: GenerateRequest) -> int:
-    """Alternatives per token a request asks for (``request.top_logprobs``)."""
-    return request.top_logprobs
-
-
 def _top_logprobs(logprobs: Any) -> list[dict[str, float]] | None:
     """Per generated token, ``{token: logprob}`` of the alternatives, from either dialect."""
     if not isinstance(logprobs, Mapping):
@@ -626,7 +621,7 @@ class OpenAIBackend:
             body = self._sampling(request)
             body["prompt"] = await self._prompt(request)
             if want_logprobs:
-                body["logprobs"] = max(1, _top_n(request))
+                body["logprobs"] = max(1, request.top_logprobs)
             data = await self._post("/completions", body, "completion")
             choice = (data.get("choices") or [{}])[0] if isinstance(data, Mapping) else {}
             text = choice.get("text") or ""
@@ -655,7 +650,7 @@ class OpenAIBackend:
                 body["tools"] = [dict(t) for t in request.tools]
             if want_logprobs:
                 body["logprobs"] = True
-                body["top_logprobs"] = max(1, _top_n(request))
+                body["top_logprobs"] = max(1, request.top_logprobs)
             data = await self._post("/chat/completions", body, "chat completion")
             choice = (data.get("choices") or [{}])[0] if isinstance(data, Mapping) else {}
             message = choice.get("message") or {}
@@ -719,7 +714,7 @@ class OpenAIBackend:
             text=text,
             stop_reason=reason,
             logprobs=logprobs if request.logprobs else None,
-            top_logprobs=_top_logprobs(choice.get("logprobs")) if _top_n(request) else None,
+            top_logprobs=_top_logprobs(choice.get("logprobs")) if request.top_logprobs else None,
             prompt_tokens=prompt,
             cached_tokens=cached,
             completion_tokens=completion,
