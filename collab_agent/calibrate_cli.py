@@ -9,7 +9,13 @@ from typing import Annotated, Any
 
 import typer
 
-from collab_agent.cli_options import JsonOption, LargeOption, ModelsOption, SmallOption
+from collab_agent.cli_options import (
+    JsonOption,
+    LargeOption,
+    ModelsOption,
+    SmallOption,
+    ThreadsOption,
+)
 
 
 def register(app: typer.Typer) -> None:
@@ -47,8 +53,9 @@ def calibrate_command(
     signals: Annotated[
         str,
         typer.Option(
-            help="Comma-separated candidates: large_surprise, small_uncertainty, repetition, "
-            "cognitive_offload (large_surprise needs a local large model)."
+            help="Comma-separated candidates: large_surprise, small_uncertainty, small_min_prob, "
+            "escalation, repetition, cognitive_offload (large_surprise needs a large model "
+            "that can score: local, vLLM or llama-cpp-python)."
         ),
     ] = "large_surprise,small_uncertainty,repetition,cognitive_offload",
     priming: Annotated[int, typer.Option(help="Strategic-priming steps by the large model.")] = 1,
@@ -70,6 +77,7 @@ def calibrate_command(
     step_max_tokens: Annotated[int, typer.Option(help="Most tokens of one step.")] = 256,
     answer_max_tokens: Annotated[int, typer.Option(help="Most tokens of the answer.")] = 48,
     concurrency: Annotated[int, typer.Option(help="Problems answered at a time.")] = 1,
+    threads: ThreadsOption = None,
     think: Annotated[
         bool, typer.Option(help="The models reason inside <think> ... </think>.")
     ] = False,
@@ -100,7 +108,9 @@ def calibrate_command(
     problems = load_dataset(data_path, limit=limit, offset=offset)
     candidates = candidates_by_name([s.strip() for s in signals.split(",") if s.strip()])
     small_spec, large_spec = resolve_pair(models, small, large)
-    small_backend, large_backend = load_pair(None, small_spec, large_spec)
+    small_backend, large_backend = load_pair(
+        None, small_spec, large_spec, threads=threads, parallel=concurrency
+    )
     sampling = Sampling(temperature=temperature, top_p=1.0 if temperature == 0 else 0.95)
 
     def make_reasoner(policy: Policy) -> Reasoner:

@@ -225,16 +225,20 @@ class Candidate:
         measure: the step's signal value (``None``: not measurable, never fires).
         build: the trigger at a given threshold (it fires when the signal is above it).
         bounds: the thresholds the trigger accepts (others are clamped into them).
+        sticky: a firing hands the rest of the reasoning to the large model (an escalating
+            `StepSignal`), so a threshold takes over every step from the first one above it.
     """
 
     name: str
     measure: Measure
     build: Callable[[float], Trigger]
     bounds: tuple[float, float] = (-math.inf, math.inf)
+    sticky: bool = False
 
 
-def signal_candidate(prototype: StepSignal) -> Candidate:
-    """A candidate from a `StepSignal` prototype; its ``threshold`` is what is calibrated."""
+def signal_candidate(prototype: StepSignal, name: str | None = None) -> Candidate:
+    """A candidate from a `StepSignal` prototype; its ``threshold`` is what is calibrated.
+    ``name`` tells apart two candidates built on one trigger class (default: the trigger's)."""
 
     async def measure(trace: Trace, step: Step) -> float | None:
         if step.tokens < prototype.min_tokens:
@@ -242,7 +246,10 @@ def signal_candidate(prototype: StepSignal) -> Candidate:
         return await prototype.measure(trace, step)
 
     return Candidate(
-        prototype.name, measure, lambda t: dataclasses.replace(prototype, threshold=float(t))
+        name or prototype.name,
+        measure,
+        lambda t: dataclasses.replace(prototype, threshold=float(t)),
+        sticky=prototype.escalate,
     )
 
 
@@ -263,6 +270,12 @@ def cognitive_offload_candidate(tau: float = 1.05) -> Candidate:
 CANDIDATES: dict[str, Callable[[], Candidate]] = {
     "large_surprise": lambda: signal_candidate(LargeSurprise()),
     "small_uncertainty": lambda: signal_candidate(SmallUncertainty()),
+    "small_min_prob": lambda: signal_candidate(
+        SmallUncertainty(statistic="max_nll"), name="small_min_prob"
+    ),
+    "escalation": lambda: signal_candidate(
+        SmallUncertainty(statistic="max_nll", escalate=True), name="escalation"
+    ),
     "repetition": lambda: signal_candidate(Repetition()),
     "cognitive_offload": cognitive_offload_candidate,
 }
@@ -456,20 +469,33 @@ def signal_quality(
     }
 
 
+def _running_max(values: Sequence[float | None]) -> list[float | None]:
+    """Each step's largest value so far: an escalating trigger has taken over a step once any
+    step up to it was above the threshold."""
+    out: list[float | None] = []
+    top: float | None = None
+    for v in values:
+        if v is not None:
+            top = v if top is None else max(top, v)
+        out.append(top)
+    return out
+
+
 def threshold_options(
     records: Mapping[str, list[StepRecord]],
     name: str,
     bounds: tuple[float, float] = (-math.inf, math.inf),
+    sticky: bool = False,
 ) -> list[tuple[float, float]]:
     """Every distinct threshold of a signal on the recorded small-model steps, with the share of
-    recorded small-model tokens it would reject (steps whose value is above it): above the top
-    value (rejects none), between neighbouring values, below the lowest (rejects all measured).
-    Sorted by rejected share."""
+    recorded small-model tokens it would reject (steps whose value is above it; with ``sticky``,
+    steps at or after the first one above it): above the top value (rejects none), between
+    neighbouring values, below the lowest (rejects all measured). Sorted by rejected share."""
     total = sum(r.tokens for steps in records.values() for r in steps)
     weighted: dict[float, int] = {}
     for steps in records.values():
-        for r in steps:
-            v = r.values.get(name)
+        measured = [r.values.get(name) for r in steps]
+        for r, v in zip(steps, _running_max(measured) if sticky else measured, strict=True):
             if v is not None:
                 weighted[v] = weighted.get(v, 0) + r.tokens
     if not weighted or total == 0:
@@ -493,10 +519,11 @@ def threshold_for_fraction(
     name: str,
     fraction: float,
     bounds: tuple[float, float] = (-math.inf, math.inf),
+    sticky: bool = False,
 ) -> tuple[float, float]:
     """The threshold whose rejected share of recorded small-model tokens (see
     `threshold_options`) is closest to ``fraction``; returns ``(threshold, rejected share)``."""
-    options = threshold_options(records, name, bounds)
+    options = threshold_options(records, name, bounds, sticky)
     return min(options, key=lambda o: (abs(o[1] - fraction), o[1]))
 
 
@@ -683,7 +710,7 @@ async def calibrate(
     results: list[CandidateResult] = []
     for candidate in candidates:
         runs: list[PolicyRun] = []
-        options = threshold_options(records, candidate.name, candidate.bounds)
+        options = threshold_options(records, candidate.name, candidate.bounds, candidate.sticky)
         low, high = -1.0, 2.0  # rejected shares known to reach / to miss the target
         guess = first_fraction
         for _ in range(rounds):

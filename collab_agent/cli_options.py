@@ -19,3 +19,11 @@ LargeOption = Annotated[
 JsonOption = Annotated[
     bool, typer.Option("--json", help="Print the result as one JSON object on stdout.")
 ]
+ThreadsOption = Annotated[
+    int | None,
+    typer.Option(
+        "--threads",
+        help="CPU threads per model (torch's, or each llama.cpp server's); 1 is fastest "
+        "when two models share a small CPU.",
+    ),
+]

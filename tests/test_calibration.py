@@ -25,6 +25,7 @@ from collab_agent.calibration import (
     run_policy,
     save_policy_file,
     threshold_for_fraction,
+    threshold_options,
 )
 from collab_agent.errors import ConfigError
 from collab_agent.evaluation.datasets import Problem
@@ -229,6 +230,43 @@ def test_threshold_for_fraction_is_token_weighted() -> None:
     assert threshold < 1.0 and fraction == pytest.approx(100 / 105)
 
 
+def test_sticky_threshold_options_count_every_step_after_the_first_firing() -> None:
+    records = {
+        "a": [
+            StepRecord(0, 10, {"s": 1.0}),
+            StepRecord(1, 20, {"s": 3.0}),
+            StepRecord(2, 30, {"s": 0.5}),
+        ]
+    }
+    plain = dict(threshold_options(records, "s"))
+    sticky = dict(threshold_options(records, "s", sticky=True))
+    assert plain[2.0] == pytest.approx(20 / 60)  # only the step above 2.0
+    assert sticky[2.0] == pytest.approx(50 / 60)  # that step and every later one
+    # candidates of escalating triggers search with the sticky accounting
+    (escalation,) = candidates_by_name(["escalation"])
+    assert escalation.sticky and escalation.build(1.5).escalate  # type: ignore[attr-defined]
+    assert not candidates_by_name(["small_min_prob"])[0].sticky
+
+
+async def test_calibrating_an_escalating_trigger_reaches_its_target_share() -> None:
+    result = await calibrate(
+        make_reasoner,
+        PROBLEMS,
+        target_share=0.5,
+        candidates=candidates_by_name(["escalation"]),
+        priming_steps=0,
+        rounds=4,
+        run_large_only=False,
+        grader=grader,
+    )
+    (candidate,) = result.candidates
+    assert candidate.reached and candidate.chosen is not None
+    assert 0.5 <= candidate.chosen.small_token_share <= 0.7
+    (trigger,) = result.policy.triggers
+    assert trigger.escalate  # type: ignore[attr-defined]
+    assert policy_from_dict(json.loads(json.dumps(policy_to_dict(result.policy)))) == result.policy
+
+
 # ------------------------------------------------------------------------- policy files
 def test_policy_file_round_trip(tmp_path: Path) -> None:
     policy = Policy(
@@ -249,6 +287,7 @@ def test_policy_file_round_trip(tmp_path: Path) -> None:
         "type": "large_surprise",
         "threshold": 1.7,
         "min_tokens": 4,
+        "escalate": False,
         "statistic": "low_prob_share",
         "low_prob": 0.05,
     }

@@ -127,7 +127,11 @@ def test_surprise_statistics() -> None:
         (math.log(2) + math.log(4)) / 2
     )
     assert surprise([math.log(0.5), math.log(0.05)], "low_prob_share", 0.1) == 0.5
+    assert surprise([math.log(0.5), math.log(0.05)], "max_nll") == pytest.approx(-math.log(0.05))
     assert surprise([]) == 0.0
+    with pytest.raises(ConfigError) as error:
+        SmallUncertainty(statistic="median")  # type: ignore[arg-type]
+    assert error.value.argument == "statistic"
 
 
 # --------------------------------------------------------------------- on the tiny pair
@@ -241,6 +245,72 @@ async def test_small_uncertainty_keeps_a_step_without_logprobs() -> None:
         await trigger.after_step(Trace("c"), Step(0, "small", "x y", tokens=2, logprobs=None))
         is None
     )
+
+
+async def test_small_uncertainty_max_nll_reads_the_least_confident_token() -> None:
+    one_doubt = [SURE, SURE, SURE, UNSURE, SURE, SURE, SURE, SURE]  # mean NLL 0.42, max 3.0
+    small = ScriptedBackend([("a b c d e f g h", one_doubt), ("Final answer: 7", [SURE] * 3)])
+    by_mean = SmallUncertainty(threshold=1.0)
+    by_min_prob = SmallUncertainty(threshold=1.0, statistic="max_nll")
+    step = Step(0, "small", "a b c d e f g h", tokens=8, logprobs=one_doubt)
+    assert await by_mean.after_step(Trace("c"), step) is None
+    assert await by_min_prob.after_step(Trace("c"), step) is not None
+    trace = await Reasoner(small, ScriptedBackend(["3 + 4 = 7"]), Policy((by_min_prob,))).run(
+        QUESTION
+    )
+    assert trace.steps[0].author == "large" and trace.steps[0].rejected_text == "a b c d e f g h"
+
+
+# ---------------------------------------------------------------------------- escalation
+async def test_escalation_hands_the_rest_of_the_reasoning_to_the_large_model() -> None:
+    small = ScriptedBackend(
+        [
+            ("We add the numbers", [SURE] * 4),
+            ("perhaps it is eight", [SURE, UNSURE, SURE, SURE]),
+            ("never reached", [SURE] * 2),
+        ]
+    )
+    large = ScriptedBackend(["3 + 4 = 7", "so the sum is 7", "Final answer: 7"])
+    trigger = SmallUncertainty(threshold=1.0, statistic="max_nll", escalate=True)
+    trace = await Reasoner(small, large, Policy((trigger,))).run(QUESTION)
+    assert [(s.author, s.text) for s in trace.steps] == [
+        ("small", "We add the numbers"),
+        ("large", "3 + 4 = 7"),
+        ("large", "so the sum is 7"),
+    ]
+    assert trace.steps[1].rejected_text == "perhaps it is eight"
+    assert [(f.step_index, f.trigger, f.action) for f in trace.firings] == [
+        (1, "small_uncertainty", "reject"),
+        (2, "small_uncertainty", "handoff"),  # once: the handoff covers every later step
+    ]
+    assert trace.usage["small"].calls == 2  # the small model was not asked again
+    assert trace.answer_author == "large"
+
+
+async def test_without_escalation_the_small_model_writes_on_after_a_rejection() -> None:
+    small = ScriptedBackend(
+        [("perhaps it is eight", [UNSURE] * 4), ("Final answer: 7", [SURE] * 3)]
+    )
+    trigger = SmallUncertainty(threshold=1.0, statistic="max_nll")
+    trace = await Reasoner(small, ScriptedBackend(["3 + 4 = 7"]), Policy((trigger,))).run(QUESTION)
+    assert [s.author for s in trace.steps] == ["large"]
+    assert trace.answer_author == "small" and trace.usage["small"].calls == 2
+
+
+async def test_escalation_policy_primes_then_escalates_and_loads_by_name() -> None:
+    from collab_agent.policies.registry import resolve_policy
+
+    policy = resolve_policy("escalation", threshold=2.0)
+    assert [t.name for t in policy.triggers] == ["strategic_priming", "small_uncertainty"]
+    small = ScriptedBackend([("a b c d e", [SURE, SURE, UNSURE, SURE, SURE]), ("unused", [SURE])])
+    large = ScriptedBackend(["First, read it.", "3 + 4 = 7", "Final answer: 7"])
+    trace = await Reasoner(small, large, policy).run(QUESTION)
+    assert [s.author for s in trace.steps] == ["large", "large"]
+    assert trace.answer_author == "large"
+    assert trace.steps[1].rejected_text == "a b c d e"
+    with pytest.raises(ConfigError) as error:
+        SmallUncertainty(escalate="yes")  # type: ignore[arg-type]
+    assert error.value.argument == "escalate"
 
 
 # ---------------------------------------------------------------------------- Repetition

@@ -90,6 +90,7 @@ def load_backend(
     *,
     api_key_env: str = "OPENAI_API_KEY",
     threads: int | None = None,
+    parallel: int | None = None,
     **options: Any,
 ) -> Backend:
     """Build the backend a spec names. ``options`` go to the backend's constructor
@@ -99,10 +100,16 @@ def load_backend(
     wide setting), the server's for ``llamacpp:`` specs; remote servers ignore it. On a machine
     shared by two models (or other busy work) 1 is often fastest: llama.cpp's threads meet at a
     barrier after every operation and stall when the cores are oversubscribed.
+
+    ``parallel`` is how many conversations the caller runs at once: a ``llamacpp:`` server gets
+    that many slots, so they decode as one batch instead of queueing (0.5B model, 1 thread, 8
+    callers: 12.5 tokens/s with 1 slot, 17.1 with 2, 25.6 with 8); other backends ignore it.
     """
     parsed = spec if isinstance(spec, ModelSpec) else parse_spec(spec)
     if threads is not None:
         _checks.positive_int("threads", threads)
+    if parallel is not None:
+        _checks.positive_int("parallel", parallel)
     if parsed.kind in ("bundled", "hf", "tiny"):
         from collab_agent.backends.local import TransformersBackend
 
@@ -137,4 +144,6 @@ def load_backend(
 
     if threads is not None:
         options["threads"] = threads
+    if parallel is not None:
+        options.setdefault("n_parallel", parallel)
     return llamacpp_backend(parsed.target, **options)

@@ -12,7 +12,13 @@ from typing import Annotated, Any
 
 import typer
 
-from collab_agent.cli_options import JsonOption, LargeOption, ModelsOption, SmallOption
+from collab_agent.cli_options import (
+    JsonOption,
+    LargeOption,
+    ModelsOption,
+    SmallOption,
+    ThreadsOption,
+)
 
 
 def register(app: typer.Typer) -> None:
@@ -81,13 +87,7 @@ def eval_command(
     think: Annotated[
         bool, typer.Option(help="The models reason inside <think> ... </think>.")
     ] = False,
-    threads: Annotated[
-        int | None,
-        typer.Option(
-            help="CPU threads per model (torch's, or each llama.cpp server's); 1 is fastest "
-            "when two models share a small CPU."
-        ),
-    ] = None,
+    threads: ThreadsOption = None,
     timeout: Annotated[
         float | None, typer.Option(help="Seconds one run may take before it is recorded failed.")
     ] = None,
@@ -141,7 +141,9 @@ def eval_command(
     from collab_agent.cli import load_pair
 
     small_spec, large_spec = resolve_pair(models, small, large)
-    small_backend, large_backend = load_pair(None, small_spec, large_spec, threads=threads)
+    small_backend, large_backend = load_pair(
+        None, small_spec, large_spec, threads=threads, parallel=concurrency
+    )
 
     async def main() -> Any:
         try:

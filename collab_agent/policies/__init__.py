@@ -3,6 +3,7 @@
 from collab_agent.policies.base import BaseTrigger, Handoff, Policy, Reject, Trigger
 from collab_agent.policies.fixed import LargeOnly, SmallOnly
 from collab_agent.policies.signals import (
+    Escalation,
     LargeSurprise,
     Repetition,
     SmallUncertainty,
@@ -23,6 +24,7 @@ __all__ = [
     "HESITATION_WORDS",
     "BaseTrigger",
     "CognitiveOffload",
+    "Escalation",
     "Handoff",
     "InterventionRequest",
     "LargeOnly",

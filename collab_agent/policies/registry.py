@@ -10,7 +10,7 @@ from typing import Any
 from collab_agent.errors import ConfigError
 from collab_agent.policies.base import Policy
 from collab_agent.policies.fixed import LargeOnly, SmallOnly
-from collab_agent.policies.signals import SurpriseReason
+from collab_agent.policies.signals import Escalation, SurpriseReason
 from collab_agent.policies.trigreason import TrigReason
 
 
@@ -26,12 +26,13 @@ BUILTIN: dict[str, Callable[..., Policy]] = {
     "trigreason": TrigReason,
     "specreason": _specreason,
     "surprise": SurpriseReason,
+    "escalation": Escalation,
 }
 
 
 def resolve_policy(name: str, **options: Any) -> Policy:
     """A built-in policy by name (``small-only``, ``large-only``, ``trigreason``,
-    ``specreason``, ``surprise``), a user's factory as ``module:function`` (``options`` go to
+    ``specreason``, ``surprise``, ``escalation``), a user's factory as ``module:function`` (``options`` go to
     the factory), or a policy file written by ``collab-agent calibrate`` (a ``.json`` path;
     its thresholds are the calibrated ones, so ``options`` are ignored)."""
     if name.endswith(".json") or (name not in BUILTIN and ":" not in name and Path(name).is_file()):
