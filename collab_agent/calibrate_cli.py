@@ -71,6 +71,15 @@ def calibrate_command(
     large_only: Annotated[
         bool, typer.Option("--large-only/--no-large-only", help="Also run the large model alone.")
     ] = True,
+    traces: Annotated[
+        Path | None,
+        typer.Option(
+            "--traces",
+            help="Measure the signals on the small-only traces of an eval run (its --out "
+            "folder) instead of running the small model again; implies --record-only. Only "
+            "large_surprise loads a model (the large one, to score the steps).",
+        ),
+    ] = None,
     temperature: Annotated[float, typer.Option(help="0 is greedy.")] = 0.0,
     budget: Annotated[int, typer.Option(help="Most reasoning tokens per problem.")] = 1024,
     max_steps: Annotated[int, typer.Option(help="Most reasoning steps per problem.")] = 48,
@@ -108,6 +117,9 @@ def calibrate_command(
     problems = load_dataset(data_path, limit=limit, offset=offset)
     candidates = candidates_by_name([s.strip() for s in signals.split(",") if s.strip()])
     small_spec, large_spec = resolve_pair(models, small, large)
+    if traces is not None:
+        _replay(traces, problems, candidates, large_spec, threads, concurrency, out, as_json)
+        return
     small_backend, large_backend = load_pair(
         None, small_spec, large_spec, threads=threads, parallel=concurrency
     )
@@ -214,6 +226,65 @@ def calibrate_command(
             f"{chosen.chosen.accuracy:.1%}, small share {chosen.chosen.small_token_share:.1%} ({verdict} the target)"
         )
     stderr.print(f"policy written to {out}")
+
+
+def _replay(
+    folder: Path,
+    problems: list[Any],
+    candidates: list[Any],
+    large_spec: str,
+    threads: int | None,
+    concurrency: int,
+    out: Path,
+    as_json: bool,
+) -> None:
+    """``calibrate --traces``: the signal report of an eval run's small-only traces."""
+    import anyio
+    from rich.console import Console
+
+    from collab_agent.backends.specs import load_backend
+    from collab_agent.calibration import replay_signals
+    from collab_agent.errors import ConfigError
+    from collab_agent.evaluation.runner import read_records, read_traces
+
+    outcomes = {(r.policy, r.problem_id, r.sample): r.correct for r in read_records(folder)}
+    recorded = read_traces(folder)
+    runs = [
+        (problem, recorded[key], bool(outcomes[key]))
+        for problem in problems
+        if (key := ("small-only", problem.id, 0)) in recorded and key in outcomes
+    ]
+    if not runs:
+        raise ConfigError(
+            "--traces",
+            f"{str(folder)!r} holds no small-only run of these {len(problems)} problems "
+            "(run `collab-agent eval --policy small-only --out FOLDER` on the same --data)",
+        )
+    needs_large = any(c.name == "large_surprise" for c in candidates)
+
+    async def main() -> Any:
+        large = load_backend(large_spec, threads=threads) if needs_large else None
+        try:
+            return await replay_signals(runs, candidates, large=large, concurrency=concurrency)
+        finally:
+            close = getattr(large, "aclose", None)
+            if close is not None:
+                await close()
+
+    recording = anyio.run(main)
+    report = {
+        **recording.to_dict(),
+        "traces": str(folder),
+        "large_spec": large_spec if needs_large else None,
+    }
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+    if as_json:
+        print(json.dumps(report))
+    else:
+        Console().print(_signal_table(recording.signals, len(runs)))
+        Console().print(f"small-only accuracy {recording.small_only.accuracy:.1%}")
+    Console(stderr=True).print(f"report written to {out}")
 
 
 def _signal_table(signals: dict[str, dict[str, Any]], problems: int) -> Any:

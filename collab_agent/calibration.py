@@ -35,7 +35,7 @@ from typing import TYPE_CHECKING, Any
 import anyio
 
 from collab_agent import _checks
-from collab_agent.errors import ConfigError
+from collab_agent.errors import CapabilityError, ConfigError
 from collab_agent.policies.base import BaseTrigger, Policy, Reject, Trigger
 from collab_agent.policies.fixed import LargeOnly
 from collab_agent.policies.signals import LargeSurprise, Repetition, SmallUncertainty, StepSignal
@@ -47,7 +47,9 @@ from collab_agent.policies.trigreason import (
 )
 
 if TYPE_CHECKING:
+    from collab_agent.backends.base import Backend, Sampling
     from collab_agent.evaluation.datasets import Problem
+    from collab_agent.prompting import ReasoningFormat
     from collab_agent.reasoner import Reasoner
     from collab_agent.trace import Step, Trace
 
@@ -590,6 +592,87 @@ async def record_signals(
     return Recording(small_only, records, signals)
 
 
+class _NoModel:
+    """The session's stand-in where a replay was given no model: a signal that calls it learns
+    so from a `CapabilityError` naming what is missing."""
+
+    def __init__(self, role: str) -> None:
+        self.name = f"no {role} model given"
+
+    async def generate(self, request: Any) -> Any:
+        raise CapabilityError(f"replaying recorded traces: {self.name}, and a signal called it")
+
+
+async def replay_signals(
+    runs: Sequence[tuple[Problem, Trace, bool]],
+    candidates: Sequence[Candidate],
+    *,
+    large: Backend | None = None,
+    small: Backend | None = None,
+    format: ReasoningFormat | None = None,
+    sampling: Sampling | None = None,
+    concurrency: int = 1,
+) -> Recording:
+    """Measure every candidate on the small-model steps of recorded traces, as `record_signals`
+    does live, without running the small model again: ``runs`` are ``(problem, trace, correct)``
+    of a small-only run (``collab-agent eval``'s ``traces.jsonl``). Each step is measured on the
+    trace up to it; a signal that calls the large model (`LargeSurprise`) calls ``large`` through
+    a session like the reasoner's (so a local large model reuses its cache from step to step;
+    without ``large`` such a signal raises `CapabilityError`). ``small`` is only a stand-in for
+    the session (no built-in candidate calls it)."""
+    from collab_agent.backends.base import GREEDY, release_conversation
+    from collab_agent.limits import map_limited
+    from collab_agent.prompting import STEPWISE
+    from collab_agent.session import Session
+    from collab_agent.trace import Trace
+
+    _checks.positive_int("concurrency", concurrency)
+    records: dict[str, list[StepRecord]] = {}
+    fmt = format or STEPWISE
+
+    async def one(run: tuple[Problem, Trace, bool]) -> ProblemRun:
+        problem, recorded, correct = run
+        trace = Trace(conversation_id=f"replay-{problem.id}-{uuid.uuid4().hex[:8]}")
+        trace.session = Session(
+            small=small or _NoModel("small"),
+            large=large or _NoModel("large"),
+            conversation_id=trace.conversation_id,
+            messages=fmt.messages(problem.messages()),
+            format=fmt,
+            sampling=sampling or GREEDY,
+            trace=trace,
+        )
+        steps: list[StepRecord] = []
+        try:
+            for step in recorded.steps:
+                if step.author == "small":
+                    values = {c.name: await c.measure(trace, step) for c in candidates}
+                    steps.append(StepRecord(step.index, step.tokens, values))
+                trace.steps.append(step)
+        finally:
+            trace.session = None
+            if large is not None:
+                with anyio.CancelScope(shield=True), anyio.move_on_after(10):
+                    await release_conversation(large, trace.conversation_id)
+        records[trace.conversation_id] = steps
+        return ProblemRun(
+            problem_id=problem.id,
+            correct=correct,
+            small_tokens=recorded.tokens_by("small"),
+            large_tokens=recorded.tokens_by("large"),
+            large_input_tokens=recorded.usage["large"].input_tokens,
+            large_output_tokens=recorded.usage["large"].completion_tokens,
+            conversation_id=trace.conversation_id,
+            answer=recorded.answer,
+        )
+
+    small_only = PolicyRun("small-only", await map_limited(one, runs, max_concurrency=concurrency))
+    ordered = {run.conversation_id: records[run.conversation_id] for run in small_only.problems}
+    wrong = {run.conversation_id: not run.correct for run in small_only.problems}
+    signals = {c.name: signal_quality(ordered, wrong, c.name) for c in candidates}
+    return Recording(small_only, ordered, signals)
+
+
 # =============================================================================== calibration
 @dataclass
 class CandidateResult:
@@ -785,6 +868,7 @@ __all__ = [
     "policy_from_dict",
     "policy_to_dict",
     "record_signals",
+    "replay_signals",
     "run_policy",
     "save_policy_file",
     "signal_candidate",

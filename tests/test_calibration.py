@@ -22,14 +22,21 @@ from collab_agent.calibration import (
     load_policy_file,
     policy_from_dict,
     policy_to_dict,
+    replay_signals,
     run_policy,
     save_policy_file,
     threshold_for_fraction,
     threshold_options,
 )
-from collab_agent.errors import ConfigError
+from collab_agent.errors import CapabilityError, ConfigError
 from collab_agent.evaluation.datasets import Problem
-from collab_agent.policies import CognitiveOffload, Policy, StrategicPriming, TrigReason
+from collab_agent.policies import (
+    CognitiveOffload,
+    Policy,
+    SmallOnly,
+    StrategicPriming,
+    TrigReason,
+)
 from collab_agent.policies.signals import LargeSurprise, Repetition
 from collab_agent.reasoner import Reasoner
 
@@ -207,6 +214,43 @@ async def test_signal_recorder_measures_every_small_step_and_never_fires() -> No
     assert records[0].values["repetition"] is None  # nothing earlier to repeat
     assert records[STEPS].values["large_surprise"] is None  # 3 tokens < min_tokens
     assert large.scores == STEPS
+
+
+async def test_replayed_signals_equal_the_live_ones_on_the_same_steps() -> None:
+    names = ["large_surprise", "small_uncertainty", "repetition", "cognitive_offload"]
+    recorder = SignalRecorder(candidates=candidates_by_name(names))
+    policy = Policy((recorder,), name="small-only", answer_by="small")
+    reasoner = Reasoner(Synthetic("small"), Synthetic("large"), policy, sampling=GREEDY)
+    problems = PROBLEMS[:4]
+    traces = [await reasoner.run(p.messages(), conversation_id=f"live-{p.id}") for p in problems]
+    large = Synthetic("large")
+    recording = await replay_signals(
+        [(p, t, grader(t.answer, p)) for p, t in zip(problems, traces, strict=True)],
+        candidates_by_name(names),
+        large=large,
+        concurrency=2,
+    )
+    assert [r.problem_id for r in recording.small_only.problems] == [p.id for p in problems]
+    assert recording.small_only.accuracy == 0.5  # problems 1 and 3 go wrong
+    for problem, trace, run in zip(problems, traces, recording.small_only.problems, strict=True):
+        live = {r.index: r.values for r in recorder.records[f"live-{problem.id}"]}
+        replayed = recording.records[run.conversation_id]
+        assert [r.index for r in replayed] == [s.index for s in trace.steps]
+        for r in replayed:
+            assert r.values == pytest.approx(live[r.index])
+    assert large.scores == sum(len(t.steps) for t in traces)  # one score per step, as live
+    assert recording.signals["large_surprise"]["problem_auroc"] == 1.0
+
+
+async def test_replay_without_a_large_model_names_what_is_missing() -> None:
+    reasoner = Reasoner(Synthetic("small"), Synthetic("large"), SmallOnly(), sampling=GREEDY)
+    trace = await reasoner.run(PROBLEMS[0].messages())
+    recording = await replay_signals(
+        [(PROBLEMS[0], trace, True)], candidates_by_name(["small_uncertainty"])
+    )
+    assert recording.signals["small_uncertainty"]["measured_steps"] == len(trace.steps)
+    with pytest.raises(CapabilityError, match="no large model given"):
+        await replay_signals([(PROBLEMS[0], trace, True)], candidates_by_name(["large_surprise"]))
 
 
 # ------------------------------------------------------------------------- statistics
@@ -393,3 +437,43 @@ def test_calibrate_record_only_writes_the_signal_report(tmp_path: Path) -> None:
     (problem,) = report["problems"].values()
     assert problem["steps"] and {"index", "tokens", "small_uncertainty"} <= set(problem["steps"][0])
     assert "format" not in report  # a report, not a policy file
+
+
+def test_calibrate_traces_reports_the_signals_of_an_eval_run(tmp_path: Path) -> None:
+    from collab_agent.calibrate_cli import register
+    from test_eval_runner import eval_app, one_problem_file
+
+    data = one_problem_file(tmp_path)
+    runs = tmp_path / "runs"
+    evaluated = CliRunner().invoke(
+        eval_app(),
+        [
+            "eval", "--data", str(data), "--models", "tiny", "--policy", "small-only",
+            "--budget", "12", "--step-max-tokens", "4", "--answer-max-tokens", "2",
+            "--out", str(runs), "--json",
+        ],
+    )  # fmt: skip
+    assert evaluated.exit_code == 0, evaluated.output
+    app = typer.Typer()
+    register(app)
+    app.command("noop")(lambda: None)
+    out = tmp_path / "signals.json"
+    args = [
+        "calibrate", "--traces", str(runs), "--models", "tiny", "--data", str(data),
+        "--out", str(out), "--signals", "large_surprise,small_min_prob,repetition",
+    ]  # fmt: skip
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    report = json.loads(out.read_text())
+    assert report["traces"] == str(runs) and report["large_spec"] == "tiny:1"
+    (problem,) = report["problems"].values()
+    recorded = [json.loads(line) for line in (runs / "traces.jsonl").read_text().splitlines()]
+    steps = recorded[0]["trace"]["steps"]
+    assert [s["index"] for s in problem["steps"]] == [s["index"] for s in steps]
+    for step, values in zip(steps, problem["steps"], strict=True):
+        if step["tokens"] >= 4:  # the signals' min_tokens
+            assert values["small_min_prob"] == pytest.approx(-min(step["logprobs"]))
+            assert values["large_surprise"] is not None
+    # a folder without small-only runs is named in the error
+    empty = CliRunner().invoke(app, [*args[:2], str(tmp_path), *args[3:]])
+    assert empty.exit_code != 0 and "--traces" in str(empty.exception)

@@ -189,6 +189,26 @@ def read_records(out: str | os.PathLike[str]) -> list[ProblemRecord]:
     return records
 
 
+def read_traces(out: str | os.PathLike[str]) -> dict[tuple[str, str, int], Trace]:
+    """The traces in ``OUT/traces.jsonl`` by ``(policy, problem_id, sample)``; a last line cut
+    short by an interruption is ignored."""
+    path = Path(out) / TRACES_FILE
+    traces: dict[tuple[str, str, int], Trace] = {}
+    if not path.exists():
+        return traces
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            if not line.strip():
+                continue
+            try:
+                data = json.loads(line)
+                key = (str(data["policy"]), str(data["problem_id"]), int(data.get("sample", 0)))
+                traces[key] = Trace.from_dict(data["trace"])
+            except (json.JSONDecodeError, KeyError, TypeError):
+                continue  # a line cut short when the run was killed
+    return traces
+
+
 def _check_config(out: Path, config: dict[str, Any], resume: bool) -> None:
     """Refuse to mix results of different models or settings in one ``out`` folder."""
     path = out / CONFIG_FILE
