@@ -440,8 +440,9 @@ def test_calibrate_record_only_writes_the_signal_report(tmp_path: Path) -> None:
 
 
 def test_calibrate_traces_reports_the_signals_of_an_eval_run(tmp_path: Path) -> None:
-    from collab_agent.calibrate_cli import register
     from test_eval_runner import eval_app, one_problem_file
+
+    from collab_agent.calibrate_cli import register
 
     data = one_problem_file(tmp_path)
     runs = tmp_path / "runs"

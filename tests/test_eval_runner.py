@@ -387,3 +387,43 @@ async def test_an_interrupted_run_is_summarised_on_common_problems(tmp_path: Pat
     assert summary["small-only"]["runs"] == summary["large-only"]["runs"] == 1
     assert summarise_folder(tmp_path, complete_only=False)["small-only"]["runs"] == 3
     assert json.loads((tmp_path / SUMMARY_FILE).read_text())["large-only"]["runs"] == 1
+
+
+async def test_a_summary_limited_to_named_policies_counts_their_common_problems(
+    tmp_path: Path,
+) -> None:
+    from collab_agent.evaluation.report import summarise_folder
+
+    small, large = pair()
+    await evaluate(PROBLEMS, ["small-only", "large-only"], small=small, large=large, out=tmp_path)
+    await evaluate(PROBLEMS[:1], ["trigreason"], small=small, large=large, out=tmp_path)
+    every = summarise_folder(tmp_path)
+    assert every["small-only"]["runs"] == 1  # trigreason answered one problem only
+    named = summarise_folder(tmp_path, policies=["small-only", "large-only"])
+    assert set(named) == {"small-only", "large-only"} and named["small-only"]["runs"] == 3
+    with pytest.raises(ConfigError, match="specreason"):
+        summarise_folder(tmp_path, policies=["small-only", "specreason"])
+
+
+def test_oracle_router_sends_each_problem_to_the_cheapest_model_that_does_not_lose() -> None:
+    from collab_agent.evaluation.report import oracle_router
+    from collab_agent.evaluation.runner import ProblemRecord
+
+    def run(policy: str, problem: str, correct: bool, tokens: int) -> ProblemRecord:
+        author = "small" if policy == "small-only" else "large"
+        return ProblemRecord(
+            policy, problem, 0, "1", correct=correct, tokens_by_author={author: tokens}
+        )
+
+    records = [
+        run("small-only", "both", True, 10), run("large-only", "both", True, 100),
+        run("small-only", "large", False, 20), run("large-only", "large", True, 200),
+        run("small-only", "none", False, 30), run("large-only", "none", False, 300),
+        run("small-only", "alone", True, 40),  # no large-only run: not counted
+    ]  # fmt: skip
+    bound = oracle_router(records)
+    assert bound is not None and bound["problems"] == 3
+    assert bound["accuracy"] == pytest.approx(2 / 3)  # 'none' is lost by both
+    assert bound["small_token_share"] == pytest.approx((10 + 30) / (10 + 30 + 200))
+    assert (bound["both_right"], bound["only_small_right"], bound["only_large_right"]) == (1, 0, 1)
+    assert oracle_router(records[:1]) is None

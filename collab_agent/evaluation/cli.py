@@ -20,6 +20,8 @@ from collab_agent.cli_options import (
     ThreadsOption,
 )
 
+DEFAULT_POLICIES = "small-only,large-only,specreason,trigreason"
+
 
 def register(app: typer.Typer) -> None:
     """Add the ``eval`` command to the ``collab-agent`` app."""
@@ -36,12 +38,14 @@ def eval_command(
         ),
     ] = "gsm8k_test",
     policy: Annotated[
-        str,
+        str | None,
         typer.Option(
             "--policy",
-            help="Comma-separated: small-only, large-only, specreason, trigreason, module:factory.",
+            help="Comma-separated: small-only, large-only, specreason, trigreason, escalation, "
+            "surprise, module:factory, or a policy file (.json) [default: small-only, large-only, "
+            "specreason, trigreason; with --report-only, every policy in --out].",
         ),
-    ] = "small-only,large-only,specreason,trigreason",
+    ] = None,
     sweep: Annotated[
         list[str] | None,
         typer.Option(
@@ -96,7 +100,7 @@ def eval_command(
         typer.Option(
             "--report-only",
             help="Run nothing: summarise the records already in --out (an interrupted run "
-            "counts the problems every policy finished).",
+            "counts the problems every policy finished; --policy/--sweep pick the policies).",
         ),
     ] = False,
     as_json: JsonOption = False,
@@ -113,7 +117,7 @@ def eval_command(
 
     stderr = Console(stderr=True)
     data_path = resolve_dataset(data)
-    names = [p.strip() for p in policy.split(",") if p.strip()]
+    names = [p.strip() for p in (policy or DEFAULT_POLICIES).split(",") if p.strip()]
     trig: dict[str, Any] = {"priming_steps": priming}
     if rho is not None:
         trig["rho"] = rho
@@ -128,13 +132,20 @@ def eval_command(
 
     if report_only:
         from collab_agent.evaluation.report import summarise_folder
+        from collab_agent.evaluation.runner import resolve_policies
 
-        summary = summarise_folder(out_dir)
+        chosen = (
+            [p.name for p in resolve_policies([*names, *swept.values()], options)]
+            if policy is not None or sweep
+            else None
+        )
+        summary = summarise_folder(out_dir, policies=chosen)
         if as_json:
             print(json.dumps(summary))
         else:
             Console().print(summary_table(summary, title=str(out_dir)))
             print(markdown_table(summary))
+            _print_oracle(out_dir)
         return
 
     from collab_agent.backends.specs import resolve_pair
@@ -189,4 +200,22 @@ def eval_command(
         summary_table(report.summary, title=f"{data_path.stem}: {small_spec} + {large_spec}")
     )
     print(markdown_table(report.summary))
+    _print_oracle(out_dir)
     stderr.print(f"records, summary and plot in {out_dir} ({PLOT_FILE}); {report.ran} run(s) now")
+
+
+def _print_oracle(out_dir: Path) -> None:
+    """One line: the per-problem oracle router's bound, when both single models ran."""
+    from rich.console import Console
+
+    from collab_agent.evaluation.report import oracle_router
+    from collab_agent.evaluation.runner import read_records
+
+    bound = oracle_router(read_records(out_dir))
+    if bound is not None:
+        Console(stderr=True).print(
+            f"oracle per-problem router (a bound, not a method) on {bound['problems']} problems: "
+            f"accuracy {bound['accuracy']:.1%} at a small-token share of "
+            f"{bound['small_token_share']:.1%}; right by both {bound['both_right']}, only the "
+            f"small model {bound['only_small_right']}, only the large {bound['only_large_right']}"
+        )

@@ -160,13 +160,60 @@ def _overconfident_share(records: Sequence[ProblemRecord]) -> float | None:
     return sum(r.overconfident_small_steps for r in records) / steps
 
 
+def oracle_router(
+    records: Iterable[ProblemRecord], small: str = "small-only", large: str = REFERENCE_POLICY
+) -> dict[str, Any] | None:
+    """The best a router that sends each whole problem to one model could do, knowing the
+    outcomes (RouteLLM's oracle; an upper bound, not a method): a problem goes to the small
+    model when its answer is right or both are wrong, else to the large. ``None`` unless both
+    single-model policies answered some problem (first sample only, errors left out)."""
+    runs: dict[tuple[str, str], ProblemRecord] = {
+        (r.policy, r.problem_id): r
+        for r in records
+        if r.sample == 0 and r.error is None and r.policy in (small, large)
+    }
+    problems = sorted(
+        {p for (policy, p) in runs if policy == small}
+        & {p for (policy, p) in runs if policy == large}
+    )
+    if not problems:
+        return None
+    correct = small_tokens = large_tokens = to_small = 0
+    for problem in problems:
+        s, g = runs[(small, problem)], runs[(large, problem)]
+        if s.correct or not g.correct:
+            to_small += 1
+            correct += s.correct
+            small_tokens += s.tokens_by_author.get("small", 0)
+        else:
+            correct += 1
+            large_tokens += g.tokens_by_author.get("large", 0)
+    return {
+        "problems": len(problems),
+        "accuracy": correct / len(problems),
+        "small_token_share": small_tokens / max(1, small_tokens + large_tokens),
+        "to_small": to_small / len(problems),
+        "both_right": sum(runs[(small, p)].correct and runs[(large, p)].correct for p in problems),
+        "only_small_right": sum(
+            runs[(small, p)].correct and not runs[(large, p)].correct for p in problems
+        ),
+        "only_large_right": sum(
+            runs[(large, p)].correct and not runs[(small, p)].correct for p in problems
+        ),
+    }
+
+
 # ---------------------------------------------------------------------------- presentation
 def summarise_folder(
-    out: str | Path, *, complete_only: bool = True, plot: bool = True
+    out: str | Path,
+    *,
+    complete_only: bool = True,
+    plot: bool = True,
+    policies: Sequence[str] | None = None,
 ) -> dict[str, dict[str, Any]]:
     """Summarise the records an evaluation (finished or interrupted) left in ``out``, rewrite
     ``summary.json`` and the plot, and return the summary. By default only the problems every
-    policy finished count."""
+    policy finished count; ``policies`` limits the summary (and that count) to those named."""
     import json
 
     from collab_agent.evaluation.runner import PLOT_FILE, SUMMARY_FILE, read_records
@@ -177,9 +224,18 @@ def summarise_folder(
         from collab_agent.errors import ConfigError
 
         raise ConfigError("out", f"{out} holds no evaluation records")
+    if policies is not None:
+        missing = sorted(set(policies) - {r.policy for r in records})
+        if missing:
+            from collab_agent.errors import ConfigError
+
+            raise ConfigError("policy", f"{out} holds no records of {missing}")
+        records = [r for r in records if r.policy in set(policies)]
     latest = {r.key: r for r in records}  # a retried run replaces its failed record
-    policies = list(dict.fromkeys(r.policy for r in records))
-    summary = summarise(latest.values(), policies=policies, complete_only=complete_only)
+    names = (
+        list(policies) if policies is not None else list(dict.fromkeys(r.policy for r in records))
+    )
+    summary = summarise(latest.values(), policies=names, complete_only=complete_only)
     (out / SUMMARY_FILE).write_text(json.dumps(summary, indent=2), encoding="utf-8")
     if plot:
         plot_summary(summary, out / PLOT_FILE)

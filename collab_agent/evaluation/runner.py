@@ -235,10 +235,12 @@ def _append(path: Path, data: Mapping[str, Any]) -> None:
 
 
 # ---------------------------------------------------------------------------- evaluate
-def _resolve_policies(
+def resolve_policies(
     policies: Sequence[str | Policy] | Mapping[str, Policy] | str,
     options: Mapping[str, Mapping[str, Any]],
 ) -> list[Policy]:
+    """The policies an evaluation runs: names (built-in, ``module:factory``, policy files) get
+    their ``options``; a mapping renames each policy to its key. Names must be unique."""
     from collab_agent.policies.registry import resolve_policy
 
     if isinstance(policies, str):
@@ -328,7 +330,7 @@ async def evaluate(
     )
     if not problems:
         raise ConfigError("data", "holds no problems")
-    resolved = _resolve_policies(policies, policy_options or {})
+    resolved = resolve_policies(policies, policy_options or {})
     out_dir = Path(out) if out is not None else None
     config = {
         "small": small.name,
