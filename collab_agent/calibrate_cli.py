@@ -185,16 +185,7 @@ def calibrate_command(
         "temperature": temperature,
     }
     if record_only:
-        recording = anyio.run(main)
-        report = {**recording.to_dict(), **setting}
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
-        if as_json:
-            print(json.dumps(report))
-        else:
-            Console().print(_signal_table(recording.signals, len(problems)))
-            Console().print(f"small-only accuracy {recording.small_only.accuracy:.1%}")
-        stderr.print(f"report written to {out}")
+        _write_signal_report(anyio.run(main), setting, out, as_json)
         return
     result = anyio.run(main)
     report = {**result.to_dict(), **setting}
@@ -240,7 +231,6 @@ def _replay(
 ) -> None:
     """``calibrate --traces``: the signal report of an eval run's small-only traces."""
     import anyio
-    from rich.console import Console
 
     from collab_agent.backends.specs import load_backend
     from collab_agent.calibration import replay_signals
@@ -271,18 +261,23 @@ def _replay(
             if close is not None:
                 await close()
 
-    recording = anyio.run(main)
-    report = {
-        **recording.to_dict(),
-        "traces": str(folder),
-        "large_spec": large_spec if needs_large else None,
-    }
+    setting = {"traces": str(folder), "large_spec": large_spec if needs_large else None}
+    _write_signal_report(anyio.run(main), setting, out, as_json)
+
+
+def _write_signal_report(recording: Any, setting: dict[str, Any], out: Path, as_json: bool) -> None:
+    """Write a recording's signal report (and its settings) to ``out``; print it as JSON or as
+    the signal table."""
+    from rich.console import Console
+
+    report = {**recording.to_dict(), **setting}
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
     if as_json:
         print(json.dumps(report))
     else:
-        Console().print(_signal_table(recording.signals, len(runs)))
+        problems = len(recording.small_only.problems)
+        Console().print(_signal_table(recording.signals, problems))
         Console().print(f"small-only accuracy {recording.small_only.accuracy:.1%}")
     Console(stderr=True).print(f"report written to {out}")
 
