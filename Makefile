@@ -12,7 +12,7 @@ LLAMA_CPP_PYTHON_VERSION := 0.3.36
 WHEELS ?= $(HOME)/.cache/collab-agent/wheels
 QUESTION ?= Natalia sold clips to 48 of her friends in April, and then she sold half as many clips in May. How many clips did Natalia sell altogether in April and May?
 
-.PHONY: install install-llama-cpp-python demo test test-fast test-slow lint format clean
+.PHONY: install install-llama-cpp-python install-kvpress demo test test-fast test-slow lint format clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -43,6 +43,19 @@ $(VENV)/.llama-cpp-python: $(VENV)/.installed
 
 install-llama-cpp-python: $(VENV)/.llama-cpp-python
 
+# kvpress, the field's reference KV-compression library, for `bench kv --peer-kvpress` and its
+# test: a venv of its own because it pins transformers<5.3 (ours is newer).
+KVPRESS_VENV ?= .venv-kvpress
+KVPRESS_VERSION := 0.5.5
+$(KVPRESS_VENV)/.installed:
+	$(PYTHON) -m venv $(KVPRESS_VENV)
+	$(KVPRESS_VENV)/bin/pip install -q --upgrade pip
+	$(KVPRESS_VENV)/bin/pip install -q torch==2.13.0
+	$(KVPRESS_VENV)/bin/pip install -q "kvpress==$(KVPRESS_VERSION)" "transformers<5.3"
+	touch $@
+
+install-kvpress: $(KVPRESS_VENV)/.installed
+
 # The main job: TrigReason on the bundled Qwen2.5-Coder pair (0.5B thinks, 1.5B steps in), on CPU.
 demo: install
 	$(BIN)/collab-agent run "$(QUESTION)" --models bundled
@@ -59,11 +72,11 @@ format: install
 test-fast: install
 	$(BIN)/python -m pytest -m "not slow and not server" -q
 
-test-slow: install install-llama-cpp-python
+test-slow: install install-llama-cpp-python install-kvpress
 	$(BIN)/python -m pytest -m "slow or server" -q
 
 # What CI runs: lint and types, the fast suite, then the real-model and real-server tests.
 test: lint test-fast test-slow
 
 clean:
-	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) $(KVPRESS_VENV) .pytest_cache .mypy_cache .ruff_cache

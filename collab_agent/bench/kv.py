@@ -17,7 +17,9 @@ one batch.
 from __future__ import annotations
 
 import json
+import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
@@ -131,6 +133,63 @@ def statistics_probe(small: Any) -> Any:
     return StatisticsProbe(budget=1.0)
 
 
+PEER_SCRIPT = Path(__file__).with_name("kvpress_peer.py")
+PEER_PRESSES = ("snapkv", "streaming", "expected_attention", "observed_attention")
+
+
+def peer_kvpress(
+    python: str,
+    large: Any,
+    contexts: list[list[int]],
+    continuations: list[list[int]],
+    budgets: list[float],
+    presses: tuple[str, ...] = PEER_PRESSES,
+    timeout: float = 7200.0,
+    extra: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """kvpress's presses on the same contexts and continuations, run by ``python`` (an
+    interpreter with kvpress installed) on `kvpress_peer.py`; returns its JSON answer.
+
+    The large model is read from its own folder when it was loaded from one, else saved to a
+    temporary folder first.
+    """
+    from collab_agent.errors import BackendError, ConfigError
+
+    with tempfile.TemporaryDirectory(prefix="collab-kvpress-") as tmp:
+        folder = Path(str(getattr(large.config, "_name_or_path", "") or ""))
+        if not (folder / "config.json").is_file():
+            folder = Path(tmp) / "model"
+            large.save_pretrained(folder)
+        request = {
+            "model": str(folder),
+            "contexts": contexts,
+            "continuations": continuations,
+            "budgets": budgets,
+            "presses": list(presses),
+            **(extra or {}),
+        }
+        log(f"[kv] kvpress peer rows: {python} {PEER_SCRIPT.name}")
+        try:
+            done = subprocess.run(
+                [python, str(PEER_SCRIPT)],
+                input=json.dumps(request),
+                stdout=subprocess.PIPE,
+                text=True,
+                timeout=timeout,
+                check=False,
+            )
+        except FileNotFoundError as exc:
+            raise ConfigError("--peer-kvpress", f"no interpreter at {python!r}") from exc
+        except subprocess.TimeoutExpired as exc:
+            raise BackendError(f"kvpress peer run passed its {timeout:.0f} s limit") from exc
+    if done.returncode != 0:
+        raise BackendError(
+            f"kvpress peer run exited with {done.returncode} (its messages are above); "
+            f"does {python!r} have kvpress installed (`make install-kvpress`)?"
+        )
+    return json.loads(done.stdout)
+
+
 def run_kv_bench(
     small: Any,
     large: Any,
@@ -138,11 +197,14 @@ def run_kv_bench(
     tokens: int,
     budgets: list[float],
     methods: tuple[str, ...] = METHOD_NAMES,
+    peer_python: str | None = None,
 ) -> dict[str, Any]:
     """The benchmark itself, on loaded models; returns the JSON object `bench kv` prints.
 
     All contexts (equal lengths) and budgets run as the rows of one batch: row
-    ``c * len(budgets) + i`` is context ``c`` at budget ``budgets[i]``.
+    ``c * len(budgets) + i`` is context ``c`` at budget ``budgets[i]``. With ``peer_python``
+    kvpress's presses add their rows (``kvpress_<press>``) on the same contexts and the same
+    teacher-forced continuation (`peer_kvpress`).
     """
     import torch
 
@@ -213,6 +275,10 @@ def run_kv_bench(
         "top1_agreement": round(sum(floor) / n_ctx, 4),
         "note": "full cache, batched teacher-forced vs its own greedy decode (first steps)",
     }
+    if peer_python is not None:
+        peer = peer_kvpress(peer_python, large, contexts, greedy.tokens.tolist(), budgets)
+        result["methods"].update(peer["methods"])
+        result["peer"] = peer["peer"]
     result["contexts"] = n_ctx
     result["context_tokens"] = ids.shape[1]
     result["tokens"] = tokens
@@ -274,6 +340,13 @@ def register(bench: typer.Typer) -> None:
             METHOD_NAMES
         ),
         data: Annotated[Path, typer.Option(help="MATH-500 JSONL for the contexts.")] = DATA,
+        peer_kvpress: Annotated[
+            str | None,
+            typer.Option(
+                help="Python interpreter with kvpress installed (`make install-kvpress` builds "
+                ".venv-kvpress/bin/python): adds kvpress's presses as rows on the same contexts."
+            ),
+        ] = None,
         as_json: JsonOption = False,
     ) -> None:
         """KV compression at equal budgets: agreement and KL with the full cache, bytes, speed."""
@@ -301,16 +374,19 @@ def register(bench: typer.Typer) -> None:
         with torch.inference_mode():
             small, large, tokenizer = load_models(models)
             ctx = build_contexts(tokenizer, contexts, context_tokens, data)
-            result = run_kv_bench(small, large, ctx, tokens, budget_list, method_list)
+            result = run_kv_bench(
+                small, large, ctx, tokens, budget_list, method_list, peer_python=peer_kvpress
+            )
         result["models"] = models
         if as_json:
             print(json.dumps(result))
             return
-        header = f"{'method':<10} {'budget':>6} {'top1':>7} {'KL':>8} {'bytes':>7} {'speed':>7}"
+        header = f"{'method':<28} {'budget':>6} {'top1':>7} {'KL':>8} {'bytes':>7} {'speed':>7}"
         print(header)
         for name, cells in result["methods"].items():
             for b, c in cells.items():
+                speed = c["decode_speed_ratio"]
                 print(
-                    f"{name:<10} {b:>6} {c['top1_agreement']:>7.3f} {c['kl']:>8.4f} "
-                    f"{c['kv_bytes_ratio']:>7.3f} {c['decode_speed_ratio']:>7.3f}"
+                    f"{name:<28} {b:>6} {c['top1_agreement']:>7.3f} {c['kl']:>8.4f} "
+                    f"{c['kv_bytes_ratio']:>7.3f} {'-' if speed is None else f'{speed:.3f}':>7}"
                 )
