@@ -137,7 +137,7 @@ def hook_difference(
     for name, press in presses.items():
         for budget in budgets:
             press.compression_ratio = 1.0 - budget
-            cache = DynamicCache()
+            cache: Any = DynamicCache()
             with press(model):
                 model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
             for layer, (k, v) in zip(cache.layers, kept[(name, budget)], strict=True):
