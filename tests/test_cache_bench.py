@@ -60,3 +60,63 @@ def test_a_reversible_method_cloned_after_a_shared_prefill_starts_from_every_tok
     assert torch.isfinite(out.logits).all()
     for layer, keys in zip(cache.layers, full_keys, strict=True):
         torch.testing.assert_close(layer.host_keys[..., :150, :], keys)
+
+
+def test_kv_gsm8k_prompts_fit_exactly_and_never_show_the_problem_its_own_answer():
+    from collab_agent.backends.tiny import qwen_tokenizer
+    from collab_agent.bench.kv_gsm8k import gsm8k_prompts, worked_example
+    from collab_agent.evaluation.datasets import Problem
+
+    problems = [
+        Problem(
+            id=f"p{i}",
+            question=f"Tom has {i} apples and buys {i + 2}. How many now?",
+            answer=str(2 * i + 2),
+            extra={
+                "solution": f"He has {i} + {i + 2} = <<{i}+{i + 2}={2 * i + 2}>>{2 * i + 2}.\n#### {2 * i + 2}"
+            },
+        )
+        for i in range(12)
+    ]
+    assert worked_example(problems[3]).endswith("Answer: He has 3 + 5 = 8.\nThe answer is 8.\n\n")
+    tokenizer = qwen_tokenizer()
+    prompts = gsm8k_prompts(tokenizer, problems[:2], problems, 300)
+    assert [len(p) for p in prompts] == [300, 300]
+    for problem, ids in zip(problems[:2], prompts, strict=True):
+        text = tokenizer.decode(ids)
+        assert text.count(problem.question) == 1  # asked once, never among the examples
+        assert text.rstrip().endswith("assistant")
+
+
+def test_kv_gsm8k_at_budget_one_every_cache_answers_as_the_full_one():
+    from collab_agent.backends.tiny import tiny_pair
+    from collab_agent.bench.kv_gsm8k import run_kv_gsm8k
+    from collab_agent.evaluation.datasets import Problem
+
+    pair = tiny_pair()
+    problems = [
+        Problem(
+            id=f"p{i}",
+            question=f"What is {i} + {i}?",
+            answer=str(2 * i),
+            extra={"solution": f"{i} + {i} = {2 * i}\n#### {2 * i}"},
+        )
+        for i in range(10)
+    ]
+    with torch.inference_mode():
+        result = run_kv_gsm8k(
+            pair.small,
+            pair.large,
+            pair.tokenizer,
+            problems[:2],
+            problems[2:],
+            1.0,
+            200,
+            5,
+            ("smallkv", "h2o", "snapkv", "streaming"),
+        )
+    full = result["answers"]["full"]
+    for name, cell in result["methods"].items():
+        assert result["texts"][name] == result["texts"]["full"], name
+        assert result["answers"][name] == full
+        assert cell["same_answer_as_full"] == 2 and cell["kv_bytes_ratio"] == 1.0

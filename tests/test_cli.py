@@ -61,7 +61,7 @@ def test_bad_arguments_give_one_clear_line_and_exit_code_2(args: list[str], frag
 def test_every_benchmark_is_registered() -> None:
     done = collab_agent("bench", "--help")
     assert done.returncode == 0
-    for name in ("prefix-reuse", "edge-cloud", "kv", "batch"):
+    for name in ("prefix-reuse", "edge-cloud", "kv", "kv-gsm8k", "batch"):
         assert name in done.stdout
 
 

@@ -16,11 +16,13 @@ one batch.
 
 from __future__ import annotations
 
+import itertools
 import json
 import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
@@ -42,44 +44,58 @@ def log(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
+def fit_prompt(
+    tokenizer: Any,
+    system: str,
+    user: str,
+    shots: Iterator[str],
+    length: int,
+    option: str = "--context-tokens",
+) -> list[int]:
+    """The chat prompt (system, user) of exactly ``length`` tokens: ``user``'s ``{shots}`` is
+    filled with as many of ``shots`` as fit, the first ones cut at the front. Equal lengths let
+    prompts run as rows of one batch."""
+    from collab_agent.errors import ConfigError
+
+    marker = "<<SHOTS>>"
+    messages = [
+        {"role": "system", "content": system},
+        {"role": "user", "content": user.replace("{shots}", marker, 1)},
+    ]
+    text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    head, tail = text.split(marker)
+    head_ids = tokenizer(head, add_special_tokens=False)["input_ids"]
+    tail_ids = tokenizer(tail, add_special_tokens=False)["input_ids"]
+    room = length - len(head_ids) - len(tail_ids)
+    if room < 64:
+        raise ConfigError(
+            option, f"{length} leaves no room for examples; use at least {length - room + 64}"
+        )
+    ids: list[int] = []
+    while len(ids) < room:
+        ids += tokenizer(next(shots), add_special_tokens=False)["input_ids"]
+    return head_ids + ids[len(ids) - room :] + tail_ids
+
+
 def build_contexts(tokenizer: Any, count: int, length: int, data: Path) -> list[list[int]]:
     """``count`` chat prompts of exactly ``length`` tokens: a few-shot block of MATH-500 problems
-    with their worked solutions (cut at the front to fit), then a new problem to solve. Equal
-    lengths let the contexts run as rows of one batch."""
+    with their worked solutions (cut at the front to fit), then a new problem to solve."""
     problems = [json.loads(line) for line in data.read_text(encoding="utf-8").splitlines() if line]
     problems = [p for p in problems if "[asy]" not in p["solution"]]
-    marker = "<<SHOTS>>"
     contexts: list[list[int]] = []
     for index in range(count):
         question = problems[(index * 37 + 250) % len(problems)]["question"]
-        messages = [
-            {"role": "system", "content": "You are a careful mathematician."},
-            {
-                "role": "user",
-                "content": f"Here are worked examples.\n\n{marker}\n\n"
-                f"Now solve this problem step by step.\nProblem: {question}",
-            },
-        ]
-        text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-        head, tail = text.split(marker)
-        head_ids = tokenizer(head, add_special_tokens=False)["input_ids"]
-        tail_ids = tokenizer(tail, add_special_tokens=False)["input_ids"]
-        room = length - len(head_ids) - len(tail_ids)
-        if room < 64:
-            from collab_agent.errors import ConfigError
-
-            raise ConfigError(
-                "--context-tokens",
-                f"{length} leaves no room for examples; use at least {length - room + 64}",
-            )
-        shots: list[int] = []
-        cursor = index * 37
-        while len(shots) < room:
-            p = problems[cursor % len(problems)]
-            cursor += 1
-            shot = f"Problem: {p['question']}\nSolution: {p['solution']}\n\n"
-            shots += tokenizer(shot, add_special_tokens=False)["input_ids"]
-        contexts.append(head_ids + shots[len(shots) - room :] + tail_ids)
+        shots = (
+            f"Problem: {p['question']}\nSolution: {p['solution']}\n\n"
+            for p in itertools.islice(itertools.cycle(problems), index * 37, None)
+        )
+        user = (
+            "Here are worked examples.\n\n{shots}\n\n"
+            f"Now solve this problem step by step.\nProblem: {question}"
+        )
+        contexts.append(
+            fit_prompt(tokenizer, "You are a careful mathematician.", user, shots, length)
+        )
     return contexts
 
 
@@ -190,6 +206,30 @@ def peer_kvpress(
     return json.loads(done.stdout)
 
 
+class SharedPrefill:
+    """The prompt prefilled once by `statistics_probe`; `cache_for` clones it per method (the
+    SRM reads the prompt once for every SmallKV variant)."""
+
+    def __init__(self, small: Any, large: Any, ids: torch.Tensor) -> None:
+        from collab_agent.cache import prefill
+
+        self.ids = ids
+        self.base, self.last, self.seconds = prefill(large, ids, statistics_probe(small))
+        self._srm_read: Any = None
+
+    def cache_for(self, method: Any) -> Any:
+        """A cache of ``method`` (attached) holding the prompt, ready to decode."""
+        from collab_agent.cache import SmallKV
+
+        if not isinstance(method, SmallKV):
+            return self.base.clone(method=method)
+        if self._srm_read is None:
+            self._srm_read = self.base.clone(method=method)
+            method.observe_tokens(self._srm_read, self.ids)
+            return self._srm_read
+        return self._srm_read.clone(method=method)
+
+
 def run_kv_bench(
     small: Any,
     large: Any,
@@ -208,13 +248,14 @@ def run_kv_bench(
     """
     import torch
 
-    from collab_agent.cache import Full, decode, prefill
+    from collab_agent.cache import Full, decode
 
     device = next(large.parameters()).device
     n_ctx, n_b = len(contexts), len(budgets)
     ids = torch.tensor(contexts, device=device)
     log(f"[kv] {n_ctx} contexts of {ids.shape[1]} tokens: one prefill (all statistics)")
-    base, last, seconds = prefill(large, ids, statistics_probe(small))
+    shared = SharedPrefill(small, large, ids)
+    base, last, seconds = shared.base, shared.last, shared.seconds
     log(f"[kv]   prefill {seconds:.0f} s; full-cache greedy continuation of {tokens} tokens")
     greedy = decode(large, base.clone(method=Full()), last, tokens)
     forced = greedy.tokens.repeat_interleave(n_b, 0)
@@ -238,17 +279,10 @@ def run_kv_bench(
         for c in range(n_ctx)
     ]
     result: dict[str, Any] = {"methods": {}}
-    srm_ready = None
     for name in methods:
         method = make_method(name, small).attach(large)
         start = time.perf_counter()
-        cache = base.clone(method=method)
-        if name.startswith("smallkv"):
-            if srm_ready is None:  # the SRM reads the prompt once for every SmallKV variant
-                method.observe_tokens(cache, ids)
-                srm_ready = cache
-            else:
-                cache = srm_ready.clone(method=method)
+        cache = shared.cache_for(method)
         out = decode(
             large,
             cache.clone(budgets=row_budgets, batch_repeat=n_b),

@@ -1,0 +1,183 @@
+"""`collab-agent bench kv-gsm8k`: the large model's GSM8K answers with each KV cache at one budget.
+
+Issue 6's accuracy check: each problem is a chat prompt of exactly ``--prompt-tokens`` tokens
+(worked GSM8K solutions from other problems as few-shot examples, cut at the front to fit, then
+the problem), so the budget has a long prompt to compress and the prompts run as rows of one
+batch. The large model answers greedily with the full cache and with every method's cache at
+``--budget`` (prompt compressed to the budget, decoded tokens all kept, as in `bench kv`).
+Reported per method: accuracy, how many answers equal the full cache's, and (in the JSON) every
+answer and its text.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import re
+import time
+from typing import Annotated, Any
+
+import typer
+
+from collab_agent.bench.kv import SharedPrefill, fit_prompt, load_models, log, make_method
+from collab_agent.cli_options import JsonOption
+
+SYSTEM = "Solve the problem step by step. End with: The answer is N."
+STOPS = ("<|im_end|>", "<|endoftext|>", "\nQuestion:")
+
+
+def worked_example(problem: Any) -> str:
+    """A GSM8K record as a few-shot example: calculator annotations dropped, ``#### N`` written
+    as the sentence the system prompt asks for."""
+    solution = re.sub(r"<<[^>]*>>", "", problem.extra["solution"])
+    solution = re.sub(r"\n?####\s*(.+)\s*$", r"\nThe answer is \1.", solution.strip())
+    return f"Question: {problem.question}\nAnswer: {solution}\n\n"
+
+
+def gsm8k_prompts(
+    tokenizer: Any, problems: list[Any], examples: list[Any], length: int
+) -> list[list[int]]:
+    """One prompt of exactly ``length`` tokens per problem, each with its own run of
+    ``examples`` (never the problem itself)."""
+    prompts = []
+    for index, problem in enumerate(problems):
+        shots = (
+            worked_example(p)
+            for p in itertools.islice(itertools.cycle(examples), index * 7, None)
+            if p.id != problem.id
+        )
+        user = f"Here are worked examples.\n\n{{shots}}Question: {problem.question}\nAnswer:"
+        prompts.append(fit_prompt(tokenizer, SYSTEM, user, shots, length, "--prompt-tokens"))
+    return prompts
+
+
+def answer_text(tokenizer: Any, ids: list[int]) -> str:
+    """The decoded answer, cut at the first end-of-turn or new question."""
+    text = tokenizer.decode(ids, skip_special_tokens=False)
+    for stop in STOPS:
+        text = text.split(stop, 1)[0]
+    return text.strip()
+
+
+def run_kv_gsm8k(
+    small: Any,
+    large: Any,
+    tokenizer: Any,
+    problems: list[Any],
+    examples: list[Any],
+    budget: float,
+    prompt_tokens: int,
+    tokens: int,
+    methods: tuple[str, ...],
+) -> dict[str, Any]:
+    """The benchmark on loaded models; returns the JSON object `bench kv-gsm8k` prints."""
+    import torch
+
+    from collab_agent.cache import Full, decode
+    from collab_agent.evaluation.grading import extract_answer, is_correct
+
+    device = next(large.parameters()).device
+    ids = torch.tensor(gsm8k_prompts(tokenizer, problems, examples, prompt_tokens), device=device)
+    log(f"[kv-gsm8k] {len(problems)} prompts of {prompt_tokens} tokens: one prefill")
+    shared = SharedPrefill(small, large, ids)
+    result: dict[str, Any] = {"methods": {}, "answers": {}, "texts": {}}
+    full_answers: list[str | None] = []
+    for name in ("full", *methods):
+        start = time.perf_counter()
+        method = Full() if name == "full" else make_method(name, small)
+        cache = shared.cache_for(method.attach(large))
+        if name != "full":
+            cache = cache.clone(budgets=[budget] * len(problems))
+        out = decode(large, cache, shared.last, tokens, keep_logits=False)
+        texts = [answer_text(tokenizer, row) for row in out.tokens.tolist()]
+        answers = [extract_answer(text) for text in texts]
+        if name == "full":
+            full_answers = answers
+        correct = [is_correct(a, p.answer) for a, p in zip(answers, problems, strict=True)]
+        result["methods"][name] = {
+            "accuracy": round(sum(correct) / len(problems), 4),
+            "correct": sum(correct),
+            "same_answer_as_full": sum(a == f for a, f in zip(answers, full_answers, strict=True)),
+            "kv_bytes_ratio": round(out.kv_bytes_ratio, 4),
+        }
+        result["answers"][name] = answers
+        result["texts"][name] = texts
+        if hasattr(method, "detach"):
+            method.detach()
+        log(f"[kv-gsm8k]   {name}: {result['methods'][name]} ({time.perf_counter() - start:.0f} s)")
+    result.update(
+        problems=[p.id for p in problems],
+        budget=budget,
+        prompt_tokens=prompt_tokens,
+        tokens=tokens,
+        budget_accounting="prompt compressed to budget; decoded tokens add to the allowance",
+    )
+    return result
+
+
+def register(bench: typer.Typer) -> None:
+    """Add ``kv-gsm8k`` to the ``bench`` sub-app."""
+
+    @bench.command("kv-gsm8k")
+    def kv_gsm8k(
+        models: Annotated[
+            str, typer.Option(help="bundled (Qwen 0.5B assists 1.5B) or tiny.")
+        ] = "bundled",
+        budget: Annotated[float, typer.Option(help="KV budget of every method.")] = 0.1,
+        problems: Annotated[int, typer.Option(help="GSM8K problems (from the first).")] = 20,
+        prompt_tokens: Annotated[int, typer.Option(help="Prompt length in tokens.")] = 1024,
+        tokens: Annotated[int, typer.Option(help="Greedy answer tokens.")] = 256,
+        methods: Annotated[str, typer.Option(help="Comma-separated methods.")] = (
+            "smallkv,h2o,snapkv,streaming"
+        ),
+        data: Annotated[
+            str, typer.Option(help="GSM8K JSON Lines (a bundled name or a path).")
+        ] = "gsm8k_test",
+        as_json: JsonOption = False,
+    ) -> None:
+        """The large model's GSM8K accuracy with each KV cache at one budget."""
+        import torch
+
+        from collab_agent.bench.kv import METHOD_NAMES, VARIANTS
+        from collab_agent.errors import ConfigError
+        from collab_agent.evaluation.datasets import load_dataset
+
+        if not 0 < budget <= 1:
+            raise ConfigError("--budget", f"must lie in (0, 1], got {budget}")
+        if problems < 1 or tokens < 2:
+            raise ConfigError("--problems/--tokens", "need at least 1 problem and 2 tokens")
+        method_list = tuple(m.strip() for m in methods.split(",") if m.strip())
+        unknown = set(method_list) - set(METHOD_NAMES) - set(VARIANTS)
+        if unknown:
+            raise ConfigError(
+                "--methods", f"unknown {sorted(unknown)}; choose from {METHOD_NAMES + VARIANTS}"
+            )
+        records = load_dataset(data)
+        if len(records) < problems + 8 or "solution" not in records[0].extra:
+            raise ConfigError(
+                "--data", f"needs GSM8K records with a 'solution' and more than {problems} of them"
+            )
+        torch.manual_seed(0)
+        with torch.inference_mode():
+            small, large, tokenizer = load_models(models)
+            result = run_kv_gsm8k(
+                small,
+                large,
+                tokenizer,
+                records[:problems],
+                records[problems:],
+                budget,
+                prompt_tokens,
+                tokens,
+                method_list,
+            )
+        result["models"] = models
+        if as_json:
+            print(json.dumps(result))
+            return
+        print(f"{'method':<22} {'accuracy':>8} {'same as full':>13} {'bytes':>7}")
+        for name, cell in result["methods"].items():
+            print(
+                f"{name:<22} {cell['accuracy']:>8.3f} {cell['same_answer_as_full']:>13} "
+                f"{cell['kv_bytes_ratio']:>7.3f}"
+            )
