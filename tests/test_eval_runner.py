@@ -427,3 +427,42 @@ def test_oracle_router_sends_each_problem_to_the_cheapest_model_that_does_not_lo
     assert bound["small_token_share"] == pytest.approx((10 + 30) / (10 + 30 + 200))
     assert (bound["both_right"], bound["only_small_right"], bound["only_large_right"]) == (1, 0, 1)
     assert oracle_router(records[:1]) is None
+
+
+def test_cascade_router_re_solves_the_least_confident_problems_with_the_large_model() -> None:
+    from collab_agent.evaluation.report import cascade_router, least_likely_token_nll
+    from collab_agent.evaluation.runner import ProblemRecord
+    from collab_agent.trace import Step, Trace
+
+    def trace(worst_logprob: float) -> Trace:
+        steps = [
+            Step(index=0, author="small", text="a", tokens=2, logprobs=[-0.1, worst_logprob]),
+            Step(index=1, author="small", text="b", tokens=1, logprobs=[-0.2]),
+        ]
+        return Trace(conversation_id="c", policy="small-only", steps=steps)
+
+    def run(policy: str, problem: str, correct: bool, tokens: int) -> ProblemRecord:
+        author = "small" if policy == "small-only" else "large"
+        return ProblemRecord(
+            policy, problem, 0, "1", correct=correct, tokens_by_author={author: tokens}
+        )
+
+    # the small model is unsure exactly where it is wrong
+    records = [
+        run("small-only", "sure", True, 10), run("large-only", "sure", True, 100),
+        run("small-only", "unsure", False, 20), run("large-only", "unsure", True, 200),
+        run("small-only", "lost", False, 30), run("large-only", "lost", False, 300),
+    ]  # fmt: skip
+    traces = {
+        ("small-only", "sure", 0): trace(-0.5),
+        ("small-only", "unsure", 0): trace(-3.0),
+        ("small-only", "lost", 0): trace(-2.0),
+    }
+    assert least_likely_token_nll(traces[("small-only", "unsure", 0)]) == 3.0
+    none, one, all_ = cascade_router(records, traces, escalate=(0.0, 1 / 3, 1.0))
+    assert none["accuracy"] == pytest.approx(1 / 3) and none["large_token_ratio"] == 0
+    assert one["accuracy"] == pytest.approx(2 / 3) and one["threshold_nll"] == 3.0
+    assert one["small_token_share"] == pytest.approx(60 / (60 + 200))
+    assert one["large_token_ratio"] == pytest.approx(200 / 600)
+    assert all_["accuracy"] == pytest.approx(2 / 3) and all_["large_token_ratio"] == 1.0
+    assert cascade_router(records, {}) == []  # no traces, no cascade

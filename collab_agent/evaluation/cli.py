@@ -205,17 +205,27 @@ def eval_command(
 
 
 def _print_oracle(out_dir: Path) -> None:
-    """One line: the per-problem oracle router's bound, when both single models ran."""
+    """The per-problem oracle router's bound and a few points of a cascade on the small model's
+    least likely token (`report.cascade_router`), when both single models ran."""
     from rich.console import Console
 
-    from collab_agent.evaluation.report import oracle_router
-    from collab_agent.evaluation.runner import read_records
+    from collab_agent.evaluation.report import cascade_router, oracle_router
+    from collab_agent.evaluation.runner import read_records, read_traces
 
-    bound = oracle_router(read_records(out_dir))
+    records = read_records(out_dir)
+    bound = oracle_router(records)
     if bound is not None:
         Console(stderr=True).print(
             f"oracle per-problem router (a bound, not a method) on {bound['problems']} problems: "
             f"accuracy {bound['accuracy']:.1%} at a small-token share of "
             f"{bound['small_token_share']:.1%}; right by both {bound['both_right']}, only the "
             f"small model {bound['only_small_right']}, only the large {bound['only_large_right']}"
+        )
+    for point in cascade_router(records, read_traces(out_dir)):
+        Console(stderr=True).print(
+            f"cascade on the small model's least likely token (thresholds chosen on these "
+            f"problems): re-solving {point['escalated']:.0%} with the large model gives accuracy "
+            f"{point['accuracy']:.1%}, small-token share {point['small_token_share']:.1%} (thrown-"
+            f"away solutions included), large-model tokens {point['large_token_ratio']:.2f}x "
+            "large-only's"
         )

@@ -22,6 +22,7 @@ if TYPE_CHECKING:
     from rich.table import Table
 
     from collab_agent.evaluation.runner import ProblemRecord
+    from collab_agent.trace import Trace
 
 REFERENCE_POLICY = "large-only"
 
@@ -201,6 +202,69 @@ def oracle_router(
             runs[(large, p)].correct and not runs[(small, p)].correct for p in problems
         ),
     }
+
+
+def least_likely_token_nll(trace: Trace) -> float:
+    """The negative log-likelihood of the least likely token the small model wrote in a whole
+    solution (the problem-level form of the `small_min_prob` step signal); 0 without
+    logprobs."""
+    return max(
+        (-min(step.logprobs) for step in trace.steps if step.author == "small" and step.logprobs),
+        default=0.0,
+    )
+
+
+def cascade_router(
+    records: Iterable[ProblemRecord],
+    traces: Mapping[tuple[str, str, int], Trace],
+    escalate: Sequence[float] = (0.25, 0.5, 0.75),
+    small: str = "small-only",
+    large: str = REFERENCE_POLICY,
+) -> list[dict[str, Any]]:
+    """What a cascade (FrugalGPT, RouteLLM's problem-level routing) would have scored on these
+    runs: the small model solves every problem; the ``share`` of problems whose solution has
+    the least likely token (`least_likely_token_nll`) are solved again by the large model.
+
+    Computed from the small-only and large-only runs (both greedy runs replay exactly), one point
+    per entry of ``escalate``. ``small_token_share`` counts every small-model token, the thrown
+    away solutions included; ``large_token_ratio`` is the large model's tokens over large-only's.
+    The thresholds are chosen on these same problems, so read the points as a description of
+    the signal, not as a tuned policy's result. Empty unless both runs and the small run's
+    traces exist.
+    """
+    runs = {
+        (r.policy, r.problem_id): r
+        for r in records
+        if r.sample == 0 and r.error is None and r.policy in (small, large)
+    }
+    problems = sorted(
+        p
+        for (policy, p) in runs
+        if policy == small and (large, p) in runs and (small, p, 0) in traces
+    )
+    if not problems:
+        return []
+    score = {p: least_likely_token_nll(traces[(small, p, 0)]) for p in problems}
+    ranked = sorted(problems, key=lambda p: -score[p])
+    small_tokens = sum(runs[(small, p)].tokens_by_author.get("small", 0) for p in problems)
+    all_large = sum(runs[(large, p)].tokens_by_author.get("large", 0) for p in problems)
+    points = []
+    for share in escalate:
+        count = round(share * len(problems))
+        sent = set(ranked[:count])
+        large_tokens = sum(runs[(large, p)].tokens_by_author.get("large", 0) for p in sent)
+        correct = sum(runs[(large if p in sent else small, p)].correct for p in problems)
+        points.append(
+            {
+                "escalated": count / len(problems),
+                "threshold_nll": score[ranked[count - 1]] if count else None,
+                "accuracy": correct / len(problems),
+                "small_token_share": small_tokens / max(1, small_tokens + large_tokens),
+                "large_token_ratio": large_tokens / max(1, all_large),
+                "problems": len(problems),
+            }
+        )
+    return points
 
 
 # ---------------------------------------------------------------------------- presentation
