@@ -233,6 +233,8 @@ def test_configuration_errors_name_the_argument(pair):
         SmallKV(assistant=small, split=(0, 0, 2))
     with pytest.raises(CacheConfigError, match="combine"):
         SmallKV(assistant=small, combine="mean")  # type: ignore[arg-type]
+    with pytest.raises(CacheConfigError, match="sinks"):
+        SmallKV(assistant=small, sinks=-1)
     other_vocab = tiny(0, 2, 4, 64, vocab=300)
     with pytest.raises(CacheConfigError, match="assistant"):
         SmallKV(assistant=other_vocab).attach(large)
@@ -265,3 +267,26 @@ def test_a_chunk_of_tokens_after_compression_is_kept_whole(pair, prompt):
     for layer in out.cache.layers:
         for h in range(2):
             assert set(range(n - 30, n)) <= set(layer.positions[0, h].tolist())
+
+
+def test_sinks_are_kept_in_every_head_at_any_budget(pair, prompt):
+    large, small = pair
+    _method, out = run(large, small, prompt, budget=0.05, steps=4, sinks=4)
+    for layer in out.cache.layers:
+        assert layer.compressed
+        for h in range(2):
+            assert {0, 1, 2, 3} <= set(layer.positions[0, h].tolist())
+
+
+def test_value_norm_weights_each_token_by_its_large_model_value_norm(pair, prompt):
+    large, small = pair
+    plain, out = run(large, small, prompt, budget=0.2, steps=3)
+    weighted = SmallKV(assistant=small, budget=0.2, value_norm=True).attach(large)
+    seen = torch.cat([prompt, out.tokens[:, :2]], 1)
+    ref = full_keys(large, seen)
+    p = prompt.shape[1]  # decoded tokens saw a compressed past: compare the prompt's
+    for layer in out.cache.layers:
+        base = plain.token_scores(out.cache, layer)[..., :p]
+        norms = ref.layers[layer.layer_idx].values[..., :p, :].float().norm(dim=-1)
+        got = weighted.token_scores(out.cache, layer)[..., :p]
+        torch.testing.assert_close(got, base * norms, rtol=1e-4, atol=1e-6)

@@ -78,6 +78,11 @@ class SmallKV(KVMethod):
         ``paper``: O = O_critical + O_marginal (plain sum). ``renormalised``: the critical part
         is weighted by the SRM's mass on the critical tokens and both parts are renormalised to
         the SRM's mass on the kept tokens, so the weights sum to one.
+    value_norm : bool, default False
+        Weight each token's score by the norm of its LRM value vector (a token moves the output
+        by its attention times its value, as kvpress's ExpectedAttention scores).
+    sinks : int, default 0
+        The first ``sinks`` tokens are always kept (StreamingLLM's attention sinks).
     """
 
     assistant: Any = None
@@ -90,6 +95,8 @@ class SmallKV(KVMethod):
     window: int = 32
     kernel_size: int = 5
     combine: Literal["renormalised", "paper"] = "renormalised"
+    value_norm: bool = False
+    sinks: int = 0
 
     reversible = True
     has_marginal = True
@@ -128,6 +135,8 @@ class SmallKV(KVMethod):
             raise CacheConfigError("window", f"must be >= 1, got {self.window!r}")
         if self.kernel_size < 1 or self.kernel_size % 2 == 0:
             raise CacheConfigError("kernel_size", f"must be odd and >= 1, got {self.kernel_size!r}")
+        if not isinstance(self.sinks, int) or self.sinks < 0:
+            raise CacheConfigError("sinks", f"must be an integer >= 0, got {self.sinks!r}")
         if self.combine not in ("renormalised", "paper"):
             raise CacheConfigError(
                 "combine", f"must be 'renormalised' or 'paper', got {self.combine!r}"
@@ -324,6 +333,10 @@ class SmallKV(KVMethod):
                 padding=self.kernel_size // 2,
                 count_include_pad=False,
             ).reshape(b, hkv, n)
+        if self.value_norm:
+            scores = scores * _value_norms(layer).to(scores.device, scores.dtype)
+        if self.sinks:
+            scores[..., : self.sinks] = float("inf")
         return scores
 
     # ---- 3. marginal tokens ----------------------------------------------------------------------
@@ -376,6 +389,20 @@ def marginal_output(
     m = w_marg.sum(-1, keepdim=True)
     total = (c + m).clamp(min=1e-9)
     return (c / total).to(critical_out.dtype) * critical_out + o_marg / total.to(o_marg.dtype)
+
+
+def _value_norms(layer: KVLayer) -> torch.Tensor:
+    """``(B, Hkv, L)`` norms of every token's LRM value vector, from the host copy; the norms of
+    earlier tokens are kept in the layer's state and only new tokens are added."""
+    assert layer.host_values is not None
+    norms: torch.Tensor | None = layer.state.get("value_norms")
+    have = 0 if norms is None else norms.shape[-1]
+    if have < layer.length:
+        new = layer.host_values[..., have : layer.length, :].float().norm(dim=-1)
+        norms = new if norms is None else torch.cat([norms, new], dim=-1)
+        layer.state["value_norms"] = norms
+    assert norms is not None
+    return norms[..., : layer.length]
 
 
 def _top_sets(scores: torch.Tensor, k: int) -> torch.Tensor:
