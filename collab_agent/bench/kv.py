@@ -258,6 +258,9 @@ def run_kv_bench(
     base, last, seconds = shared.base, shared.last, shared.seconds
     log(f"[kv]   prefill {seconds:.0f} s; full-cache greedy continuation of {tokens} tokens")
     greedy = decode(large, base.clone(method=Full()), last, tokens)
+    peer = None
+    if peer_python is not None:  # now, while this process holds little beyond the models
+        peer = peer_kvpress(peer_python, large, contexts, greedy.tokens.tolist(), budgets)
     forced = greedy.tokens.repeat_interleave(n_b, 0)
     last_rows = last.repeat_interleave(n_b, 0)
     row_budgets = budgets * n_ctx
@@ -305,14 +308,13 @@ def run_kv_bench(
         if hasattr(method, "detach"):
             method.detach()
         log(f"[kv]   {name}: {time.perf_counter() - start:.0f} s")
+    if peer is not None:
+        result["methods"].update(peer["methods"])
+        result["peer"] = peer["peer"]
     result["full_numerics_floor"] = {
         "top1_agreement": round(sum(floor) / n_ctx, 4),
         "note": "full cache, batched teacher-forced vs its own greedy decode (first steps)",
     }
-    if peer_python is not None:
-        peer = peer_kvpress(peer_python, large, contexts, greedy.tokens.tolist(), budgets)
-        result["methods"].update(peer["methods"])
-        result["peer"] = peer["peer"]
     result["contexts"] = n_ctx
     result["context_tokens"] = ids.shape[1]
     result["tokens"] = tokens

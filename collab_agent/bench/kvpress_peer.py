@@ -28,6 +28,7 @@ from __future__ import annotations
 import json
 import sys
 import time
+from collections.abc import Callable
 from typing import Any
 
 PRESSES = {
@@ -102,28 +103,48 @@ def stacked_cache(rows: list[list[tuple[Any, Any]]]) -> Any:
     return cache
 
 
-def forced_decode(model: Any, cache: Any, first: Any, forced: Any, start: int) -> tuple[Any, float]:
-    """Logits ``(B, T, V)`` before each forced token, feeding them one at a time at positions
-    ``start, start + 1, ...``; and the decode seconds."""
+def forced_decode(
+    model: Any,
+    cache: Any,
+    first: Any,
+    forced: Any,
+    start: int,
+    on_step: Callable[[int, Any], None],
+) -> float:
+    """Feed ``forced`` ``(B, T)`` one token at a time at positions ``start, start + 1, ...``;
+    ``on_step(t, logits)`` sees the ``(B, V)`` logits before token ``t`` (nothing is kept, so
+    long continuations over a large vocabulary fit in memory). Returns the decode seconds."""
     import torch
 
-    logits = [first]
+    on_step(0, first)
     begin = time.perf_counter()
     for t in range(forced.shape[1] - 1):
         position = torch.full((forced.shape[0], 1), start + t, dtype=torch.long)
         out = model(input_ids=forced[:, t : t + 1], past_key_values=cache, position_ids=position)
-        logits.append(out.logits[:, -1].float())
-    return torch.stack(logits, 1), time.perf_counter() - begin
+        on_step(t + 1, out.logits[:, -1].float())
+    return time.perf_counter() - begin
 
 
-def kl_and_agreement(ref: Any, got: Any) -> tuple[float, float]:
-    """Mean KL(ref || got) in nats and top-1 agreement over ``(T, V)`` logits."""
-    import torch
+class Figures:
+    """Running sums of KL(reference || row) and top-1 agreement per batch row; row ``r`` is
+    compared with reference row ``of[r]``."""
 
-    lp_ref = torch.log_softmax(ref, -1)
-    lp_got = torch.log_softmax(got, -1)
-    kl = (lp_ref.exp() * (lp_ref - lp_got)).sum(-1).mean().item()
-    return kl, (ref.argmax(-1) == got.argmax(-1)).float().mean().item()
+    def __init__(self, reference: Any, of: list[int]) -> None:
+        import torch
+
+        self.reference, self.of = reference, torch.tensor(of)
+        self.kl = torch.zeros(len(of), dtype=torch.float64)
+        self.agree = torch.zeros(len(of), dtype=torch.float64)
+        self.steps = 0
+
+    def __call__(self, t: int, logits: Any) -> None:
+        import torch
+
+        lp_ref = self.reference[self.of, t]
+        lp_got = torch.log_softmax(logits, -1)
+        self.kl += (lp_ref.exp() * (lp_ref - lp_got)).sum(-1).double()
+        self.agree += (lp_ref.argmax(-1) == lp_got.argmax(-1)).double()
+        self.steps += 1
 
 
 def hook_difference(
@@ -175,7 +196,12 @@ def run(request: dict[str, Any]) -> dict[str, Any]:
     with torch.inference_mode():
         log(f"{n_ctx} contexts of {length} tokens: one prefill, {len(presses)} presses")
         full, last, kept = compressed_prefill(model, ids, presses, budgets)
-        reference, full_seconds = forced_decode(model, full, last, forced, length)
+        reference = torch.empty(n_ctx, steps, last.shape[-1])  # log-probabilities
+
+        def keep(t: int, logits: Any) -> None:
+            reference[:, t] = torch.log_softmax(logits, -1)
+
+        full_seconds = forced_decode(model, full, last, forced, length, keep)
         log(f"full: {full_seconds:.0f} s for {steps} tokens")
         floor = (reference.argmax(-1) == forced).float().mean().item()
         methods: dict[str, dict[str, Any]] = {f"kvpress_{name}": {} for name in presses}
@@ -187,21 +213,21 @@ def run(request: dict[str, Any]) -> dict[str, Any]:
                 for c in range(n_ctx)
             ]
             n_kept = rows[0][0][0].shape[2]
-            logits, seconds = forced_decode(
+            figures = Figures(reference, list(range(n_ctx)) * len(names))
+            seconds = forced_decode(
                 model,
                 stacked_cache(rows),
                 last.repeat(len(names), 1),
                 forced.repeat(len(names), 1),
                 length,
+                figures,
             )
             log(f"budget {budget}: {n_kept} of {length} prompt tokens kept, {seconds:.0f} s")
             for i, name in enumerate(names):
-                figures = [
-                    kl_and_agreement(reference[c], logits[i * n_ctx + c]) for c in range(n_ctx)
-                ]
+                part = slice(i * n_ctx, (i + 1) * n_ctx)
                 methods[f"kvpress_{name}"][str(budget)] = {
-                    "top1_agreement": round(sum(f[1] for f in figures) / n_ctx, 4),
-                    "kl": round(sum(f[0] for f in figures) / n_ctx, 4),
+                    "top1_agreement": round(figures.agree[part].mean().item() / steps, 4),
+                    "kl": round(figures.kl[part].mean().item() / steps, 4),
                     "kv_bytes_ratio": round((n_kept + steps - 1) / (length + steps - 1), 4),
                     "decode_speed_ratio": None,
                 }
