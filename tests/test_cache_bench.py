@@ -114,6 +114,7 @@ def test_kv_gsm8k_at_budget_one_every_cache_answers_as_the_full_one():
             200,
             5,
             ("smallkv", "h2o", "snapkv", "streaming"),
+            batch_size=1,  # two batches of one
         )
     full = result["answers"]["full"]
     for name, cell in result["methods"].items():

@@ -59,6 +59,32 @@ def answer_text(tokenizer: Any, ids: list[int]) -> str:
     return text.strip()
 
 
+def answer_with_each_cache(
+    small: Any, large: Any, tokenizer: Any, ids: Any, budget: float, tokens: int, names: list[str]
+) -> dict[str, tuple[list[str], float]]:
+    """Greedy answers to the prompts ``ids`` (one batch, one shared prefill) with each named
+    cache: ``{name: (texts, kv_bytes_ratio)}``."""
+    from collab_agent.cache import Full, decode
+
+    shared = SharedPrefill(small, large, ids)
+    answers = {}
+    for name in names:
+        start = time.perf_counter()
+        method = Full() if name == "full" else make_method(name, small)
+        cache = shared.cache_for(method.attach(large))
+        if name != "full":
+            cache = cache.clone(budgets=[budget] * ids.shape[0])
+        out = decode(large, cache, shared.last, tokens, keep_logits=False)
+        answers[name] = (
+            [answer_text(tokenizer, r) for r in out.tokens.tolist()],
+            out.kv_bytes_ratio,
+        )
+        if hasattr(method, "detach"):
+            method.detach()
+        log(f"[kv-gsm8k]   {name}: {time.perf_counter() - start:.0f} s")
+    return answers
+
+
 def run_kv_gsm8k(
     small: Any,
     large: Any,
@@ -69,42 +95,40 @@ def run_kv_gsm8k(
     prompt_tokens: int,
     tokens: int,
     methods: tuple[str, ...],
+    batch_size: int = 10,
 ) -> dict[str, Any]:
-    """The benchmark on loaded models; returns the JSON object `bench kv-gsm8k` prints."""
+    """The benchmark on loaded models; returns the JSON object `bench kv-gsm8k` prints. The
+    problems run ``batch_size`` at a time (memory)."""
     import torch
 
-    from collab_agent.cache import Full, decode
     from collab_agent.evaluation.grading import extract_answer, is_correct
 
     device = next(large.parameters()).device
-    ids = torch.tensor(gsm8k_prompts(tokenizer, problems, examples, prompt_tokens), device=device)
-    log(f"[kv-gsm8k] {len(problems)} prompts of {prompt_tokens} tokens: one prefill")
-    shared = SharedPrefill(small, large, ids)
-    result: dict[str, Any] = {"methods": {}, "answers": {}, "texts": {}}
-    full_answers: list[str | None] = []
-    for name in ("full", *methods):
-        start = time.perf_counter()
-        method = Full() if name == "full" else make_method(name, small)
-        cache = shared.cache_for(method.attach(large))
-        if name != "full":
-            cache = cache.clone(budgets=[budget] * len(problems))
-        out = decode(large, cache, shared.last, tokens, keep_logits=False)
-        texts = [answer_text(tokenizer, row) for row in out.tokens.tolist()]
-        answers = [extract_answer(text) for text in texts]
-        if name == "full":
-            full_answers = answers
+    prompts = gsm8k_prompts(tokenizer, problems, examples, prompt_tokens)
+    names = ["full", *methods]
+    texts: dict[str, list[str]] = {name: [] for name in names}
+    ratios: dict[str, list[float]] = {name: [] for name in names}
+    for first in range(0, len(prompts), batch_size):
+        ids = torch.tensor(prompts[first : first + batch_size], device=device)
+        log(f"[kv-gsm8k] problems {first + 1}-{first + ids.shape[0]} of {len(prompts)}")
+        for name, (got, ratio) in answer_with_each_cache(
+            small, large, tokenizer, ids, budget, tokens, names
+        ).items():
+            texts[name] += got
+            ratios[name].append(ratio)
+    result: dict[str, Any] = {"methods": {}, "answers": {}, "texts": texts}
+    full = [extract_answer(text) for text in texts["full"]]
+    for name in names:
+        answers = [extract_answer(text) for text in texts[name]]
         correct = [is_correct(a, p.answer) for a, p in zip(answers, problems, strict=True)]
         result["methods"][name] = {
             "accuracy": round(sum(correct) / len(problems), 4),
             "correct": sum(correct),
-            "same_answer_as_full": sum(a == f for a, f in zip(answers, full_answers, strict=True)),
-            "kv_bytes_ratio": round(out.kv_bytes_ratio, 4),
+            "same_answer_as_full": sum(a == f for a, f in zip(answers, full, strict=True)),
+            "kv_bytes_ratio": round(sum(ratios[name]) / len(ratios[name]), 4),
         }
         result["answers"][name] = answers
-        result["texts"][name] = texts
-        if hasattr(method, "detach"):
-            method.detach()
-        log(f"[kv-gsm8k]   {name}: {result['methods'][name]} ({time.perf_counter() - start:.0f} s)")
+        log(f"[kv-gsm8k] {name}: {result['methods'][name]}")
     result.update(
         problems=[p.id for p in problems],
         budget=budget,
@@ -127,6 +151,9 @@ def register(bench: typer.Typer) -> None:
         problems: Annotated[int, typer.Option(help="GSM8K problems (from the first).")] = 20,
         prompt_tokens: Annotated[int, typer.Option(help="Prompt length in tokens.")] = 1024,
         tokens: Annotated[int, typer.Option(help="Greedy answer tokens.")] = 256,
+        batch_size: Annotated[
+            int, typer.Option(help="Problems decoded together (memory grows with it).")
+        ] = 10,
         methods: Annotated[str, typer.Option(help="Comma-separated methods.")] = (
             "smallkv,h2o,snapkv,streaming"
         ),
@@ -144,8 +171,10 @@ def register(bench: typer.Typer) -> None:
 
         if not 0 < budget <= 1:
             raise ConfigError("--budget", f"must lie in (0, 1], got {budget}")
-        if problems < 1 or tokens < 2:
-            raise ConfigError("--problems/--tokens", "need at least 1 problem and 2 tokens")
+        if problems < 1 or tokens < 2 or batch_size < 1:
+            raise ConfigError(
+                "--problems/--tokens/--batch-size", "need at least 1 problem, 2 tokens, batch 1"
+            )
         method_list = tuple(m.strip() for m in methods.split(",") if m.strip())
         unknown = set(method_list) - set(METHOD_NAMES) - set(VARIANTS)
         if unknown:
@@ -170,6 +199,7 @@ def register(bench: typer.Typer) -> None:
                 prompt_tokens,
                 tokens,
                 method_list,
+                batch_size,
             )
         result["models"] = models
         if as_json:
