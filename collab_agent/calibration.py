@@ -633,14 +633,13 @@ async def replay_signals(
     async def one(run: tuple[Problem, Trace, bool]) -> ProblemRun:
         problem, recorded, correct = run
         trace = Trace(conversation_id=f"replay-{problem.id}-{uuid.uuid4().hex[:8]}")
-        trace.session = Session(
-            small=small or _NoModel("small"),
-            large=large or _NoModel("large"),
-            conversation_id=trace.conversation_id,
-            messages=fmt.messages(problem.messages()),
-            format=fmt,
-            sampling=sampling or GREEDY,
-            trace=trace,
+        Session.open(
+            small or _NoModel("small"),
+            large or _NoModel("large"),
+            trace,
+            problem.messages(),
+            fmt,
+            sampling or GREEDY,
         )
         steps: list[StepRecord] = []
         try:

@@ -126,17 +126,9 @@ class Reasoner:
         cancels the call in flight; closing the iterator frees the conversation's caches."""
         conversation = validate_messages(messages)
         trace = Trace(conversation_id=conversation_id or uuid.uuid4().hex, policy=self.policy.name)
-        session = Session(
-            small=self.small,
-            large=self.large,
-            conversation_id=trace.conversation_id,
-            messages=self.format.messages(conversation),
-            format=self.format,
-            sampling=self.sampling,
-            trace=trace,
-            tools=tools,
+        session = Session.open(
+            self.small, self.large, trace, conversation, self.format, self.sampling, tools
         )
-        trace.session = session
         started = time.perf_counter()
         try:
             handoff_left, handoff_trigger = 0, None

@@ -42,6 +42,32 @@ class Session:
     trace: Trace
     tools: Sequence[Mapping[str, Any]] | None = None
 
+    @classmethod
+    def open(
+        cls,
+        small: Backend,
+        large: Backend,
+        trace: Trace,
+        conversation: Sequence[Mapping[str, Any]],
+        format: ReasoningFormat,
+        sampling: Sampling,
+        tools: Sequence[Mapping[str, Any]] | None = None,
+    ) -> Session:
+        """The session of ``trace``'s conversation (the format's instruction added to the
+        messages), attached to the trace so triggers can reach the models through it."""
+        session = cls(
+            small=small,
+            large=large,
+            conversation_id=trace.conversation_id,
+            messages=format.messages(conversation),
+            format=format,
+            sampling=sampling,
+            trace=trace,
+            tools=tools,
+        )
+        trace.session = session
+        return session
+
     def backend(self, role: Role) -> Backend:
         return self.small if role == "small" else self.large
 
