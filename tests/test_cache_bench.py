@@ -121,3 +121,22 @@ def test_kv_gsm8k_at_budget_one_every_cache_answers_as_the_full_one():
         assert result["texts"][name] == result["texts"]["full"], name
         assert result["answers"][name] == full
         assert cell["same_answer_as_full"] == 2 and cell["kv_bytes_ratio"] == 1.0
+
+
+def test_decode_stops_once_every_row_has_produced_a_stop_token():
+    from collab_agent.cache import Full
+    from collab_agent.cache.generate import decode, prefill
+
+    large = tiny(1, 2, 8, 128)
+    ids = torch.randint(0, 256, (2, 40), generator=torch.Generator().manual_seed(2))
+    with torch.inference_mode():
+        cache, last, _ = prefill(large, ids, Full())
+        whole = decode(large, cache.clone(), last, 6)
+        stop = {int(whole.tokens[0, 1]), int(whole.tokens[1, 3])}  # row 0 by step 1, row 1 by 3
+        first = min(
+            t for t in range(6) if all(bool(set(r[: t + 1].tolist()) & stop) for r in whole.tokens)
+        )
+        cut = decode(large, cache.clone(), last, 6, stop_ids=stop)
+    assert cut.tokens.shape[1] == first + 1
+    assert torch.equal(cut.tokens, whole.tokens[:, : first + 1])
+    assert torch.allclose(cut.logits, whole.logits[:, : first + 1])

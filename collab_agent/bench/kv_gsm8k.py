@@ -63,10 +63,11 @@ def answer_with_each_cache(
     small: Any, large: Any, tokenizer: Any, ids: Any, budget: float, tokens: int, names: list[str]
 ) -> dict[str, tuple[list[str], float]]:
     """Greedy answers to the prompts ``ids`` (one batch, one shared prefill) with each named
-    cache: ``{name: (texts, kv_bytes_ratio)}``."""
+    cache, until every row has ended its turn: ``{name: (texts, kv_bytes_ratio)}``."""
     from collab_agent.cache import Full, decode
 
     shared = SharedPrefill(small, large, ids)
+    stops = {i for i in map(tokenizer.convert_tokens_to_ids, STOPS[:2]) if isinstance(i, int)}
     answers = {}
     for name in names:
         start = time.perf_counter()
@@ -74,7 +75,7 @@ def answer_with_each_cache(
         cache = shared.cache_for(method.attach(large))
         if name != "full":
             cache = cache.clone(budgets=[budget] * ids.shape[0])
-        out = decode(large, cache, shared.last, tokens, keep_logits=False)
+        out = decode(large, cache, shared.last, tokens, keep_logits=False, stop_ids=stops)
         answers[name] = (
             [answer_text(tokenizer, r) for r in out.tokens.tolist()],
             out.kv_bytes_ratio,

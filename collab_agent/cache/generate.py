@@ -7,6 +7,7 @@ has run; these helpers add what a benchmark needs: per-step logits, timing, KV b
 from __future__ import annotations
 
 import time
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -100,13 +101,15 @@ def decode(
     prefill_seconds: float = 0.0,
     track_bytes: bool = True,
     keep_logits: bool = True,
+    stop_ids: Collection[int] = (),
 ) -> Decoded:
     """Decode ``steps`` tokens one at a time from a prefilled ``cache``.
 
     Greedy unless ``forced`` ``(B, steps)`` gives the tokens to feed (teacher forcing); either
     way the logits before every token are returned. ``track_bytes=False`` skips the per-step
     KV byte count (it synchronises the device; throughput runs turn it off), and
-    ``keep_logits=False`` keeps only the last step's logits (memory).
+    ``keep_logits=False`` keeps only the last step's logits (memory). Decoding ends early once
+    every row has produced one of ``stop_ids`` (end-of-turn tokens, say).
     """
     if forced is not None and forced.shape[1] < steps:
         raise CacheConfigError("forced", f"has {forced.shape[1]} tokens, fewer than steps={steps}")
@@ -116,10 +119,14 @@ def decode(
     ratios: list[float] = []
     _sync(device)
     start = time.perf_counter()
+    stops = torch.tensor(sorted(stop_ids), dtype=torch.long, device=device)
+    done = torch.zeros(first_logits.shape[0], dtype=torch.bool, device=device)
     for t in range(steps):
         tok = forced[:, t] if forced is not None else logits[-1].argmax(-1)
         tokens.append(tok.to(device))
-        if t == steps - 1:
+        if len(stops):
+            done |= torch.isin(tokens[-1], stops)
+        if t == steps - 1 or bool(done.all()):
             break
         out = model(input_ids=tokens[-1][:, None], cache=cache, use_cache=True)
         if not keep_logits:
@@ -131,7 +138,7 @@ def decode(
     seconds = time.perf_counter() - start
     return Decoded(
         tokens=torch.stack(tokens, 1),
-        logits=torch.stack(logits[-steps:], 1),
+        logits=torch.stack(logits[-len(tokens) :], 1),
         prefill_seconds=prefill_seconds,
         decode_seconds=seconds,
         kv_bytes_ratio=sum(ratios) / len(ratios) if ratios else cache.kv_bytes_ratio(),
