@@ -19,6 +19,7 @@ from collab_agent.evaluation.runner import (
     PLOT_FILE,
     RECORDS_FILE,
     SUMMARY_FILE,
+    ProblemRecord,
     evaluate,
     read_records,
 )
@@ -405,15 +406,16 @@ async def test_a_summary_limited_to_named_policies_counts_their_common_problems(
         summarise_folder(tmp_path, policies=["small-only", "specreason"])
 
 
+def run(policy: str, problem: str, correct: bool, tokens: int) -> ProblemRecord:
+    """A single-model run's record: ``tokens`` written by that model."""
+    author = "small" if policy == "small-only" else "large"
+    return ProblemRecord(
+        policy, problem, 0, "1", correct=correct, tokens_by_author={author: tokens}
+    )
+
+
 def test_oracle_router_sends_each_problem_to_the_cheapest_model_that_does_not_lose() -> None:
     from collab_agent.evaluation.report import oracle_router
-    from collab_agent.evaluation.runner import ProblemRecord
-
-    def run(policy: str, problem: str, correct: bool, tokens: int) -> ProblemRecord:
-        author = "small" if policy == "small-only" else "large"
-        return ProblemRecord(
-            policy, problem, 0, "1", correct=correct, tokens_by_author={author: tokens}
-        )
 
     records = [
         run("small-only", "both", True, 10), run("large-only", "both", True, 100),
@@ -431,7 +433,6 @@ def test_oracle_router_sends_each_problem_to_the_cheapest_model_that_does_not_lo
 
 def test_cascade_router_re_solves_the_least_confident_problems_with_the_large_model() -> None:
     from collab_agent.evaluation.report import cascade_router, least_likely_token_nll
-    from collab_agent.evaluation.runner import ProblemRecord
     from collab_agent.trace import Step, Trace
 
     def trace(worst_logprob: float) -> Trace:
@@ -440,12 +441,6 @@ def test_cascade_router_re_solves_the_least_confident_problems_with_the_large_mo
             Step(index=1, author="small", text="b", tokens=1, logprobs=[-0.2]),
         ]
         return Trace(conversation_id="c", policy="small-only", steps=steps)
-
-    def run(policy: str, problem: str, correct: bool, tokens: int) -> ProblemRecord:
-        author = "small" if policy == "small-only" else "large"
-        return ProblemRecord(
-            policy, problem, 0, "1", correct=correct, tokens_by_author={author: tokens}
-        )
 
     # the small model is unsure exactly where it is wrong
     records = [
