@@ -199,12 +199,13 @@ class SmallKV(KVMethod):
         use_kv_attention(self._srm)
         device = next(self._srm.parameters()).device
         with torch.no_grad():
-            self._srm(
+            # the base model: only the SRM's attention is used, so its LM head (a quarter of
+            # a 0.5B Qwen's weights) is skipped
+            self._srm.base_model(
                 input_ids=input_ids.to(device),
                 position_ids=None if position_ids is None else position_ids.to(device),
                 cache=srm_cache,
                 use_cache=True,
-                logits_to_keep=1,
             )
         cache.state.pop("stack", None)
 
