@@ -121,7 +121,8 @@ def test_evicted_token_comes_back_when_the_srm_attends_to_it(pair, prompt):
     token = next(t for t in range(5, prompt.shape[1]) if t not in held)
     for srm_layer in cache.state["srm"].layers:  # the SRM now says: token matters a lot
         srm_layer.accumulated[..., token] += 1e6  # (score="accumulated")
-        srm_layer.recent_rows[..., token] += 1e6  # (score="window", the default)
+        srm_layer.ring[..., token] += 1e6  # (score="window", the default; the sum follows)
+        srm_layer.window_sum[..., token] += 32e6
     with torch.no_grad():
         large(input_ids=out.tokens[:, -1:], cache=cache, use_cache=True)
     seen = torch.cat([prompt, out.tokens], 1)
@@ -290,3 +291,23 @@ def test_value_norm_weights_each_token_by_its_large_model_value_norm(pair, promp
         norms = ref.layers[layer.layer_idx].values[..., :p, :].float().norm(dim=-1)
         got = weighted.token_scores(out.cache, layer)[..., :p]
         torch.testing.assert_close(got, base * norms, rtol=1e-4, atol=1e-6)
+
+
+def test_the_srm_window_sum_is_the_plain_sum_of_its_last_window_query_rows():
+    from collab_agent.cache import ObservedCache, use_kv_attention
+
+    small = tiny(0, 2, 4, 64)
+    ids = torch.randint(0, VOCAB, (2, 90), generator=torch.Generator().manual_seed(5))
+    use_kv_attention(small)
+    cache = ObservedCache(128, keep_last=True, window=16)
+    with torch.no_grad():
+        small(input_ids=ids[:, :60], cache=cache, use_cache=True)  # a prefill
+        for t in range(60, 80):  # steps past a recompute of the sum (every 16 positions)
+            small(input_ids=ids[:, t : t + 1], cache=cache, use_cache=True)
+        small(input_ids=ids[:, 80:85], cache=cache, use_cache=True)  # a chunk
+        small(input_ids=ids[:, 85:86], cache=cache, use_cache=True)
+        plain = tiny(0, 2, 4, 64)  # the same weights, eager attention that returns weights
+        plain.config._attn_implementation = "eager"
+        weights = plain(input_ids=ids[:, :86], output_attentions=True).attentions
+    for layer, probs in zip(cache.layers, weights, strict=True):
+        torch.testing.assert_close(layer.window_sum, probs[:, :, -16:].sum(2), atol=1e-5, rtol=0)

@@ -159,8 +159,8 @@ def use_kv_attention(model: nn.Module) -> None:
 
 class ObservedLayer(DynamicLayer):
     """A full-cache layer that records attention: accumulated per key, the last call's rows,
-    the last ``window`` query rows, and the calibration block (queries and keys before
-    ``calibration_tokens``).
+    the sum of the last ``window`` query rows (``window_sum``), and the calibration block
+    (queries and keys before ``calibration_tokens``).
 
     Used for the assistant (SRM) of SmallKV; the attention output itself is exact.
     """
@@ -173,7 +173,10 @@ class ObservedLayer(DynamicLayer):
         self.calibration_tokens = calibration_tokens
         self.keep_last = keep_last
         self.window = window
-        self.recent_rows: torch.Tensor | None = None  # (B, H, <=window, L) float32
+        # the last `window` query rows, row of position p in slot p % window (a ring, so a step
+        # writes one row instead of shifting them all), and their running sum over the rows
+        self.ring: torch.Tensor | None = None  # (B, H, window, capacity) float32
+        self.window_sum: torch.Tensor | None = None  # (B, H, L) float32
         self.accumulated: torch.Tensor | None = None  # (B, H, L) float32
         self.calibration: torch.Tensor | None = None  # (B, H, C) float32
         self.last: torch.Tensor | None = None  # (B, H, q, L) float32, last call's probabilities
@@ -212,6 +215,7 @@ class ObservedLayer(DynamicLayer):
             calib += self.calibration
         lasts: list[torch.Tensor] = []
         recent: list[torch.Tensor] = []
+        recent_pos: list[torch.Tensor] = []
 
         def sink(probs: torch.Tensor, qp: torch.Tensor) -> None:
             flat = probs.flatten(1, 2)  # (B, H, rows, L)
@@ -219,6 +223,7 @@ class ObservedLayer(DynamicLayer):
             in_window = qp >= self.seen - self.window
             if bool(in_window.any()):
                 recent.append(flat[:, :, in_window])
+                recent_pos.append(qp[in_window])
             rows = qp < c
             if bool(rows.any()):
                 part = flat[:, :, rows, :c].sum(2)
@@ -230,13 +235,32 @@ class ObservedLayer(DynamicLayer):
         self.accumulated = acc
         self.calibration = calib
         self.last = torch.cat(lasts, dim=2) if lasts else None
-        rows = [torch.cat(recent, dim=2)]
-        if self.recent_rows is not None:
-            old = self.recent_rows
-            rows.insert(0, torch.nn.functional.pad(old, (0, n - old.shape[-1])))
-        self.recent_rows = torch.cat(rows, dim=2)[:, :, -self.window :]
+        self._enter_window(torch.cat(recent, dim=2), torch.cat(recent_pos), n)
         out = sdpa_attention_forward(module, query, key, value, mask, scaling=scaling, **kwargs)
         return out
+
+    def _enter_window(self, rows: torch.Tensor, positions: torch.Tensor, n: int) -> None:
+        """Put the query rows ``(B, H, r, n)`` at ``positions`` into the window: each takes the
+        slot of the row ``window`` positions before it, whose attention leaves the sum. Every
+        ``window`` positions the sum is recomputed from the ring (no drift from the updates)."""
+        b, h, _, _ = rows.shape
+        if self.ring is None or self.ring.shape[-1] < n:
+            cap = max(n + 256, n * 5 // 4)
+            ring = rows.new_zeros(b, h, self.window, cap)
+            if self.ring is not None:
+                ring[..., : self.ring.shape[-1]] = self.ring
+            self.ring = ring
+        total = rows.new_zeros(b, h, n)
+        if self.window_sum is not None:
+            total[..., : self.window_sum.shape[-1]] = self.window_sum
+        slots = positions % self.window
+        total -= self.ring[:, :, slots, :n].sum(2)
+        self.ring[:, :, slots, :n] = rows
+        self.ring[:, :, slots, n:] = 0.0
+        total += rows.sum(2)
+        if int(positions[-1]) % self.window == self.window - 1:
+            total = self.ring[..., :n].sum(2)
+        self.window_sum = total
 
 
 class ObservedCache(DynamicCache):

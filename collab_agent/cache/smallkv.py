@@ -198,10 +198,11 @@ class SmallKV(KVMethod):
             cache.state["srm"] = srm_cache
         use_kv_attention(self._srm)
         device = next(self._srm.parameters()).device
+        # the base model: only the SRM's attention is used, so its LM head (a quarter of a
+        # 0.5B Qwen's weights) is skipped
+        base: Any = getattr(self._srm, "base_model", self._srm)
         with torch.no_grad():
-            # the base model: only the SRM's attention is used, so its LM head (a quarter of
-            # a 0.5B Qwen's weights) is skipped
-            self._srm.base_model(
+            base(
                 input_ids=input_ids.to(device),
                 position_ids=None if position_ids is None else position_ids.to(device),
                 cache=srm_cache,
@@ -214,7 +215,7 @@ class SmallKV(KVMethod):
         if srm is not None:
             for layer in srm.layers:
                 layer.batch_repeat_interleave(repeats)
-                for name in ("accumulated", "calibration", "last", "recent_rows"):
+                for name in ("accumulated", "calibration", "last", "ring", "window_sum"):
                     t = getattr(layer, name)
                     if t is not None:
                         setattr(layer, name, t.repeat_interleave(repeats, dim=0))
@@ -312,9 +313,7 @@ class SmallKV(KVMethod):
 
     def token_scores(self, cache: CompressedCache, layer: KVLayer) -> torch.Tensor:
         if self.score == "window":
-            acc = self._per_lrm_head(cache, layer, "recent_rows")  # (B, H, W, L)
-            assert acc is not None
-            acc = acc.sum(2)
+            acc = self._per_lrm_head(cache, layer, "window_sum")  # (B, H, L)
         else:
             acc = self._per_lrm_head(cache, layer, "accumulated")  # (B, H, L)
         assert acc is not None and layer.keys is not None
