@@ -78,9 +78,11 @@ class SmallKV(KVMethod):
         ``paper``: O = O_critical + O_marginal (plain sum). ``renormalised``: the critical part
         is weighted by the SRM's mass on the critical tokens and both parts are renormalised to
         the SRM's mass on the kept tokens, so the weights sum to one.
-    value_norm : bool, default False
+    value_norm : bool, default True
         Weight each token's score by the norm of its LRM value vector (a token moves the output
-        by its attention times its value, as kvpress's ExpectedAttention scores).
+        by its attention times its value, as kvpress's ExpectedAttention scores). On by default:
+        on the bundled pair (`bench kv`, 3 contexts x 256 tokens) it lowered KL at every budget
+        (0.0050/0.0164/0.0594 -> 0.0041/0.0141/0.0535 at 0.2/0.1/0.05), agreement within 0.003.
     sinks : int, default 0
         The first ``sinks`` tokens are always kept (StreamingLLM's attention sinks).
     """
@@ -95,7 +97,7 @@ class SmallKV(KVMethod):
     window: int = 32
     kernel_size: int = 5
     combine: Literal["renormalised", "paper"] = "renormalised"
-    value_norm: bool = False
+    value_norm: bool = True
     sinks: int = 0
 
     reversible = True
