@@ -23,7 +23,8 @@ from collab_agent.bench.kv import SharedPrefill, fit_prompt, load_models, log, m
 from collab_agent.cli_options import JsonOption
 
 SYSTEM = "Solve the problem step by step. End with: The answer is N."
-STOPS = ("<|im_end|>", "<|endoftext|>", "\nQuestion:")
+END_OF_TURN = ("<|im_end|>", "<|endoftext|>")
+STOPS = (*END_OF_TURN, "\nQuestion:")
 
 
 def worked_example(problem: Any) -> str:
@@ -67,7 +68,7 @@ def answer_with_each_cache(
     from collab_agent.cache import Full, decode
 
     shared = SharedPrefill(small, large, ids)
-    stops = {i for i in map(tokenizer.convert_tokens_to_ids, STOPS[:2]) if isinstance(i, int)}
+    stops = {i for i in map(tokenizer.convert_tokens_to_ids, END_OF_TURN) if isinstance(i, int)}
     answers = {}
     for name in names:
         start = time.perf_counter()
