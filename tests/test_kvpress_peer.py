@@ -12,10 +12,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from test_cache_bench import tiny
 
 from collab_agent.bench.kv import PEER_PRESSES, peer_kvpress, run_kv_bench
 from collab_agent.errors import BackendError, ConfigError
-from tests.test_cache_bench import tiny
 
 KVPRESS_PYTHON = os.environ.get(
     "COLLAB_KVPRESS_PYTHON", str(Path(__file__).resolve().parents[1] / ".venv-kvpress/bin/python")
