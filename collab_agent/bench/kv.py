@@ -110,6 +110,19 @@ def kl_and_agreement(ref: torch.Tensor, got: torch.Tensor) -> tuple[float, float
     return kl, agree
 
 
+def parse_methods(methods: str) -> tuple[str, ...]:
+    """The comma-separated ``--methods`` as names, each checked against the known methods."""
+    from collab_agent.errors import ConfigError
+
+    names = tuple(m.strip() for m in methods.split(",") if m.strip())
+    unknown = set(names) - set(METHOD_NAMES) - set(VARIANTS)
+    if unknown:
+        raise ConfigError(
+            "--methods", f"unknown {sorted(unknown)}; choose from {METHOD_NAMES + VARIANTS}"
+        )
+    return names
+
+
 def make_method(name: str, small: Any) -> Any:
     from collab_agent.cache import H2O, SmallKV, SnapKV, StreamingLLM
 
@@ -172,8 +185,9 @@ def peer_kvpress(
     from collab_agent.errors import BackendError, ConfigError
 
     with tempfile.TemporaryDirectory(prefix="collab-kvpress-") as tmp:
-        folder = Path(str(getattr(large.config, "_name_or_path", "") or ""))
-        if not (folder / "config.json").is_file():
+        source = str(getattr(large.config, "_name_or_path", "") or "")
+        folder = Path(source)
+        if not source or not (folder / "config.json").is_file():
             folder = Path(tmp) / "model"
             large.save_pretrained(folder)
         request = {
@@ -398,12 +412,7 @@ def register(bench: typer.Typer) -> None:
             ) from exc
         if not budget_list or not all(0 < b <= 1 for b in budget_list):
             raise ConfigError("--budgets", f"each must lie in (0, 1], got {budgets!r}")
-        method_list = tuple(m.strip() for m in methods.split(",") if m.strip())
-        unknown = set(method_list) - set(METHOD_NAMES) - set(VARIANTS)
-        if unknown:
-            raise ConfigError(
-                "--methods", f"unknown {sorted(unknown)}; choose from {METHOD_NAMES + VARIANTS}"
-            )
+        method_list = parse_methods(methods)
         if contexts < 1 or tokens < 2:
             raise ConfigError("--contexts/--tokens", "need at least 1 context and 2 tokens")
         torch.manual_seed(0)

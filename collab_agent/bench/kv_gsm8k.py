@@ -167,7 +167,7 @@ def register(bench: typer.Typer) -> None:
         """The large model's GSM8K accuracy with each KV cache at one budget."""
         import torch
 
-        from collab_agent.bench.kv import METHOD_NAMES, VARIANTS
+        from collab_agent.bench.kv import parse_methods
         from collab_agent.errors import ConfigError
         from collab_agent.evaluation.datasets import load_dataset
 
@@ -177,12 +177,7 @@ def register(bench: typer.Typer) -> None:
             raise ConfigError(
                 "--problems/--tokens/--batch-size", "need at least 1 problem, 2 tokens, batch 1"
             )
-        method_list = tuple(m.strip() for m in methods.split(",") if m.strip())
-        unknown = set(method_list) - set(METHOD_NAMES) - set(VARIANTS)
-        if unknown:
-            raise ConfigError(
-                "--methods", f"unknown {sorted(unknown)}; choose from {METHOD_NAMES + VARIANTS}"
-            )
+        method_list = parse_methods(methods)
         records = load_dataset(data)
         if len(records) < problems + 8 or "solution" not in records[0].extra:
             raise ConfigError(
