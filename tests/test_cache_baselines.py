@@ -12,7 +12,18 @@ import pytest
 import torch
 from transformers import Qwen2Config, Qwen2ForCausalLM
 
-from collab_agent.cache import H2O, CacheConfigError, Full, SnapKV, StreamingLLM, generate
+from collab_agent.cache import (
+    H2O,
+    CacheConfigError,
+    CompressedCache,
+    ExpectedAttention,
+    Full,
+    SnapKV,
+    StreamingLLM,
+    generate,
+)
+from collab_agent.cache.base import KVLayer
+from collab_agent.cache.expected import expected_attention, observe_queries
 from collab_agent.cache.generate import decode, prefill
 
 VOCAB = 512
@@ -50,7 +61,10 @@ def kept(method, large, prompt, steps=3):
     ]
 
 
-@pytest.mark.parametrize("method", [H2O(budget=1.0), SnapKV(budget=1.0), StreamingLLM(budget=1.0)])
+@pytest.mark.parametrize(
+    "method",
+    [H2O(budget=1.0), SnapKV(budget=1.0), StreamingLLM(budget=1.0), ExpectedAttention(budget=1.0)],
+)
 def test_budget_one_is_the_full_cache(large, prompt, method):
     ref = generate(large, prompt, Full(), max_new_tokens=6)
     out = generate(large, prompt, method, max_new_tokens=6)
@@ -82,11 +96,63 @@ def test_h2o_keeps_heavy_hitters_and_recent_tokens(large, prompt):
         assert set(range(prompt.shape[1] + 2 - 21, prompt.shape[1] + 2)) <= s
 
 
-@pytest.mark.parametrize("method", [H2O, SnapKV, StreamingLLM])
+@pytest.mark.parametrize("method", [H2O, SnapKV, StreamingLLM, ExpectedAttention])
 def test_equal_budget_accounting(large, prompt, method):
     out, _ = kept(method(budget=0.1), large, prompt, steps=4)
     n = prompt.shape[1] + 3
     assert out.cache.kv_bytes_ratio() == pytest.approx((16 + 3) / n, abs=1e-6)
+
+
+def rope(x: torch.Tensor, position: int, theta: float) -> torch.Tensor:
+    """Plain RoPE of ``x`` (..., D) at one position, transformers' half-split pairing."""
+    d = x.shape[-1]
+    angle = position / theta ** (torch.arange(0, d, 2).double() / d)
+    cos, sin = angle.cos().repeat(2), angle.sin().repeat(2)
+    x1, x2 = x.double().chunk(2, -1)
+    return (x.double() * cos + torch.cat([-x2, x1], -1) * sin).float()
+
+
+def observed(queries: torch.Tensor, positions: list[int], theta: float = 10000.0) -> KVLayer:
+    """A layer that has seen ``queries`` (B, H, q, D, before RoPE) at ``positions``."""
+    layer = KVLayer(CompressedCache(ExpectedAttention()), 0)
+    post = torch.stack([rope(queries[:, :, i], p, theta) for i, p in enumerate(positions)], 2)
+    config = Qwen2Config(rope_parameters={"rope_type": "default", "rope_theta": theta})
+    module = torch.nn.Module()
+    module.config = config
+    observe_queries(layer, module, post, torch.tensor(positions), sinks=0)
+    return layer
+
+
+def test_expected_attention_of_one_query_is_its_attention():
+    # one observed query, one future position equal to its own: no covariance, no averaging,
+    # so the expectation is that query's attention (mean over each KV head's query heads)
+    g = torch.Generator().manual_seed(0)
+    q, k = torch.randn(1, 4, 1, 16, generator=g), torch.randn(1, 2, 10, 16, generator=g)
+    layer = observed(q, [7])
+    got = expected_attention(layer, k, start=7, future=1)
+    q_post = rope(q[:, :, 0], 7, 10000.0).reshape(1, 2, 2, 16)
+    want = torch.softmax(torch.einsum("bkgd,bksd->bkgs", q_post, k) / 4, -1).mean(2)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
+
+
+def test_expected_attention_is_the_gaussian_expectation_over_queries():
+    # many queries at position 0 (no rotation): exp(mu.k/sqrt(d) + k'Sigma k/(2d)) is the mean
+    # of exp(q.k/sqrt(d)) over the queries when they are Gaussian
+    g = torch.Generator().manual_seed(1)
+    q = 0.3 * torch.randn(1, 2, 20000, 8, generator=g) + 0.5
+    k = torch.randn(1, 2, 6, 8, generator=g)
+    layer = observed(q, [0] * q.shape[2])
+    got = expected_attention(layer, k, start=0, future=1)
+    mgf = torch.exp(torch.einsum("bhqd,bhsd->bhqs", q.double(), k.double()) / 8**0.5).mean(2)
+    want = (mgf / mgf.sum(-1, keepdim=True)).float()
+    torch.testing.assert_close(got, want, rtol=0.02, atol=1e-3)
+
+
+def test_expected_attention_keeps_its_sinks_and_decoded_tokens(large, prompt):
+    _out, sets = kept(ExpectedAttention(budget=0.25, sinks=4), large, prompt)
+    for s in sets:
+        assert set(range(4)) | set(range(prompt.shape[1], prompt.shape[1] + 2)) <= s
+        assert len(s) == 40 + 2
 
 
 def test_budget_out_of_range_names_the_argument():
@@ -96,6 +162,8 @@ def test_budget_out_of_range_names_the_argument():
         SnapKV(window=0)
     with pytest.raises(CacheConfigError, match="sinks"):
         StreamingLLM(sinks=-1)
+    with pytest.raises(CacheConfigError, match="future"):
+        ExpectedAttention(future=0)
 
 
 def test_gpu_throughput_script_runs_at_tiny_shape_on_cpu():

@@ -6,7 +6,14 @@ import pytest
 import torch
 from transformers import DynamicCache, Qwen2Config, Qwen2ForCausalLM
 
-from collab_agent.cache import CacheConfigError, Full, SmallKV, generate, teacher_force
+from collab_agent.cache import (
+    CacheConfigError,
+    ExpectedAttention,
+    Full,
+    SmallKV,
+    generate,
+    teacher_force,
+)
 from collab_agent.cache.base import KVLayer
 from collab_agent.cache.generate import check_same_tokenizer, decode, prefill
 from collab_agent.cache.smallkv import marginal_output
@@ -236,6 +243,8 @@ def test_configuration_errors_name_the_argument(pair):
         SmallKV(assistant=small, combine="mean")  # type: ignore[arg-type]
     with pytest.raises(CacheConfigError, match="sinks"):
         SmallKV(assistant=small, sinks=-1)
+    with pytest.raises(CacheConfigError, match="prior"):
+        SmallKV(assistant=small, prior=1.5)
     other_vocab = tiny(0, 2, 4, 64, vocab=300)
     with pytest.raises(CacheConfigError, match="assistant"):
         SmallKV(assistant=other_vocab).attach(large)
@@ -291,6 +300,25 @@ def test_value_norm_weights_each_token_by_its_large_model_value_norm(pair, promp
         norms = ref.layers[layer.layer_idx].values[..., :p, :].float().norm(dim=-1)
         got = weighted.token_scores(out.cache, layer)[..., :p]
         torch.testing.assert_close(got, base * norms, rtol=1e-4, atol=1e-6)
+
+
+def test_the_prior_is_the_large_models_expected_attention_mixed_with_the_srm(pair, prompt):
+    large, small = pair
+    p = prompt.shape[1]
+    ea = ExpectedAttention(budget=0.2, value_norm=False)
+    ea_cache, last, _ = prefill(large, prompt, ea)
+    decode(large, ea_cache, last, 2)
+    only, out = run(large, small, prompt, budget=0.2, steps=3, prior=1.0, value_norm=False)
+    srm, _ = run(large, small, prompt, budget=0.2, steps=3, value_norm=False)
+    half = SmallKV(assistant=small, budget=0.2, prior=0.5, value_norm=False).attach(large)
+    for layer, ea_layer in zip(out.cache.layers, ea_cache.layers, strict=True):
+        expected = ea_layer.state["expected"][..., 4:p]  # past the 4 sinks the baseline pins
+        torch.testing.assert_close(only.token_scores(out.cache, layer)[..., 4:p], expected)
+        share = srm.token_scores(out.cache, layer)
+        share = share / share.sum(-1, keepdim=True)
+        mixed = half.token_scores(out.cache, layer)
+        torch.testing.assert_close(mixed[..., 4:p], 0.5 * expected + 0.5 * share[..., 4:p])
+        torch.testing.assert_close(mixed[..., p:], share[..., p:])  # decoded: the SRM alone
 
 
 def test_the_srm_window_sum_is_the_plain_sum_of_its_last_window_query_rows():

@@ -34,8 +34,8 @@ if TYPE_CHECKING:
     import torch
 
 DATA = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "math500.jsonl"
-METHOD_NAMES = ("smallkv", "h2o", "snapkv", "streaming")
-VARIANTS = ("smallkv_window", "smallkv_paper", "smallkv_accumulated")
+METHOD_NAMES = ("smallkv", "h2o", "snapkv", "streaming", "expected")
+VARIANTS = ("smallkv_window", "smallkv_paper", "smallkv_accumulated", "smallkv_prior")
 """Extra rows on request: SmallKV with the window score (the default, named explicitly), with the
 paper's plain-sum combination, or with the paper's accumulated score."""
 
@@ -124,7 +124,7 @@ def parse_methods(methods: str) -> tuple[str, ...]:
 
 
 def make_method(name: str, small: Any) -> Any:
-    from collab_agent.cache import H2O, SmallKV, SnapKV, StreamingLLM
+    from collab_agent.cache import H2O, ExpectedAttention, SmallKV, SnapKV, StreamingLLM
 
     if name == "smallkv":
         return SmallKV(assistant=small)
@@ -134,15 +134,26 @@ def make_method(name: str, small: Any) -> Any:
         return SmallKV(assistant=small, score="accumulated")
     if name == "smallkv_paper":
         return SmallKV(assistant=small, combine="paper")
-    return {"h2o": H2O, "snapkv": SnapKV, "streaming": StreamingLLM}[name]()
+    if name == "smallkv_prior":
+        return SmallKV(assistant=small, prior=0.5)
+    baselines = {
+        "h2o": H2O,
+        "snapkv": SnapKV,
+        "streaming": StreamingLLM,
+        "expected": ExpectedAttention,
+    }
+    return baselines[name]()
 
 
 def statistics_probe(small: Any) -> Any:
     """A method that never compresses but records, in one prefill, what every method needs:
-    H2O's accumulated attention, SnapKV's window votes, SmallKV's calibration block. The prompt
+    H2O's accumulated attention, SnapKV's window votes, SmallKV's calibration block, the query
+    statistics of expected attention (ExpectedAttention, SmallKV's prior). The prompt
     is then prefilled once and the cache cloned per method (`CompressedCache.clone`)."""
     from collab_agent.cache import H2O, SmallKV, SnapKV
     from collab_agent.cache.base import accumulate_scores
+    from collab_agent.cache.expected import observe_queries
+    from collab_agent.cache.smallkv import PRIOR_SINKS
 
     snap, smallkv = SnapKV(), SmallKV(assistant=small)
 
@@ -158,6 +169,11 @@ def statistics_probe(small: Any) -> Any:
             calib = q_pos < smallkv.calibration_tokens
             if bool(calib.any()):
                 smallkv.observe(cache, layer, probs[:, :, :, calib], q_pos[calib], k_pos)
+
+        def observe_queries(
+            self, cache: Any, layer: Any, module: Any, query: Any, q_pos: Any
+        ) -> None:
+            observe_queries(layer, module, query, q_pos, PRIOR_SINKS)
 
     return StatisticsProbe(budget=1.0)
 

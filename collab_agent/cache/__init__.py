@@ -14,7 +14,7 @@ from collab_agent.cache.base import (
     ObservedCache,
     use_kv_attention,
 )
-from collab_agent.cache.baselines import H2O, Full, SnapKV, StreamingLLM
+from collab_agent.cache.baselines import H2O, ExpectedAttention, Full, SnapKV, StreamingLLM
 from collab_agent.cache.generate import (
     Decoded,
     check_same_tokenizer,
@@ -30,6 +30,7 @@ METHODS: dict[str, type[KVMethod]] = {
     "h2o": H2O,
     "snapkv": SnapKV,
     "streaming": StreamingLLM,
+    "expected": ExpectedAttention,
     "smallkv": SmallKV,
 }
 """The methods by the names `bench kv` reports them under."""
@@ -41,6 +42,7 @@ __all__ = [
     "CacheConfigError",
     "CompressedCache",
     "Decoded",
+    "ExpectedAttention",
     "Full",
     "KVMethod",
     "ObservedCache",

@@ -524,6 +524,7 @@ class KVLayer(CacheLayerMixin):
         method = self.cache.method
         assert self.positions is not None
         if not self.compressed:
+            method.observe_queries(self.cache, self, module, query, self.q_pos)
             rows = method.probability_rows(self.cache, self, self.q_pos)
             if rows is not None:
                 _probs_in_chunks(
@@ -812,6 +813,16 @@ class KVMethod:
         k_pos: torch.Tensor,
     ) -> None:
         """Record attention probabilities ``(B, Hkv, G, q, S)`` over keys at ``k_pos``."""
+
+    def observe_queries(
+        self,
+        cache: CompressedCache,
+        layer: KVLayer,
+        module: nn.Module,
+        query: torch.Tensor,
+        q_pos: torch.Tensor,
+    ) -> None:
+        """Record the queries ``(B, H, q, D)`` (after RoPE) of an uncompressed call."""
 
     def add_marginal(
         self, cache: CompressedCache, layer: KVLayer, probs: torch.Tensor, out: torch.Tensor

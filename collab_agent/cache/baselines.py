@@ -8,6 +8,7 @@ shared budget accounting.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -19,6 +20,10 @@ from collab_agent.cache.base import (
     LayerPlan,
     accumulate_scores,
 )
+from collab_agent.cache.expected import expected_attention, observe_queries
+
+if TYPE_CHECKING:
+    from torch import nn
 
 
 @dataclass
@@ -191,3 +196,69 @@ class StreamingLLM(KVMethod):
         score = torch.arange(layer.length, device=layer.keys.device, dtype=torch.float32)
         score[: self.sinks] = float(layer.length + 1)
         return score.expand(b, h, layer.length)
+
+
+@dataclass
+class ExpectedAttention(KVMethod):
+    """Expected attention: keep the tokens the *future* queries are expected to attend most,
+    estimated from the prompt queries' mean and covariance with RoPE averaged over the next
+    ``future`` positions, weighted by each token's value norm (Devoto et al. 2025,
+    https://arxiv.org/abs/2510.00636, section 3; kvpress's ``ExpectedAttentionPress``).
+
+    The prompt is compressed once; tokens decoded later are kept, as in kvpress.
+
+    Parameters
+    ----------
+    budget : float, default 0.2
+        Share of the prompt's KV kept (see `KVMethod`).
+    sinks : int, default 4
+        Initial tokens always kept and left out of the query statistics.
+    future : int, default 512
+        Future query positions the RoPE rotation is averaged over.
+    covariance : bool, default True
+        Include the queries' covariance term (else only their mean).
+    value_norm : bool, default True
+        Multiply each token's expected attention by the norm of its value vector.
+    """
+
+    budget: float = 0.2
+    sinks: int = 4
+    future: int = 512
+    covariance: bool = True
+    value_norm: bool = True
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.sinks < 0:
+            raise CacheConfigError("sinks", f"must be >= 0, got {self.sinks!r}")
+        if self.future < 1:
+            raise CacheConfigError("future", f"must be >= 1, got {self.future!r}")
+
+    def layout(self, allowance: torch.Tensor, length: int) -> LayerPlan:
+        keep = allowance.clamp(max=length)
+        return LayerPlan(keep=keep, recent=torch.zeros_like(keep), marginal=torch.zeros_like(keep))
+
+    def observe_queries(
+        self,
+        cache: CompressedCache,
+        layer: KVLayer,
+        module: nn.Module,
+        query: torch.Tensor,
+        q_pos: torch.Tensor,
+    ) -> None:
+        observe_queries(layer, module, query, q_pos, self.sinks)
+
+    def token_scores(self, cache: CompressedCache, layer: KVLayer) -> torch.Tensor:
+        prior = layer.state.get("expected")
+        if prior is None:  # the first compression: the device still holds every prompt token
+            assert layer.keys is not None and layer.values is not None
+            prior = expected_attention(
+                layer, layer.keys, layer.keys.shape[-2], self.future, self.covariance
+            )
+            if self.value_norm:
+                prior = prior * layer.values.float().norm(dim=-1)
+            prior[..., : self.sinks] = float("inf")
+            layer.state["expected"] = prior
+        return torch.nn.functional.pad(
+            prior, (0, layer.length - prior.shape[-1]), value=float("inf")
+        )

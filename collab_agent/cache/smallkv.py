@@ -18,6 +18,13 @@ from collab_agent.cache.base import (
     ObservedLayer,
     use_kv_attention,
 )
+from collab_agent.cache.expected import expected_attention, observe_queries
+
+PRIOR_SINKS = 4
+"""Initial tokens left out of the prior's query statistics (kvpress's ExpectedAttention default)."""
+
+PRIOR_FUTURE = 512
+"""Future positions the prior's RoPE rotation is averaged over (kvpress's default)."""
 
 
 def assistant_model(assistant: Any) -> nn.Module:
@@ -85,6 +92,11 @@ class SmallKV(KVMethod):
         (0.0050/0.0164/0.0594 -> 0.0041/0.0141/0.0535 at 0.2/0.1/0.05), agreement within 0.003.
     sinks : int, default 0
         The first ``sinks`` tokens are always kept (StreamingLLM's attention sinks).
+    prior : float, default 0.0
+        Weight of the large model's own expected attention over the prompt (`expected.py`: the
+        prompt queries' statistics, computed once when the prompt is compressed) against the
+        SRM's current saliency: each token's score is ``prior * expected + (1 - prior) * srm``,
+        both as shares of one; decoded tokens have no prior and use the SRM's share alone.
     """
 
     assistant: Any = None
@@ -99,6 +111,7 @@ class SmallKV(KVMethod):
     combine: Literal["renormalised", "paper"] = "renormalised"
     value_norm: bool = True
     sinks: int = 0
+    prior: float = 0.0
 
     reversible = True
     has_marginal = True
@@ -139,6 +152,8 @@ class SmallKV(KVMethod):
             raise CacheConfigError("kernel_size", f"must be odd and >= 1, got {self.kernel_size!r}")
         if not isinstance(self.sinks, int) or self.sinks < 0:
             raise CacheConfigError("sinks", f"must be an integer >= 0, got {self.sinks!r}")
+        if not 0 <= self.prior <= 1:
+            raise CacheConfigError("prior", f"must lie in [0, 1], got {self.prior!r}")
         if self.combine not in ("renormalised", "paper"):
             raise CacheConfigError(
                 "combine", f"must be 'renormalised' or 'paper', got {self.combine!r}"
@@ -335,11 +350,39 @@ class SmallKV(KVMethod):
                 padding=self.kernel_size // 2,
                 count_include_pad=False,
             ).reshape(b, hkv, n)
+        if self.prior > 0:
+            scores = self._with_prior(layer, scores)
         if self.value_norm:
             scores = scores * _value_norms(layer).to(scores.device, scores.dtype)
         if self.sinks:
             scores[..., : self.sinks] = float("inf")
         return scores
+
+    def observe_queries(
+        self,
+        cache: CompressedCache,
+        layer: KVLayer,
+        module: nn.Module,
+        query: torch.Tensor,
+        q_pos: torch.Tensor,
+    ) -> None:
+        if self.prior > 0:
+            observe_queries(layer, module, query, q_pos, PRIOR_SINKS)
+
+    def _with_prior(self, layer: KVLayer, srm: torch.Tensor) -> torch.Tensor:
+        """``prior * expected + (1 - prior) * srm`` over the prompt, shares of one per row."""
+        expected = layer.state.get("expected")
+        if expected is None:  # first compression: the prompt's keys are all on the host
+            assert layer.host_keys is not None
+            p = layer.length - layer.q_pos.numel()
+            keys = layer.host_keys[..., :p, :].to(layer.device)
+            expected = expected_attention(layer, keys, p, PRIOR_FUTURE)
+            layer.state["expected"] = expected
+        share = srm / srm.sum(-1, keepdim=True).clamp(min=1e-12)
+        p = expected.shape[-1]
+        mixed = share.clone()
+        mixed[..., :p] = self.prior * expected.to(share.device) + (1 - self.prior) * share[..., :p]
+        return mixed
 
     # ---- 3. marginal tokens ----------------------------------------------------------------------
 
