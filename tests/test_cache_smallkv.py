@@ -54,6 +54,10 @@ def full_keys(model: Qwen2ForCausalLM, ids: torch.Tensor) -> DynamicCache:
     return cache
 
 
+PAPER = {"split": (2, 1, 2), "keep_decoded": False, "prior": 0.0}
+"""The paper's layout: critical : recent : marginal = 2 : 1 : 2 over every token, SRM scores only."""
+
+
 def run(large, small, ids, budget, steps=4, **kw):
     method = SmallKV(assistant=small, budget=budget, **kw)
     cache, last, _ = prefill(large, ids, method)
@@ -86,7 +90,7 @@ def test_model_generate_accepts_the_smallkv_cache(pair, prompt):
 
 def test_shapes_and_positions_after_eviction(pair, prompt):
     large, small = pair
-    _method, out = run(large, small, prompt, budget=0.2, steps=5)
+    _method, out = run(large, small, prompt, budget=0.2, steps=5, **PAPER)
     cache = out.cache
     n = prompt.shape[1] + 4  # tokens the cache has seen
     ref = full_keys(large, torch.cat([prompt, out.tokens[:, :4]], 1))
@@ -121,7 +125,7 @@ def test_shapes_and_positions_after_eviction(pair, prompt):
 
 def test_evicted_token_comes_back_when_the_srm_attends_to_it(pair, prompt):
     large, small = pair
-    _method, out = run(large, small, prompt, budget=0.2, steps=2)
+    _method, out = run(large, small, prompt, budget=0.2, steps=2, **PAPER)
     cache = out.cache
     layer0 = cache.layers[0]
     held = set(layer0.positions[0, 0].tolist()) | set(layer0.marginal_positions[0, 0].tolist())
@@ -264,6 +268,24 @@ def test_different_tokenizers_are_refused():
     check_same_tokenizer(Tok({"a": 0, "b": 1}), Tok({"a": 0, "b": 1}))
     with pytest.raises(CacheConfigError, match="assistant"):
         check_same_tokenizer(Tok({"a": 0, "b": 1}), Tok({"a": 1, "b": 0}))
+
+
+def test_keep_decoded_compresses_the_prompt_only(pair, prompt):
+    large, small = pair
+    _method, out = run(
+        large, small, prompt, budget=0.2, steps=6, split=(2, 0, 2), keep_decoded=True
+    )
+    p = prompt.shape[1]
+    n = p + 5  # compressed at the first decode step: 5 tokens decoded since
+    prompt_allowance = round(0.2 * p + 0.5)
+    keep, marginal = prompt_allowance * 2 // 4 + 5, 2 * prompt_allowance * 2 // 4
+    for layer in out.cache.layers:
+        for h in range(2):
+            kept = set(layer.positions[0, h][layer.positions[0, h] >= 0].tolist())
+            marg = layer.marginal_positions[0, h]
+            marg = set(marg[marg >= 0].tolist())
+            assert set(range(p, n)) <= kept and len(kept) == keep
+            assert len(marg) == marginal and max(marg) < p and not kept & marg
 
 
 def test_a_chunk_of_tokens_after_compression_is_kept_whole(pair, prompt):

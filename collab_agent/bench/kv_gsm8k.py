@@ -157,7 +157,7 @@ def register(bench: typer.Typer) -> None:
             int, typer.Option(help="Problems decoded together (memory grows with it).")
         ] = 10,
         methods: Annotated[str, typer.Option(help="Comma-separated methods.")] = (
-            "smallkv,h2o,snapkv,streaming"
+            "smallkv,h2o,snapkv,streaming,expected"
         ),
         data: Annotated[
             str, typer.Option(help="GSM8K JSON Lines (a bundled name or a path).")

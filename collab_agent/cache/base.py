@@ -696,7 +696,7 @@ class CompressedCache(Cache):
         allowance = torch.ceil(budgets * p).long() + (layer.length - p)
         if not layer.compressed and bool((allowance >= layer.length).all()):
             return None  # the whole context fits: stay exact
-        return self.method.layout(allowance, layer.length)
+        return self.method.layout(allowance, layer.length, layer.length - p)
 
     @staticmethod
     def keys_batch(layer: KVLayer) -> int:
@@ -789,8 +789,9 @@ class KVMethod:
         """Whether the layer may be compressed now (SmallKV waits for its calibration)."""
         return True
 
-    def layout(self, allowance: torch.Tensor, length: int) -> LayerPlan:
-        """Split the per-row allowance (token equivalents) into kept, recent and marginal."""
+    def layout(self, allowance: torch.Tensor, length: int, decoded: int = 0) -> LayerPlan:
+        """Split the per-row allowance (token equivalents) into kept, recent and marginal;
+        ``decoded`` of the ``length`` tokens came after the prompt was compressed."""
         keep = allowance.clamp(max=length)
         return LayerPlan(keep=keep, recent=(keep // 2), marginal=torch.zeros_like(keep))
 

@@ -67,7 +67,7 @@ class H2O(KVMethod):
         if not 0 <= self.recent_share <= 1:
             raise CacheConfigError("recent_share", f"must lie in [0, 1], got {self.recent_share!r}")
 
-    def layout(self, allowance: torch.Tensor, length: int) -> LayerPlan:
+    def layout(self, allowance: torch.Tensor, length: int, decoded: int = 0) -> LayerPlan:
         keep = allowance.clamp(max=length)
         recent = (keep.double() * self.recent_share).long()
         return LayerPlan(keep=keep, recent=recent, marginal=torch.zeros_like(keep))
@@ -121,7 +121,7 @@ class SnapKV(KVMethod):
         if self.kernel_size < 1 or self.kernel_size % 2 == 0:
             raise CacheConfigError("kernel_size", f"must be odd and >= 1, got {self.kernel_size!r}")
 
-    def layout(self, allowance: torch.Tensor, length: int) -> LayerPlan:
+    def layout(self, allowance: torch.Tensor, length: int, decoded: int = 0) -> LayerPlan:
         keep = allowance.clamp(max=length)
         return LayerPlan(keep=keep, recent=torch.zeros_like(keep), marginal=torch.zeros_like(keep))
 
@@ -186,7 +186,7 @@ class StreamingLLM(KVMethod):
         if self.sinks < 0:
             raise CacheConfigError("sinks", f"must be >= 0, got {self.sinks!r}")
 
-    def layout(self, allowance: torch.Tensor, length: int) -> LayerPlan:
+    def layout(self, allowance: torch.Tensor, length: int, decoded: int = 0) -> LayerPlan:
         keep = allowance.clamp(max=length)
         return LayerPlan(keep=keep, recent=torch.zeros_like(keep), marginal=torch.zeros_like(keep))
 
@@ -234,7 +234,7 @@ class ExpectedAttention(KVMethod):
         if self.future < 1:
             raise CacheConfigError("future", f"must be >= 1, got {self.future!r}")
 
-    def layout(self, allowance: torch.Tensor, length: int) -> LayerPlan:
+    def layout(self, allowance: torch.Tensor, length: int, decoded: int = 0) -> LayerPlan:
         keep = allowance.clamp(max=length)
         return LayerPlan(keep=keep, recent=torch.zeros_like(keep), marginal=torch.zeros_like(keep))
 

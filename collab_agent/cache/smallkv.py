@@ -92,6 +92,10 @@ class SmallKV(KVMethod):
         (0.0050/0.0164/0.0594 -> 0.0041/0.0141/0.0535 at 0.2/0.1/0.05), agreement within 0.003.
     sinks : int, default 0
         The first ``sinks`` tokens are always kept (StreamingLLM's attention sinks).
+    keep_decoded : bool, default False
+        Keep every token decoded after the prompt was compressed, and compress the prompt only
+        (as kvpress, SnapKV and ExpectedAttention do); the split then divides the prompt's
+        allowance. ``False``: decoded tokens compete with the prompt's at every step (the paper).
     prior : float, default 0.0
         Weight of the large model's own expected attention over the prompt (`expected.py`: the
         prompt queries' statistics, computed once when the prompt is compressed) against the
@@ -111,6 +115,7 @@ class SmallKV(KVMethod):
     combine: Literal["renormalised", "paper"] = "renormalised"
     value_norm: bool = True
     sinks: int = 0
+    keep_decoded: bool = False
     prior: float = 0.0
 
     reversible = True
@@ -293,12 +298,15 @@ class SmallKV(KVMethod):
 
     # ---- 2. SRM-guided, reversible eviction ----------------------------------------------------
 
-    def layout(self, allowance: torch.Tensor, length: int) -> LayerPlan:
+    def layout(self, allowance: torch.Tensor, length: int, decoded: int = 0) -> LayerPlan:
+        # with keep_decoded the split applies to the prompt's own allowance and every decoded
+        # token is kept as one of the recent ones
+        d = decoded if self.keep_decoded else 0
         crit, recent, marg = self.split
         total = crit + recent + marg
-        a = allowance.double()
-        n_recent = (a * recent / total).floor().long()
-        n_keep = (a * (crit + recent) / total).floor().long()
+        a = (allowance - d).double()
+        n_recent = (a * recent / total).floor().long() + d
+        n_keep = (a * (crit + recent) / total).floor().long() + d
         n_marg = (2 * a * marg / total).floor().long().clamp(max=length - n_keep)
         fits = allowance >= length
         return LayerPlan(
