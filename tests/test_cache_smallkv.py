@@ -54,7 +54,7 @@ def full_keys(model: Qwen2ForCausalLM, ids: torch.Tensor) -> DynamicCache:
     return cache
 
 
-PAPER = {"split": (2, 1, 2), "keep_decoded": False, "prior": 0.0}
+PAPER = SmallKV.PAPER
 """The paper's layout: critical : recent : marginal = 2 : 1 : 2 over every token, SRM scores only."""
 
 
@@ -331,7 +331,7 @@ def test_the_prior_is_the_large_models_expected_attention_mixed_with_the_srm(pai
     ea_cache, last, _ = prefill(large, prompt, ea)
     decode(large, ea_cache, last, 2)
     only, out = run(large, small, prompt, budget=0.2, steps=3, prior=1.0, value_norm=False)
-    srm, _ = run(large, small, prompt, budget=0.2, steps=3, value_norm=False)
+    srm, _ = run(large, small, prompt, budget=0.2, steps=3, prior=0.0, value_norm=False)
     half = SmallKV(assistant=small, budget=0.2, prior=0.5, value_norm=False).attach(large)
     for layer, ea_layer in zip(out.cache.layers, ea_cache.layers, strict=True):
         expected = ea_layer.state["expected"][..., 4:p]  # past the 4 sinks the baseline pins

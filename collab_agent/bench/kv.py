@@ -35,9 +35,10 @@ if TYPE_CHECKING:
 
 DATA = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "math500.jsonl"
 METHOD_NAMES = ("smallkv", "h2o", "snapkv", "streaming", "expected")
-VARIANTS = ("smallkv_window", "smallkv_paper", "smallkv_accumulated", "smallkv_prior")
-"""Extra rows on request: SmallKV with the window score (the default, named explicitly), with the
-paper's plain-sum combination, or with the paper's accumulated score."""
+VARIANTS = ("smallkv_paper", "smallkv_paper_sum", "smallkv_accumulated", "smallkv_no_prior")
+"""Extra rows on request: SmallKV as the paper configures it (2:1:2 split over every token, the
+SRM's scores only), that with the plain-sum marginal combination or the accumulated score, and
+the default without the large model's prior."""
 
 
 def log(message: str) -> None:
@@ -128,14 +129,14 @@ def make_method(name: str, small: Any) -> Any:
 
     if name == "smallkv":
         return SmallKV(assistant=small)
-    if name == "smallkv_window":
-        return SmallKV(assistant=small, score="window")
-    if name == "smallkv_accumulated":
-        return SmallKV(assistant=small, score="accumulated")
     if name == "smallkv_paper":
-        return SmallKV(assistant=small, combine="paper")
-    if name == "smallkv_prior":
-        return SmallKV(assistant=small, prior=0.5)
+        return SmallKV(assistant=small, **SmallKV.PAPER)
+    if name == "smallkv_paper_sum":
+        return SmallKV(assistant=small, **SmallKV.PAPER, combine="paper")
+    if name == "smallkv_accumulated":
+        return SmallKV(assistant=small, **SmallKV.PAPER, score="accumulated")
+    if name == "smallkv_no_prior":
+        return SmallKV(assistant=small, prior=0.0)
     baselines = {
         "h2o": H2O,
         "snapkv": SnapKV,
