@@ -22,16 +22,28 @@ from collab_agent.cache.base import CacheConfigError, KVLayer
 
 
 def inverse_frequencies(config: Any, head_dim: int, device: torch.device) -> torch.Tensor:
-    """RoPE's ``(head_dim / 2,)`` inverse frequencies from a model config (plain RoPE only)."""
+    """RoPE's ``(head_dim / 2,)`` inverse frequencies from a model config: plain RoPE, or any
+    scaled kind transformers knows (``linear``, ``llama3``, ``yarn``...), whose inverse
+    frequencies its own ``ROPE_INIT_FUNCTIONS`` give."""
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
     params = getattr(config, "rope_parameters", None) or {}
     rope_type = params.get("rope_type", "default")
-    if rope_type != "default" or params.get("partial_rotary_factor", 1.0) != 1.0:
+    if rope_type == "default":
+        theta = float(params.get("rope_theta", getattr(config, "rope_theta", 10000.0)))
+        exponents = torch.arange(0, head_dim, 2, dtype=torch.float32, device=device) / head_dim
+        inv = 1.0 / theta**exponents
+    elif rope_type in ROPE_INIT_FUNCTIONS:
+        inv = ROPE_INIT_FUNCTIONS[rope_type](config, device)[0].float()
+    else:
+        raise CacheConfigError("model", f"expected attention: unknown RoPE kind {rope_type!r}")
+    if inv.numel() != head_dim // 2:
         raise CacheConfigError(
-            "model", f"expected attention needs plain RoPE, this model uses {rope_type!r}"
+            "model",
+            f"expected attention needs RoPE over the whole head ({head_dim // 2} frequencies), "
+            f"this model rotates {inv.numel()}",
         )
-    theta = float(params.get("rope_theta", getattr(config, "rope_theta", 10000.0)))
-    exponents = torch.arange(0, head_dim, 2, dtype=torch.float32, device=device) / head_dim
-    return 1.0 / theta**exponents
+    return inv
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
