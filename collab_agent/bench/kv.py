@@ -125,7 +125,7 @@ def parse_methods(methods: str) -> tuple[str, ...]:
 
 
 def make_method(name: str, small: Any) -> Any:
-    from collab_agent.cache import H2O, ExpectedAttention, SmallKV, SnapKV, StreamingLLM
+    from collab_agent.cache import METHODS, SmallKV
 
     if name == "smallkv":
         return SmallKV(assistant=small)
@@ -137,13 +137,7 @@ def make_method(name: str, small: Any) -> Any:
         return SmallKV(assistant=small, **SmallKV.PAPER, score="accumulated")
     if name == "smallkv_no_prior":
         return SmallKV(assistant=small, prior=0.0)
-    baselines = {
-        "h2o": H2O,
-        "snapkv": SnapKV,
-        "streaming": StreamingLLM,
-        "expected": ExpectedAttention,
-    }
-    return baselines[name]()
+    return METHODS[name]()
 
 
 def statistics_probe(small: Any) -> Any:
