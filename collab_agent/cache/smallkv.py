@@ -393,11 +393,9 @@ class SmallKV(KVMethod):
     def _with_prior(self, layer: KVLayer, srm: torch.Tensor) -> torch.Tensor:
         """``prior * expected + (1 - prior) * srm`` over the prompt, shares of one per row."""
         expected = layer.state.get("expected")
-        if expected is None:  # first compression: the prompt's keys are all on the host
-            assert layer.host_keys is not None
-            p = layer.length - layer.q_pos.numel()
-            keys = layer.host_keys[..., :p, :].to(layer.device)
-            expected = expected_attention(layer, keys, p, PRIOR_FUTURE)
+        if expected is None:  # first compression: the device still holds every prompt token
+            assert layer.keys is not None
+            expected = expected_attention(layer, layer.keys, layer.keys.shape[-2], PRIOR_FUTURE)
             layer.state["expected"] = expected
         share = srm / srm.sum(-1, keepdim=True).clamp(min=1e-12)
         p = expected.shape[-1]
