@@ -70,7 +70,7 @@ def observe_queries(
     if total is None:
         layer.state["query_sum"] = pre.sum(2)
         layer.state["query_outer"] = torch.einsum("bhqd,bhqe->bhde", pre, pre)
-        layer.state["query_count"] = torch.full(pre.shape[:1], float(pre.shape[2]))
+        layer.state["query_count"] = pre.shape[2]
         layer.state["inverse_frequencies"] = (inv,)  # a tuple: not repeated with the batch
     else:
         layer.state["query_sum"] = total + pre.sum(2)
@@ -87,9 +87,9 @@ def expected_attention(
     queries at positions ``start .. start + future - 1``, mean over each KV head's query heads."""
     if "query_sum" not in layer.state:
         raise RuntimeError("no prompt queries were observed for expected attention")
-    n = layer.state["query_count"].to(keys.device)[:, None, None]
+    n = layer.state["query_count"]
     mean = layer.state["query_sum"] / n  # (B, H, D)
-    cov = layer.state["query_outer"] / n[..., None] - mean[..., :, None] * mean[..., None, :]
+    cov = layer.state["query_outer"] / n - mean[..., :, None] * mean[..., None, :]
     (inv,) = layer.state["inverse_frequencies"]
     d = mean.shape[-1]
     t = torch.arange(start, start + future, dtype=torch.float32, device=keys.device)
