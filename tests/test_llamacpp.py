@@ -225,7 +225,10 @@ def test_no_orphan_when_the_parent_is_killed() -> None:
 def test_ctrl_c_in_the_parent_stops_the_server() -> None:
     script = textwrap.dedent(
         f"""
-        import time
+        import signal, time
+        # a terminal delivers Ctrl-C to Python's handler; a job started in the background by a
+        # non-interactive shell (CI under nohup, say) inherits SIGINT ignored, so restore it
+        signal.signal(signal.SIGINT, signal.default_int_handler)
         from collab_agent.backends.llamacpp import LlamaCppServer
         with LlamaCppServer("bundled:{SMOL}", ctx_size=1024, n_parallel=1, threads=1) as server:
             print(server.pid, flush=True)
