@@ -140,3 +140,25 @@ def test_decode_stops_once_every_row_has_produced_a_stop_token():
     assert cut.tokens.shape[1] == first + 1
     assert torch.equal(cut.tokens, whole.tokens[:, : first + 1])
     assert torch.allclose(cut.logits, whole.logits[:, : first + 1])
+
+
+def test_every_method_name_builds_the_method_it_names():
+    import pytest
+
+    from collab_agent.bench.kv import VARIANTS, make_method, parse_methods
+    from collab_agent.cache import METHODS, SmallKV
+    from collab_agent.errors import ConfigError
+
+    small = tiny(0, 2, 4, 64)
+    names = parse_methods(",".join(METHOD_NAMES + VARIANTS))
+    built = {name: make_method(name, small) for name in names}
+    for name in METHOD_NAMES:
+        expected = SmallKV if name == "smallkv" else METHODS[name]
+        assert type(built[name]) is expected
+    assert built["smallkv"] == SmallKV(assistant=small)
+    assert built["smallkv_paper"] == SmallKV(assistant=small, **SmallKV.PAPER)
+    assert built["smallkv_no_prior"].prior == 0.0
+    assert built["smallkv_marginal"].split == (2, 0, 2)
+    assert built["smallkv_marginal"].prior == SmallKV(assistant=small).prior
+    with pytest.raises(ConfigError, match=r"--methods.*smallkv_typo"):
+        parse_methods("smallkv,smallkv_typo")

@@ -35,7 +35,13 @@ if TYPE_CHECKING:
 
 DATA = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "math500.jsonl"
 METHOD_NAMES = ("smallkv", "h2o", "snapkv", "streaming", "expected")
-VARIANTS = ("smallkv_paper", "smallkv_paper_sum", "smallkv_accumulated", "smallkv_no_prior")
+VARIANTS = (
+    "smallkv_paper",
+    "smallkv_paper_sum",
+    "smallkv_accumulated",
+    "smallkv_no_prior",
+    "smallkv_marginal",
+)
 """Extra rows on request: SmallKV as the paper configures it (2:1:2 split over every token, the
 SRM's scores only), that with the plain-sum marginal combination or the accumulated score, and
 the default without the large model's prior."""
@@ -137,6 +143,8 @@ def make_method(name: str, small: Any) -> Any:
         return SmallKV(assistant=small, **SmallKV.PAPER, score="accumulated")
     if name == "smallkv_no_prior":
         return SmallKV(assistant=small, prior=0.0)
+    if name == "smallkv_marginal":  # the defaults, but half the allowance as V-only tokens
+        return SmallKV(assistant=small, split=(2, 0, 2))
     return METHODS[name]()
 
 
