@@ -35,16 +35,20 @@ if TYPE_CHECKING:
 
 DATA = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "math500.jsonl"
 METHOD_NAMES = ("smallkv", "h2o", "snapkv", "streaming", "expected")
-VARIANTS = (
-    "smallkv_paper",
-    "smallkv_paper_sum",
-    "smallkv_accumulated",
-    "smallkv_no_prior",
-    "smallkv_marginal",
-)
+SMALLKV_SETTINGS: dict[str, tuple[bool, dict[str, Any]]] = {
+    "smallkv": (False, {}),
+    "smallkv_paper": (True, {}),
+    "smallkv_paper_sum": (True, {"combine": "paper"}),
+    "smallkv_accumulated": (True, {"score": "accumulated"}),
+    "smallkv_no_prior": (False, {"prior": 0.0}),
+    "smallkv_marginal": (False, {"split": (2, 0, 2)}),
+}
+"""SmallKV rows by name: (start from `SmallKV.PAPER`?, keyword arguments on top)."""
+VARIANTS = tuple(name for name in SMALLKV_SETTINGS if name not in METHOD_NAMES)
 """Extra rows on request: SmallKV as the paper configures it (2:1:2 split over every token, the
 SRM's scores only), that with the plain-sum marginal combination or the accumulated score, and
-the default without the large model's prior."""
+the default without the large model's prior or with half the allowance as V-only marginal
+tokens."""
 
 
 def log(message: str) -> None:
@@ -133,18 +137,9 @@ def parse_methods(methods: str) -> tuple[str, ...]:
 def make_method(name: str, small: Any) -> Any:
     from collab_agent.cache import METHODS, SmallKV
 
-    if name == "smallkv":
-        return SmallKV(assistant=small)
-    if name == "smallkv_paper":
-        return SmallKV(assistant=small, **SmallKV.PAPER)
-    if name == "smallkv_paper_sum":
-        return SmallKV(assistant=small, **SmallKV.PAPER, combine="paper")
-    if name == "smallkv_accumulated":
-        return SmallKV(assistant=small, **SmallKV.PAPER, score="accumulated")
-    if name == "smallkv_no_prior":
-        return SmallKV(assistant=small, prior=0.0)
-    if name == "smallkv_marginal":  # the defaults, but half the allowance as V-only tokens
-        return SmallKV(assistant=small, split=(2, 0, 2))
+    if name in SMALLKV_SETTINGS:
+        paper, extra = SMALLKV_SETTINGS[name]
+        return SmallKV(assistant=small, **(SmallKV.PAPER if paper else {}), **extra)
     return METHODS[name]()
 
 
