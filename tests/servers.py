@@ -24,6 +24,7 @@ import time
 import urllib.request
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -203,54 +204,63 @@ def qwen_large_server() -> Iterator[LlamaCppServer]:
     yield from _server(QWEN_LARGE, n_parallel=1, ctx_size=4096)
 
 
-# ============================================================================ llama-cpp-python
+# ============================================================================ server processes
 @dataclass
-class LlamaCppPythonServer:
-    """``python -m llama_cpp.server`` (llama-cpp-python's OpenAI-compatible server) on a free
-    loopback port, in its own process group, stopped (the whole group) on exit. It serves one
-    request at a time, sends legacy completions logprobs and ignores a trailing assistant
-    message: the other dialect `OpenAIBackend` must read."""
+class ServerProcess:
+    """An OpenAI-compatible server started as ``command(port)`` on a free loopback port, in its
+    own process group, ready when ``GET {base_url}{ready_path}`` answers 200 within
+    ``startup_timeout`` seconds, and stopped (the whole group: SIGTERM, then SIGKILL) on exit."""
 
-    model_path: str
+    name: str = "server"
+    startup_timeout: float = 120.0
+    ready_path: str = "/models"
+    env: dict[str, str] = field(default_factory=dict)
     base_url: str = ""
     process: subprocess.Popen[bytes] | None = None
 
-    def __enter__(self) -> LlamaCppPythonServer:
+    def command(self, port: int) -> list[str]:
+        raise NotImplementedError
+
+    def __enter__(self) -> ServerProcess:
         with socket.socket() as probe:
             probe.bind(("127.0.0.1", 0))
             port = probe.getsockname()[1]
-        self.log = tempfile.NamedTemporaryFile(prefix="llama-cpp-python-", suffix=".log")
-        command = [
-            sys.executable, "-m", "llama_cpp.server",
-            "--model", self.model_path,
-            "--host", "127.0.0.1",
-            "--port", str(port),
-            "--n_threads", "1",
-            "--n_ctx", "2048",
-            "--interrupt_requests", "false",
-            "--logits_all", "true",  # prompt logprobs for echo (OpenAIBackend.score)
-        ]  # fmt: skip
+        self.log = tempfile.NamedTemporaryFile(prefix=f"{self.name}-", suffix=".log")
         self.process = subprocess.Popen(
-            command,
+            self.command(port),
             stdin=subprocess.DEVNULL,
             stdout=self.log,
             stderr=subprocess.STDOUT,
             start_new_session=True,
+            env={**os.environ, **self.env},
         )
-        self.base_url = f"http://127.0.0.1:{port}/v1"
-        deadline = time.monotonic() + 120
+        self.root_url = f"http://127.0.0.1:{port}"
+        self.base_url = f"{self.root_url}/v1"
+        deadline = time.monotonic() + self.startup_timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
                 break
             try:
-                with urllib.request.urlopen(f"{self.base_url}/models", timeout=2) as reply:
+                with urllib.request.urlopen(
+                    f"{self.base_url}{self.ready_path}", timeout=2
+                ) as reply:
                     if reply.status == 200:
                         return self
             except OSError:
-                time.sleep(0.25)
+                time.sleep(0.5)
         self.__exit__()
+        raise RuntimeError(f"{self.name} did not start: {self.log_tail()}")
+
+    def log_tail(self, chars: int = 3000) -> str:
         self.log.seek(0)
-        raise RuntimeError(f"llama-cpp-python's server did not start: {self.log.read()[-2000:]!r}")
+        return self.log.read().decode(errors="replace")[-chars:]
+
+    def kill(self) -> None:
+        """Stop the server at once (SIGKILL to its group), as a crash would."""
+        if self.process is not None and self.process.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.process.pid, signal.SIGKILL)
+            self.process.wait(30)
 
     def __exit__(self, *exc: object) -> None:
         process = self.process
@@ -260,10 +270,31 @@ class LlamaCppPythonServer:
             try:
                 process.wait(10)
             except subprocess.TimeoutExpired:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(process.pid, signal.SIGKILL)
-                process.wait(10)
+                self.kill()
         self.log.close()
+
+
+# ============================================================================ llama-cpp-python
+@dataclass
+class LlamaCppPythonServer(ServerProcess):
+    """``python -m llama_cpp.server`` (llama-cpp-python's OpenAI-compatible server). It serves one
+    request at a time, sends legacy completions logprobs and ignores a trailing assistant
+    message: the other dialect `OpenAIBackend` must read."""
+
+    model_path: str = ""
+    name: str = "llama-cpp-python"
+
+    def command(self, port: int) -> list[str]:
+        return [
+            sys.executable, "-m", "llama_cpp.server",
+            "--model", self.model_path,
+            "--host", "127.0.0.1",
+            "--port", str(port),
+            "--n_threads", "1",
+            "--n_ctx", "2048",
+            "--interrupt_requests", "false",
+            "--logits_all", "true",  # prompt logprobs for echo (OpenAIBackend.score)
+        ]  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -271,5 +302,53 @@ def llama_cpp_python_server() -> Iterator[LlamaCppPythonServer]:
     """llama-cpp-python's server on SmolLM2-135M (``make install`` builds and caches its wheel)."""
     pytest.importorskip("llama_cpp.server", reason="llama-cpp-python[server] is not installed")
     _gguf_or_skip(SMOL)
-    with LlamaCppPythonServer(str(bundled.bundled_gguf(SMOL))) as server:
+    with LlamaCppPythonServer(model_path=str(bundled.bundled_gguf(SMOL))) as server:
+        yield server
+
+
+# ============================================================================ vLLM
+VLLM_PYTHON = Path(
+    os.environ.get("COLLAB_VLLM_PYTHON", Path(__file__).parents[1] / ".venv-vllm/bin/python")
+)
+VLLM_MODEL = "qwen-small"
+
+
+@dataclass
+class VllmServer(ServerProcess):
+    """vLLM's OpenAI-compatible server (its CPU build, in the venv ``make install-vllm`` builds)
+    on the bundled Qwen2.5-Coder-0.5B in bf16, eager mode (no torch.compile: it starts in about a
+    minute instead of five)."""
+
+    model_path: str = ""
+    name: str = "vllm"
+    startup_timeout: float = 600.0
+    ready_path: str = "/models"
+    env: dict[str, str] = field(
+        default_factory=lambda: {"VLLM_CPU_KVCACHE_SPACE": "2", "HF_HUB_OFFLINE": "1"}
+    )
+
+    def command(self, port: int) -> list[str]:
+        return [
+            str(VLLM_PYTHON), "-m", "vllm.entrypoints.openai.api_server",
+            "--model", self.model_path,
+            "--served-model-name", VLLM_MODEL,
+            "--dtype", "bfloat16",
+            "--max-model-len", "4096",
+            "--max-logprobs", "20",
+            "--enforce-eager",
+            "--host", "127.0.0.1",
+            "--port", str(port),
+        ]  # fmt: skip
+
+
+@pytest.fixture(scope="session")
+def vllm_server() -> Iterator[VllmServer]:
+    """vLLM serving the bundled Qwen2.5-Coder-0.5B; skipped (failed under CI) without its venv."""
+    if not VLLM_PYTHON.is_file():
+        message = f"vLLM's venv is missing ({VLLM_PYTHON}); build it with `make install-vllm`"
+        if os.environ.get("CI"):
+            pytest.fail(message)
+        pytest.skip(message)
+    _gguf_or_skip(QWEN_SMALL)
+    with VllmServer(model_path=str(bundled.bundled_path(QWEN_SMALL))) as server:
         yield server
