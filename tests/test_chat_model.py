@@ -468,6 +468,8 @@ def test_a_custom_trigger_policy_shows_in_the_trace() -> None:
         "tokens": 5,
         "trigger": "reject_equations",
         "rejected": True,
+        "degraded": False,
+        "degraded_reason": None,
     }
     assert result.additional_kwargs["reasoning_content"] == "17 * 23 = 391"
     assert large.calls == 1
