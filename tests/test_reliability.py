@@ -238,12 +238,15 @@ async def test_a_malformed_answer_then_a_good_one_succeeds() -> None:
 
 # ============================================================================ 6. Retry-After
 @pytest.mark.parametrize("value", ["soon", "nan", "Mon, 99 Foo 2024 99:99:99 GMT"])
-async def test_an_unreadable_retry_after_is_no_hint(value: str) -> None:
+async def test_an_unreadable_retry_after_is_no_hint(
+    value: str, caplog: pytest.LogCaptureFixture
+) -> None:
     replies = (Reply(429, body={"error": "slow down"}, headers={"Retry-After": value}), Reply())
     async with scripted(*replies) as server, backend_at(server.base_url) as backend:
         start = time.perf_counter()
         generation = await backend.generate(request(stop=()))
     assert generation.text == "Paris." and time.perf_counter() - start < 2.0
+    assert "retrying in nan" not in caplog.text
 
 
 # ============================================================================ 7. batches
@@ -264,8 +267,10 @@ def test_a_failing_batch_cancels_the_other_inputs() -> None:
     model = CollabChatModel(small=small, large=Steady(), policy=SmallOnly(), max_steps=200)
     inputs: list[Any] = ["q"] * 10
     inputs[2] = []
+    start = time.perf_counter()
     with pytest.raises(InvalidMessagesError):
         model.batch(inputs)
+    assert time.perf_counter() - start < 1.0  # not after the others ran their 200 steps
     calls = small.calls
     time.sleep(0.2)
     assert small.calls == calls
@@ -307,7 +312,7 @@ async def test_the_whole_call_timeout_is_a_typed_error_that_says_so() -> None:
         {"temperature": 5.0},
         {"max_concurrency": 0},
         {"max_concurrency": -1},
-        {"policy": "os:getpid"},
+        {"policy": "collab_agent.policies.fixed:SmallOnly"},
     ],
     ids=[
         "nan-temperature",
@@ -331,7 +336,7 @@ def test_an_invalid_field_is_a_config_error(fields: dict[str, Any]) -> None:
         {"temperature": 5},
         {"max_tokens": 0},
         {"policy": 123},
-        {"policy": "os:getpid"},
+        {"policy": "collab_agent.policies.fixed:SmallOnly"},
         {"seed": "x"},
     ],
     ids=["nan-temperature", "nan-top-p", "temperature-5", "max-tokens-0", "policy-123", "code",
