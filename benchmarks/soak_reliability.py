@@ -33,7 +33,7 @@ from collab_agent.policies.trigreason import TrigReason
 
 THREADS = 32
 FAILURE_SHARE = 0.10
-REQUEST_TIMEOUT_S = 1.0
+REQUEST_TIMEOUT_S = 2.0
 
 
 def _body(text: str) -> bytes:

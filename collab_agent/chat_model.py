@@ -385,8 +385,10 @@ class CollabChatModel(BaseChatModel):
 
     small: Any = Field(default=f"bundled:{SMALL_BUNDLED}")
     """The small reasoning model: a `Backend` or a spec string (``bundled:NAME``,
-    ``llamacpp:bundled:NAME``, ``openai:MODEL@URL``, ``hf:PATH``, ``tiny``), loaded on first use
-    and shared by every `CollabChatModel` in the process that names the same spec."""
+    ``llamacpp:bundled:NAME``, ``openai:MODEL@URL``, ``hf:PATH``, ``tiny``), loaded on first use.
+    Local models are shared by every `CollabChatModel` in the process that names the same spec;
+    a server (``openai:``) is built for this model, with its ``api_key``, and closed by its
+    `close` / `aclose` (or ``with``)."""
 
     large: Any = Field(default=f"bundled:{LARGE_BUNDLED}")
     """The large reasoning model: a `Backend` or a spec string, as ``small``."""

@@ -22,8 +22,10 @@ different ways, chosen by ``mode``:
   ``tokenizer=``; without one, a request that continues reasoning raises `CapabilityError`.
 
 Faults: every attempt has a deadline (``timeout``); connection errors, timeouts, 429 (honouring
-``Retry-After``) and 5xx are retried with exponential backoff and jitter (tenacity), at most
-``max_retries`` times; 4xx never. The SDK's own retries are off so the two do not stack. Errors
+a readable ``Retry-After``), 5xx and malformed answers (`BackendProtocolError`) are retried with
+exponential backoff and jitter (tenacity), at most ``max_retries`` times; 4xx never. Each event
+loop gets one HTTP client, closed by `OpenAIBackend.aclose` / `OpenAIBackend.close` or when that
+loop shuts down (a sync call's loop, ``asyncio.run``), so no socket outlives its loop. The SDK's own retries are off so the two do not stack. Errors
 are typed twice: our `BackendError` family and LangChain's ``langchain_core.exceptions`` model
 errors, so code catching either works. Retryable failures that outlast the retries raise a
 `BackendUnavailableError` subclass: with ``on_unavailable="degrade"`` the reasoner catches it and
