@@ -11,6 +11,7 @@ from collab_agent.backends.base import (
 from collab_agent.errors import (
     BackendError,
     BackendUnavailableError,
+    CallTimeoutError,
     CapabilityError,
     CollabError,
     ConfigError,
@@ -24,7 +25,9 @@ __all__ = [
     "Backend",
     "BackendError",
     "BackendUnavailableError",
+    "CallTimeoutError",
     "CapabilityError",
+    "CircuitBreaker",
     "CollabChatModel",
     "CollabError",
     "ConfigError",
@@ -51,6 +54,7 @@ __version__ = "0.1.0"
 _LAZY = {
     "CollabChatModel": "collab_agent.chat_model",
     "Reasoner": "collab_agent.reasoner",
+    "CircuitBreaker": "collab_agent.breaker",
     "TransformersBackend": "collab_agent.backends.local",
     "OpenAIBackend": "collab_agent.backends.openai",
     "load_backend": "collab_agent.backends.specs",

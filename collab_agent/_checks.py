@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 from collab_agent.errors import ConfigError
 
 
@@ -28,6 +30,8 @@ def in_range(
 ) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise ConfigError(name, f"must be a number, got {value!r}")
+    if math.isnan(value):
+        raise ConfigError(name, f"must be a number in range, got {value!r}")
     too_low = value <= low if low_open else value < low
     too_high = value >= high if high_open else value > high
     if too_low or too_high:

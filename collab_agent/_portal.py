@@ -9,10 +9,11 @@ there.
 
 from __future__ import annotations
 
+import threading
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from typing import Any, TypeVar
 
-from anyio.from_thread import start_blocking_portal
+from anyio.from_thread import BlockingPortal, start_blocking_portal
 
 T = TypeVar("T")
 
@@ -27,17 +28,46 @@ async def _next(iterator: AsyncIterator[T]) -> T:
 
 
 def run_sync(func: Callable[..., Awaitable[T]], *args: Any) -> T:
-    """Run ``await func(*args)`` to completion on a fresh portal and return its result."""
+    """Run ``await func(*args)`` to completion on a fresh portal and return its result.
+
+    Ctrl-C (or any exception raised in the calling thread) cancels the call on the portal and
+    waits for it to unwind before the exception propagates."""
     with start_blocking_portal() as portal:
-        return portal.call(func, *args)  # type: ignore[arg-type]
+        return _call(portal, func, *args)
+
+
+def _call(portal: BlockingPortal, func: Callable[..., Awaitable[T]], *args: Any) -> T:
+    """``portal.call(func, *args)``, except that an exception in this thread while it waits
+    (``KeyboardInterrupt``) cancels the task and waits for it to end, so that nothing still
+    runs on the portal (e.g. an async generator's ``__anext__``) when the caller cleans up."""
+    ended = threading.Event()
+
+    async def tracked() -> T:
+        try:
+            return await func(*args)
+        finally:
+            ended.set()
+
+    future = portal.start_task_soon(tracked)
+    try:
+        return future.result()
+    except BaseException:
+        if not future.done():
+            future.cancel()  # the portal cancels the task's scope
+            ended.wait(_UNWIND_S)
+        raise
+
+
+_UNWIND_S = 10.0
+"""How long an interrupted sync call waits for its task to unwind on the portal."""
 
 
 def iterate_sync(factory: Callable[[], AsyncIterator[T]]) -> Iterator[T]:
     """Iterate the async iterator ``factory()`` from sync code, one item per portal call.
 
     The iterator is created, advanced and closed on the portal's loop; leaving the ``for`` loop
-    early (``break``, an exception, garbage collection) closes it there, so its ``finally``
-    blocks (cache release) run before this function returns.
+    early (``break``, an exception, Ctrl-C, garbage collection) closes it there, so its
+    ``finally`` blocks (cache release) run before this function returns.
     """
     with start_blocking_portal() as portal:
 
@@ -47,7 +77,7 @@ def iterate_sync(factory: Callable[[], AsyncIterator[T]]) -> Iterator[T]:
         iterator = portal.call(create)
         try:
             while True:
-                item = portal.call(_next, iterator)
+                item = _call(portal, _next, iterator)
                 if item is _DONE:
                     return
                 yield item

@@ -49,10 +49,11 @@ from langchain_core.messages import (
 from langchain_core.messages.utils import message_chunk_to_message
 from langchain_core.outputs import ChatGeneration, ChatGenerationChunk, ChatResult
 from langchain_core.runnables import Runnable
+from langchain_core.runnables.config import get_config_list
 from langchain_core.utils.function_calling import convert_to_openai_tool
-from pydantic import Field, SecretStr, ValidationError, field_validator
+from pydantic import Field, PrivateAttr, SecretStr, ValidationError, field_validator
 
-from collab_agent import _portal
+from collab_agent import _checks, _portal
 from collab_agent.backends.base import (
     Backend,
     GenerateRequest,
@@ -62,7 +63,9 @@ from collab_agent.backends.base import (
 )
 from collab_agent.backends.specs import LARGE_BUNDLED, SMALL_BUNDLED
 from collab_agent.backends.toolcalls import parse_tool_calls
-from collab_agent.errors import CollabError, ConfigError, InvalidMessagesError
+from collab_agent.breaker import CircuitBreaker
+from collab_agent.errors import CallTimeoutError, CollabError, ConfigError, InvalidMessagesError
+from collab_agent.limits import map_limited
 from collab_agent.policies.base import Policy
 from collab_agent.prompting import FORMATS, STEPWISE_INSTRUCTION, ReasoningFormat
 from collab_agent.reasoner import AnswerEvent, Reasoner, StepEvent
@@ -161,6 +164,7 @@ def _convert_messages(messages: Sequence[BaseMessage]) -> list[dict[str, Any]]:
             "messages: the conversation is empty; give at least one user message"
         )
     converted: list[dict[str, Any]] = []
+    call_ids: set[str] = set()
     for i, message in enumerate(messages):
         where = f"messages[{i}]"
         if isinstance(message, SystemMessage):
@@ -181,6 +185,9 @@ def _convert_messages(messages: Sequence[BaseMessage]) -> list[dict[str, Any]]:
             )
         entry: dict[str, Any] = {"role": role, "content": _text_of(message.content, where, role)}
         if isinstance(message, AIMessage) and message.tool_calls:
+            call_ids.update(
+                call.get("id") or f"call_{i}_{k}" for k, call in enumerate(message.tool_calls)
+            )
             entry["tool_calls"] = [
                 {
                     "id": call.get("id") or f"call_{i}_{k}",
@@ -193,6 +200,12 @@ def _convert_messages(messages: Sequence[BaseMessage]) -> list[dict[str, Any]]:
                 for k, call in enumerate(message.tool_calls)
             ]
         if isinstance(message, ToolMessage):
+            if message.tool_call_id not in call_ids:
+                raise InvalidMessagesError(
+                    f"{where}: ToolMessage answers tool_call_id {message.tool_call_id!r}, which "
+                    "no earlier AIMessage.tool_calls holds; give each tool result after the "
+                    "AIMessage that called the tool, with the call's id"
+                )
             entry["tool_call_id"] = message.tool_call_id
         if message.name and role in ("user", "tool"):
             entry["name"] = message.name
@@ -331,8 +344,11 @@ class _Answer:
     invalid_tool_calls: list[dict[str, Any]]
 
 
-_BACKENDS: dict[tuple[str, str], Backend] = {}
-_BACKENDS_LOCK = threading.Lock()
+_LOCAL_BACKENDS: dict[tuple[str, str], Backend] = {}
+"""Local models (``bundled:``, ``hf:``, ``tiny``, ``llamacpp:``) by spec and options: loaded once
+per process, as their weights are large. They hold no secret and no per-loop connection. Servers
+(``openai:``) are built per chat model instead, which owns and closes them."""
+_LOCAL_BACKENDS_LOCK = threading.Lock()
 
 
 def _label(model: Any) -> str:
@@ -369,16 +385,25 @@ class CollabChatModel(BaseChatModel):
 
     small: Any = Field(default=f"bundled:{SMALL_BUNDLED}")
     """The small reasoning model: a `Backend` or a spec string (``bundled:NAME``,
-    ``llamacpp:bundled:NAME``, ``openai:MODEL@URL``, ``hf:PATH``, ``tiny``), loaded on first use
-    and shared by every `CollabChatModel` in the process that names the same spec."""
+    ``llamacpp:bundled:NAME``, ``openai:MODEL@URL``, ``hf:PATH``, ``tiny``), loaded on first use.
+    Local models are shared by every `CollabChatModel` in the process that names the same spec;
+    a server (``openai:``) is built for this model, with its ``api_key``, and closed by its
+    `close` / `aclose` (or ``with``)."""
 
     large: Any = Field(default=f"bundled:{LARGE_BUNDLED}")
     """The large reasoning model: a `Backend` or a spec string, as ``small``."""
 
+    allow_code_policies: bool = False
+    """Whether a policy name of the form ``"module:function"`` (here or per call) may import and
+    call that function. Off by default: a policy name that arrives with a request must never run
+    code. Factories registered by installed packages (entry-point group
+    ``collab_agent.policies``) are always allowed."""
+
     policy: Any = Field(default=None, validate_default=True)
     """Who writes each step: a `Policy` (``TrigReason()``, ``SmallOnly()``, ``LargeOnly()``, a
-    custom one) or a registry name (``"trigreason"``, ``"small-only"``, ``"module:factory"``).
-    ``None`` means ``TrigReason()`` with the paper's settings (20 priming steps)."""
+    custom one) or a registry name (``"trigreason"``, ``"small-only"``; ``"module:factory"`` with
+    ``allow_code_policies=True``). ``None`` means ``TrigReason()`` with the paper's settings (20
+    priming steps)."""
 
     reasoning_format: Any = Field(default="stepwise", validate_default=True)
     """How reasoning is laid out: ``"stepwise"`` (instruct models: blank-line steps and a
@@ -409,8 +434,10 @@ class CollabChatModel(BaseChatModel):
     """Stop strings: the answer ends before the first one found (reasoning is not cut)."""
 
     timeout: float | None = None
-    """Seconds one call may take in all (reasoning and answer); ``None``: no limit. Spec
-    strings naming servers also get it as their per-request deadline."""
+    """Seconds one call may take in all (reasoning and answer); ``None``: no limit. Past it the
+    call raises `CallTimeoutError`. Spec strings naming servers get ``timeout / (max_retries +
+    1)`` as each request's deadline, so their retries fit in the call; in degrade mode a large
+    step may use at most half the time left, so the small model can still answer."""
 
     max_retries: int = 2
     """Retries of a failed server request (backends built from ``openai:`` / ``llamacpp:``
@@ -423,8 +450,17 @@ class CollabChatModel(BaseChatModel):
     streaming: bool = False
     """Whether ``invoke`` streams internally (callbacks see each step as it is written)."""
 
-    on_large_unavailable: Literal["fail", "degrade"] = "fail"
-    """``"degrade"``: when the large model stays unreachable, the small one writes its steps."""
+    on_large_unavailable: Literal["fail", "degrade"] | None = None
+    """``"degrade"``: when the large model stays unreachable, the small one writes its steps
+    (each flagged in ``response_metadata["collab"]["steps"]`` with why). ``"fail"``: the typed
+    error propagates. ``None`` (default): the large backend's own ``on_unavailable``, else
+    ``"fail"``."""
+
+    circuit_breaker: Any = Field(default_factory=CircuitBreaker)
+    """In degrade mode, the large model's `CircuitBreaker`, shared by every call of this model:
+    after ``threshold`` consecutive unavailable errors (default 3) large steps degrade at once,
+    without a request, for ``cooldown_s`` (default 30 s), then one call probes again. ``None``:
+    every large step tries the server."""
 
     backend_options: dict[str, Any] = Field(default_factory=dict)
     """Extra options for backends built from spec strings (``dtype``, ``n_parallel``, ...)."""
@@ -432,7 +468,10 @@ class CollabChatModel(BaseChatModel):
     max_concurrency: int | None = 16
     """Most conversations ``batch`` / ``abatch`` run at once when the call's config sets no
     ``max_concurrency`` (LangChain's own default is unbounded, which would open a connection or
-    load a KV cache per input). ``None`` leaves LangChain's default."""
+    load a KV cache per input). ``None``: unbounded."""
+
+    _owned: dict[str, Backend] = PrivateAttr(default_factory=dict)
+    _owned_lock: threading.Lock = PrivateAttr(default_factory=threading.Lock)
 
     # ------------------------------------------------------------------ batching
     def _bounded(self, config: Any, count: int) -> Any:
@@ -447,11 +486,78 @@ class CollabChatModel(BaseChatModel):
             for c in configs
         ]
 
-    def batch(self, inputs: list[Any], config: Any = None, **kwargs: Any) -> list[Any]:  # type: ignore[override]
-        return super().batch(inputs, self._bounded(config, len(inputs)), **kwargs)
+    def batch(  # type: ignore[override]
+        self,
+        inputs: list[Any],
+        config: Any = None,
+        *,
+        return_exceptions: bool = False,
+        **kwargs: Any,
+    ) -> list[Any]:
+        """``invoke`` on each input, at most ``max_concurrency`` at once, on one event loop; when
+        one fails (``return_exceptions=False``) the others are cancelled before it is raised."""
+        return _portal.run_sync(
+            lambda: self.abatch(inputs, config, return_exceptions=return_exceptions, **kwargs)
+        )
 
-    async def abatch(self, inputs: list[Any], config: Any = None, **kwargs: Any) -> list[Any]:  # type: ignore[override]
-        return await super().abatch(inputs, self._bounded(config, len(inputs)), **kwargs)
+    async def abatch(  # type: ignore[override]
+        self,
+        inputs: list[Any],
+        config: Any = None,
+        *,
+        return_exceptions: bool = False,
+        **kwargs: Any,
+    ) -> list[Any]:
+        """``ainvoke`` on each input, at most ``max_concurrency`` at once; when one fails
+        (``return_exceptions=False``) the others are cancelled before it is raised, so nothing
+        keeps calling the models after the caller got the error."""
+        if not inputs:
+            return []
+        configs = get_config_list(self._bounded(config, len(inputs)), len(inputs))
+        limit = configs[0].get("max_concurrency") or len(inputs)
+
+        async def one(pair: tuple[int, Any]) -> Any:
+            index, value = pair
+            return await self.ainvoke(value, configs[index], **kwargs)
+
+        return await map_limited(
+            one,
+            enumerate(inputs),
+            max_concurrency=limit,
+            return_exceptions=return_exceptions,  # type: ignore[call-overload]
+        )
+
+    # ------------------------------------------------------------------ lifetime
+    def close(self) -> None:
+        """Close the HTTP clients of the backends this model built from ``openai:`` specs
+        (backends passed in as objects belong to the caller). A later call reopens them."""
+        with self._owned_lock:
+            owned = list(self._owned.values())
+        for backend in owned:
+            close = getattr(backend, "close", None)
+            if callable(close):
+                close()
+
+    async def aclose(self) -> None:
+        """`close` from async code (the running loop's clients are closed on it)."""
+        with self._owned_lock:
+            owned = list(self._owned.values())
+        for backend in owned:
+            aclose = getattr(backend, "aclose", None)
+            if callable(aclose):
+                await aclose()
+
+    def __enter__(self) -> CollabChatModel:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    async def __aenter__(self) -> CollabChatModel:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
 
     # ------------------------------------------------------------------ construction
     def __init__(self, **data: Any) -> None:
@@ -494,16 +600,24 @@ class CollabChatModel(BaseChatModel):
 
     @field_validator("policy")
     @classmethod
-    def _check_policy(cls, value: Any) -> Any:
-        if value is None or isinstance(value, Policy):
-            return value
-        if isinstance(value, str):
-            from collab_agent.policies.registry import resolve_policy
+    def _check_policy_field(cls, value: Any, info: Any) -> Any:
+        return _check_policy(value, allow_code=bool(info.data.get("allow_code_policies")))
 
-            return resolve_policy(value)
-        raise ConfigError(
-            "policy", f"must be a Policy or a policy name, got {type(value).__name__}"
-        )
+    @field_validator("circuit_breaker")
+    @classmethod
+    def _check_breaker(cls, value: Any) -> Any:
+        if value is not None and not isinstance(value, CircuitBreaker):
+            raise ConfigError(
+                "circuit_breaker", f"must be a CircuitBreaker or None, got {type(value).__name__}"
+            )
+        return value
+
+    @field_validator("max_concurrency")
+    @classmethod
+    def _check_concurrency(cls, value: Any) -> Any:
+        if value is not None:
+            _checks.positive_int("max_concurrency", value)
+        return value
 
     @field_validator("reasoning_format")
     @classmethod
@@ -641,23 +755,26 @@ class CollabChatModel(BaseChatModel):
         reasoning_format = self.reasoning_format
         if tools:
             reasoning_format = _tool_format(reasoning_format, choice)
-        policy = kwargs.get("policy", self.policy)
-        if isinstance(policy, str):
-            policy = self._check_policy(policy)
+        policy = _check_policy(kwargs.get("policy", self.policy), self.allow_code_policies)
         temperature = kwargs.get("temperature", self.temperature)
         top_p = kwargs.get("top_p", self.top_p)
-        max_tokens = kwargs.get("max_tokens", self.max_tokens) or 1024
+        seed = kwargs.get("seed", self.seed)
+        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
+            raise ConfigError("seed", f"must be an integer or None, got {seed!r}")
+        max_tokens = kwargs.get("max_tokens", self.max_tokens)
+        if max_tokens is None:
+            max_tokens = 1024
+        _checks.positive_int("max_tokens", max_tokens)
         reasoner_fields: dict[str, Any] = {
             "policy": policy if policy is not None else self._policy(),
             "format": reasoning_format,
-            "sampling": Sampling(
-                temperature=temperature, top_p=top_p, seed=kwargs.get("seed", self.seed)
-            ),
+            "sampling": Sampling(temperature=temperature, top_p=top_p, seed=seed),
             "budget": self.reasoning_budget,
             "max_steps": self.max_steps,
             "step_max_tokens": self.step_max_tokens,
             "answer_max_tokens": max_tokens,
             "on_large_unavailable": self.on_large_unavailable,
+            "breaker": self.circuit_breaker,
         }
         return _Call(
             messages=converted,
@@ -670,7 +787,8 @@ class CollabChatModel(BaseChatModel):
         )
 
     def _backend(self, role: Literal["small", "large"]) -> Backend:
-        """The backend for ``role``, loading a spec string once per process."""
+        """The backend for ``role``: the object given, or the one its spec string names (a
+        server built for this model and owned by it; a local model loaded once per process)."""
         value = getattr(self, role)
         if not isinstance(value, str):
             return value  # type: ignore[no-any-return]
@@ -681,22 +799,27 @@ class CollabChatModel(BaseChatModel):
         if parsed.kind in ("openai", "llamacpp"):
             options.setdefault("max_retries", self.max_retries)
             if self.timeout is not None:
-                options.setdefault("timeout", self.timeout)
-        key = (str(parsed), json.dumps(options, sort_keys=True, default=repr))
-        with _BACKENDS_LOCK:
-            if key not in _BACKENDS:
-                if parsed.kind == "openai" and self.api_key is not None:
-                    from collab_agent.backends.openai import OpenAIBackend
+                options.setdefault("timeout", self.timeout / (options["max_retries"] + 1))
+        if parsed.kind == "openai":
+            with self._owned_lock:
+                if role not in self._owned:
+                    if self.api_key is not None:
+                        from collab_agent.backends.openai import OpenAIBackend
 
-                    _BACKENDS[key] = OpenAIBackend(
-                        parsed.target,
-                        str(parsed.base_url),
-                        self.api_key.get_secret_value(),
-                        **options,
-                    )
-                else:
-                    _BACKENDS[key] = load_backend(parsed, **options)
-            return _BACKENDS[key]
+                        self._owned[role] = OpenAIBackend(
+                            parsed.target,
+                            str(parsed.base_url),
+                            self.api_key.get_secret_value(),
+                            **options,
+                        )
+                    else:
+                        self._owned[role] = load_backend(parsed, **options)
+                return self._owned[role]
+        key = (str(parsed), json.dumps(options, sort_keys=True, default=repr))
+        with _LOCAL_BACKENDS_LOCK:
+            if key not in _LOCAL_BACKENDS:
+                _LOCAL_BACKENDS[key] = load_backend(parsed, **options)
+            return _LOCAL_BACKENDS[key]
 
     # ------------------------------------------------------------------ events -> chunks
     async def _stream_events(
@@ -708,18 +831,17 @@ class CollabChatModel(BaseChatModel):
         small, large = await anyio.to_thread.run_sync(
             lambda: (self._backend("small"), self._backend("large"))
         )
-        reasoner = Reasoner(small=small, large=large, **call.reasoner_fields)
+        reasoner = Reasoner(small=small, large=large, deadline=deadline, **call.reasoner_fields)
         events = reasoner.stream(
             call.messages, conversation_id=call.conversation_id, tools=call.tools
         )
         answer: AnswerEvent | None = None
         try:
-            while True:
-                with anyio.fail_after(None if deadline is None else deadline - time.monotonic()):
-                    try:
-                        event = await events.__anext__()
-                    except StopAsyncIteration:
-                        break
+            while answer is None:
+                with anyio.move_on_after(_left(deadline)) as scope:
+                    event = await events.__anext__()
+                if scope.cancelled_caught:
+                    raise self._timed_out()
                 if isinstance(event, StepEvent):
                     text = event.step.text
                     if event.step.index > 0:
@@ -732,10 +854,12 @@ class CollabChatModel(BaseChatModel):
                 else:
                     answer = event
         finally:
-            await events.aclose()  # type: ignore[attr-defined]
-        assert answer is not None
-        with anyio.fail_after(None if deadline is None else deadline - time.monotonic()):
+            with anyio.CancelScope(shield=True):
+                await events.aclose()  # type: ignore[attr-defined]
+        with anyio.move_on_after(_left(deadline)) as scope:
             parsed = await self._parse_answer(call, reasoner, answer)
+        if scope.cancelled_caught:
+            raise self._timed_out()
         content = _cut_at_stop(parsed.content, call.stop)
         yield ChatGenerationChunk(
             message=AIMessageChunk(
@@ -769,6 +893,12 @@ class CollabChatModel(BaseChatModel):
                 chunk_position="last",
             ),
             generation_info={"finish_reason": finish},
+        )
+
+    def _timed_out(self) -> CallTimeoutError:
+        return CallTimeoutError(
+            f"timeout: the call took longer than timeout={self.timeout}s; raise timeout, lower "
+            "reasoning_budget, or let the small model answer (on_large_unavailable='degrade')"
         )
 
     async def _parse_answer(self, call: _Call, reasoner: Reasoner, answer: AnswerEvent) -> _Answer:
@@ -909,6 +1039,21 @@ def _final_answer(fmt: ReasoningFormat, text: str) -> str:
     if fmt.end_of_reasoning(text) is not None:
         return fmt.extract_answer(text)
     return text.strip()
+
+
+def _left(deadline: float | None) -> float | None:
+    return None if deadline is None else max(0.0, deadline - time.monotonic())
+
+
+def _check_policy(value: Any, allow_code: bool) -> Policy | None:
+    """A `Policy`, ``None``, or a name resolved by the registry (code only when allowed)."""
+    if value is None or isinstance(value, Policy):
+        return value
+    if isinstance(value, str):
+        from collab_agent.policies.registry import resolve_policy
+
+        return resolve_policy(value, allow_code=allow_code)
+    raise ConfigError("policy", f"must be a Policy or a policy name, got {type(value).__name__}")
 
 
 def _cut_at_stop(text: str, stop: Sequence[str]) -> str:

@@ -108,7 +108,7 @@ def run(
     from collab_agent.reasoner import Reasoner
 
     options: dict[str, Any] = {"priming_steps": priming} if policy == "trigreason" else {}
-    chosen = resolve_policy(policy, **options)
+    chosen = resolve_policy(policy, allow_code=True, **options)  # the user's own choice
     small_backend, large_backend = load_pair(
         models, small, large, api_key_env=api_key_env, threads=threads
     )

@@ -27,6 +27,10 @@ class BackendUnavailableError(BackendError):
     """A backend stayed unreachable after its bounded retries."""
 
 
+class CallTimeoutError(CollabError, TimeoutError):
+    """A whole call (reasoning and answer) outlasted the chat model's ``timeout``."""
+
+
 class CapabilityError(CollabError, NotImplementedError):
     """A backend or server cannot do what was asked (e.g. no prompt logprobs)."""
 

@@ -17,6 +17,8 @@ The local batched backend (`collab_agent.backends.batching`) bounds its own batc
 
 from __future__ import annotations
 
+import asyncio
+import threading
 from collections import OrderedDict, deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Hashable, Iterable
 from contextlib import asynccontextmanager
@@ -41,8 +43,20 @@ class OverloadedError(BackendError):
 
 @dataclass(eq=False)
 class _Waiter:
-    event: anyio.Event
+    """One caller waiting for a slot, woken on its own event loop (which may run in another
+    thread than the caller of `FairLimiter.release`)."""
+
+    loop: asyncio.AbstractEventLoop
+    event: asyncio.Event
     granted: bool = False
+
+    def wake(self) -> bool:
+        """Set the event on the waiter's loop; False when that loop is gone."""
+        try:
+            self.loop.call_soon_threadsafe(self.event.set)
+        except RuntimeError:  # the loop is closed: nobody will take the slot
+            return False
+        return True
 
 
 class FairLimiter:
@@ -50,6 +64,10 @@ class FairLimiter:
 
     Keys are usually conversation ids. A waiter that is cancelled leaves the queue (or passes
     its slot on, if it was granted one meanwhile), so cancellation never leaks capacity.
+
+    One limiter may be shared by every thread and event loop of the process (sync ``invoke``
+    from 20 threads, ``batch``, ``asyncio.run`` per request): its state is guarded by a
+    thread lock, and a waiter is woken on its own loop. ``capacity`` is thus a process-wide cap.
 
     Args:
         capacity: most holders at once (e.g. concurrent requests to one server).
@@ -70,10 +88,15 @@ class FairLimiter:
         self.in_use = 0
         self.peak_in_use = 0
         self._queues: OrderedDict[Hashable, deque[_Waiter]] = OrderedDict()
+        self._lock = threading.Lock()
 
     @property
     def waiting(self) -> int:
         """Callers waiting for a slot."""
+        with self._lock:
+            return self._waiting()
+
+    def _waiting(self) -> int:
         return sum(len(q) for q in self._queues.values())
 
     async def acquire(self, key: Hashable = None) -> None:
@@ -82,45 +105,53 @@ class FairLimiter:
         Raises:
             OverloadedError: ``max_waiting`` callers already wait.
         """
-        if self.in_use < self.capacity and not self._queues:
-            await anyio.lowlevel.checkpoint_if_cancelled()
-            self._take()
-            return
-        if self.max_waiting is not None and self.waiting >= self.max_waiting:
-            raise OverloadedError(
-                f"{self.waiting} calls already wait for one of {self.capacity} slots "
-                f"(max_waiting={self.max_waiting}); retry later or raise max_waiting"
-            )
-        waiter = _Waiter(anyio.Event())
-        self._queues.setdefault(key, deque()).append(waiter)
+        await anyio.lowlevel.checkpoint_if_cancelled()
+        with self._lock:
+            if self.in_use < self.capacity and not self._queues:
+                self._take()
+                return
+            waiting = self._waiting()
+            if self.max_waiting is not None and waiting >= self.max_waiting:
+                raise OverloadedError(
+                    f"{waiting} calls already wait for one of {self.capacity} slots "
+                    f"(max_waiting={self.max_waiting}); retry later or raise max_waiting"
+                )
+            waiter = _Waiter(asyncio.get_running_loop(), asyncio.Event())
+            self._queues.setdefault(key, deque()).append(waiter)
         try:
             await waiter.event.wait()
         except BaseException:
-            if waiter.granted:
+            with self._lock:
+                granted = waiter.granted
+                if not granted:
+                    queue = self._queues.get(key)
+                    if queue is not None and waiter in queue:
+                        queue.remove(waiter)
+                        if not queue:
+                            del self._queues[key]
+            if granted:
                 self.release()  # granted while being cancelled: pass the slot on
-            else:
-                queue = self._queues.get(key)
-                if queue is not None and waiter in queue:
-                    queue.remove(waiter)
-                    if not queue:
-                        del self._queues[key]
             raise
 
     def release(self) -> None:
-        """Give a slot back; the next key in round-robin order gets it."""
-        if self.in_use <= 0:
-            raise BackendError("FairLimiter.release() called more often than acquire()")
-        self.in_use -= 1
-        if not self._queues:
-            return
-        key, queue = next(iter(self._queues.items()))
-        waiter = queue.popleft()
-        del self._queues[key]
-        if queue:
-            self._queues[key] = queue  # the key goes to the back of the round
-        self._take()
-        waiter.granted = True
-        waiter.event.set()
+        """Give a slot back; the next key in round-robin order gets it (on any thread)."""
+        while True:
+            with self._lock:
+                if self.in_use <= 0:
+                    raise BackendError("FairLimiter.release() called more often than acquire()")
+                self.in_use -= 1
+                if not self._queues:
+                    return
+                key, queue = next(iter(self._queues.items()))
+                waiter = queue.popleft()
+                del self._queues[key]
+                if queue:
+                    self._queues[key] = queue  # the key goes to the back of the round
+                self._take()
+                waiter.granted = True
+            if waiter.wake():
+                return
+            # that waiter's loop is gone: give the slot to the next one
 
     @asynccontextmanager
     async def slot(self, key: Hashable = None) -> AsyncIterator[None]:

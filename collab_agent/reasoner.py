@@ -17,7 +17,15 @@ from typing import Any, Literal
 import anyio
 
 from collab_agent import _checks
-from collab_agent.backends.base import Backend, Generation, Role, Sampling, release_conversation
+from collab_agent.backends.base import (
+    Backend,
+    GenerateRequest,
+    Generation,
+    Role,
+    Sampling,
+    release_conversation,
+)
+from collab_agent.breaker import CircuitBreaker
 from collab_agent.errors import BackendUnavailableError, ConfigError
 from collab_agent.policies.base import Policy
 from collab_agent.policies.trigreason import TrigReason
@@ -69,6 +77,12 @@ class Reasoner:
             ``None`` (default) takes the large backend's own ``on_unavailable`` setting, else
             ``"fail"``.
         release_on_finish: free each backend's cached state for the conversation at the end.
+        breaker: in degrade mode, the circuit breaker of the large model: after its threshold of
+            consecutive unavailable errors, large steps degrade at once for its cool-down (share
+            one across calls, as `CollabChatModel` does; default: one per reasoner).
+        deadline: ``time.monotonic()`` by which the whole call must end (``None``: no limit). In
+            degrade mode a large call may use at most half the time left, so the small model
+            still has time to write the step.
     """
 
     small: Backend
@@ -82,6 +96,8 @@ class Reasoner:
     answer_max_tokens: int = 1024
     on_large_unavailable: Literal["fail", "degrade"] | None = None
     release_on_finish: bool = True
+    breaker: CircuitBreaker | None = field(default_factory=CircuitBreaker)
+    deadline: float | None = None
 
     def __post_init__(self) -> None:
         for name in ("budget", "max_steps", "step_max_tokens", "answer_max_tokens"):
@@ -181,20 +197,20 @@ class Reasoner:
         index = len(trace.steps)
         prefix = self._prefix(trace)
         started = time.perf_counter()
-        generation, author, degraded = await self._generate(session, author, prefix, max_tokens)
-        step = _make_step(index, author, trigger, generation, degraded)
-        if author == "small" and not degraded:
+        generation, author, why = await self._generate(session, author, prefix, max_tokens)
+        step = _make_step(index, author, trigger, generation, why)
+        if author == "small" and why is None:
             reject = await self.policy.after_step(trace, step)
             if reject is not None:
                 trace.firings.append(Firing(index, reject.trigger, "reject", reject.detail))
-                rewrite, by, degraded = await self._generate(session, "large", prefix, max_tokens)
-                rejected = step
-                step = _make_step(index, by, reject.trigger, rewrite, degraded)
-                if by == "large":
+                request = session.request(prefix, max_tokens=max_tokens, logprobs=True)
+                rewrite, why = await self._large(session, request)
+                if rewrite is not None:
+                    rejected = step
+                    step = _make_step(index, "large", reject.trigger, rewrite, None)
                     step.rejected_text, step.rejected_tokens = rejected.text, rejected.tokens
                 else:  # the large model was unreachable: keep the small model's step
-                    step = rejected
-                    step.degraded = True
+                    step.degraded, step.degraded_reason = True, why
         step.seconds = time.perf_counter() - started
         if step.degraded:
             trace.degraded_steps += 1
@@ -202,15 +218,48 @@ class Reasoner:
 
     async def _generate(
         self, session: Session, role: Role, prefix: str, max_tokens: int
-    ) -> tuple[Generation, Role, bool]:
-        """Generate one step; in degrade mode an unreachable large model hands it to the small."""
+    ) -> tuple[Generation, Role, str | None]:
+        """Generate one step; in degrade mode an unreachable large model hands it to the small.
+        Returns the generation, who wrote it, and why it was degraded (``None``: it was not)."""
         request = session.request(prefix, max_tokens=max_tokens, logprobs=True)
+        return await self._generate_request(session, role, request)
+
+    async def _generate_request(
+        self, session: Session, role: Role, request: GenerateRequest
+    ) -> tuple[Generation, Role, str | None]:
+        if role == "small":
+            return await session.generate("small", request), "small", None
+        generation, why = await self._large(session, request)
+        if generation is not None:
+            return generation, "large", None
+        return await session.generate("small", request), "small", why
+
+    async def _large(
+        self, session: Session, request: GenerateRequest
+    ) -> tuple[Generation | None, str | None]:
+        """Call the large model. In fail mode its errors propagate; in degrade mode an
+        unavailable large model (or an open breaker, or too little time left) gives
+        ``(None, why)`` so the caller lets the small model write instead."""
+        if self.on_large_unavailable != "degrade":
+            return await session.generate("large", request), None
+        breaker = self.breaker
+        if breaker is not None and not breaker.allow():
+            return None, "circuit open: the large model was unavailable repeatedly; not called"
+        allowance = None
+        if self.deadline is not None:
+            allowance = max(0.0, (self.deadline - time.monotonic()) / 2)
         try:
-            return await session.generate(role, request), role, False
-        except BackendUnavailableError:
-            if role != "large" or self.on_large_unavailable != "degrade":
-                raise
-            return await session.generate("small", request), "small", True
+            with anyio.move_on_after(allowance):
+                generation = await session.generate("large", request)
+                if breaker is not None:
+                    breaker.success()
+                return generation, None
+            why = f"no answer within {allowance or 0.0:.1f}s, half of the call's time left"
+        except BackendUnavailableError as error:
+            why = f"{type(error).__name__}: {str(error)[:300]}"
+        if breaker is not None:
+            breaker.failure()
+        return None, why
 
     def _finish_step(self, trace: Trace, step: Step) -> bool:
         """Cut the step at the end of reasoning, note why reasoning stopped, and append it
@@ -258,14 +307,10 @@ class Reasoner:
         request = session.request(
             prefix, stop=(), max_tokens=self.answer_max_tokens, purpose="answer"
         )
-        try:
-            generation = await session.generate(role, request)
-        except BackendUnavailableError:
-            if role != "large" or self.on_large_unavailable != "degrade":
-                raise
-            role = "small"
-            generation = await session.generate(role, request)
+        generation, role, why = await self._generate_request(session, role, request)
+        if why is not None:
             trace.degraded_steps += 1
+            trace.answer_degraded_reason = why
         text = generation.text
         if trace.stop_reason == "answer" and self.format.close and trace.answer_author == role:
             text = trace.answer + text
@@ -277,7 +322,7 @@ class Reasoner:
 
 
 def _make_step(
-    index: int, author: Role, trigger: str | None, generation: Generation, degraded: bool
+    index: int, author: Role, trigger: str | None, generation: Generation, why: str | None
 ) -> Step:
     return Step(
         index=index,
@@ -288,5 +333,6 @@ def _make_step(
         trigger=trigger,
         seconds=generation.seconds,
         stop_reason=generation.stop_reason,
-        degraded=degraded,
+        degraded=why is not None,
+        degraded_reason=why,
     )

@@ -61,6 +61,8 @@ class Step:
         seconds: wall time, rejected attempt included.
         stop_reason: why its generation ended (``"step"`` means it ended at the delimiter).
         degraded: the step was written by the small model because the large one was unreachable.
+        degraded_reason: why it was degraded (the large model's error, an open circuit breaker,
+            or too little time left), ``None`` when it was not.
     """
 
     index: int
@@ -74,6 +76,7 @@ class Step:
     seconds: float = 0.0
     stop_reason: str = "step"
     degraded: bool = False
+    degraded_reason: str | None = None
 
 
 @dataclass
@@ -100,6 +103,8 @@ class Trace:
     usage: dict[str, Usage] = field(default_factory=lambda: {"small": Usage(), "large": Usage()})
     seconds: float = 0.0
     degraded_steps: int = 0
+    answer_degraded_reason: str | None = None
+    """Why the small model wrote the answer the large one should have (``None``: it did not)."""
     answer_truncated: bool = False
     session: Session | None = field(default=None, repr=False, compare=False)
     """The live collaboration (backends, messages) while it runs; triggers that call a model
@@ -155,6 +160,8 @@ class Trace:
                     "tokens": s.tokens,
                     "trigger": s.trigger,
                     "rejected": s.rejected_text is not None,
+                    "degraded": s.degraded,
+                    "degraded_reason": s.degraded_reason,
                 }
                 for s in self.steps
             ],
@@ -167,6 +174,7 @@ class Trace:
             "triggers": self.trigger_counts,
             "rejected_steps": self.rejected_steps,
             "degraded_steps": self.degraded_steps,
+            "answer_degraded_reason": self.answer_degraded_reason,
             "usage": {role: asdict(u) for role, u in self.usage.items()},
             "answer_author": self.answer_author,
             "stop_reason": self.stop_reason,

@@ -20,6 +20,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.request
 from collections.abc import AsyncIterator, Iterator
@@ -48,6 +49,7 @@ class Reply:
         headers: extra headers (e.g. ``{"Retry-After": "1"}``).
         stall_s: seconds to wait before answering (``float('inf')``: never answer).
         drop: close the connection without answering.
+        raw: the body's exact bytes instead of JSON (truncated or empty answers).
     """
 
     status: int = 200
@@ -55,6 +57,7 @@ class Reply:
     headers: dict[str, str] = field(default_factory=dict)
     stall_s: float = 0.0
     drop: bool = False
+    raw: bytes | None = None
 
 
 def chat_body(text: str = "Paris.", **extra: Any) -> dict[str, Any]:
@@ -151,7 +154,11 @@ class ScriptedServer:
                             return
                 if reply.drop:
                     return
-                body = json.dumps(reply.body if reply.body is not None else chat_body()).encode()
+                body = (
+                    reply.raw
+                    if reply.raw is not None
+                    else json.dumps(reply.body if reply.body is not None else chat_body()).encode()
+                )
                 head = [f"HTTP/1.1 {reply.status} X", "Content-Type: application/json",
                         f"Content-Length: {len(body)}"]  # fmt: skip
                 head += [f"{k}: {v}" for k, v in reply.headers.items()]
@@ -170,6 +177,41 @@ class ScriptedServer:
 async def scripted(*replies: Reply) -> AsyncIterator[ScriptedServer]:
     async with ScriptedServer(*replies) as server:
         yield server
+
+
+@contextlib.contextmanager
+def threaded(*replies: Reply) -> Iterator[ScriptedServer]:
+    """A `ScriptedServer` on its own event loop in a background thread, for sync callers
+    (``invoke``, ``batch``, ``asyncio.run``) that would block a server on their own loop."""
+    started = threading.Event()
+    holder: dict[str, Any] = {}
+
+    async def serve() -> None:
+        async with ScriptedServer(*replies) as server:
+            holder["server"], holder["stop"] = server, asyncio.Event()
+            holder["loop"] = asyncio.get_running_loop()
+            started.set()
+            await holder["stop"].wait()
+
+    thread = threading.Thread(target=asyncio.run, args=(serve(),), daemon=True)
+    thread.start()
+    if not started.wait(10):
+        raise RuntimeError("the scripted server did not start")
+    try:
+        yield holder["server"]
+    finally:
+        holder["loop"].call_soon_threadsafe(holder["stop"].set)
+        thread.join(10)
+
+
+def wait_until(predicate: Any, within_s: float = 5.0) -> bool:
+    """Poll ``predicate()`` from sync code until it is true or the time is up."""
+    deadline = time.monotonic() + within_s
+    while not predicate():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.02)
+    return True
 
 
 # ============================================================================ llama.cpp fixtures

@@ -25,7 +25,7 @@ from langchain_core.tools import tool
 from pydantic import BaseModel, Field
 
 from collab_agent import ConfigError, InvalidMessagesError
-from collab_agent.chat_model import _BACKENDS, CollabChatModel
+from collab_agent.chat_model import _LOCAL_BACKENDS, CollabChatModel
 from collab_agent.policies import SmallOnly, TrigReason
 from collab_agent.testing import ScriptedBackend, ScriptedStep
 
@@ -373,10 +373,10 @@ def test_per_call_model_override_and_unknown_options_are_refused() -> None:
 
 
 def test_spec_strings_load_nothing_until_the_first_call() -> None:
-    before = dict(_BACKENDS)
+    before = dict(_LOCAL_BACKENDS)
     model = CollabChatModel(small="tiny:7", large="tiny:8")
     assert model.model_name == "tiny:7+tiny:8"
-    assert before == _BACKENDS
+    assert before == _LOCAL_BACKENDS
 
 
 def test_langsmith_params_name_both_models() -> None:
@@ -468,6 +468,8 @@ def test_a_custom_trigger_policy_shows_in_the_trace() -> None:
         "tokens": 5,
         "trigger": "reject_equations",
         "rejected": True,
+        "degraded": False,
+        "degraded_reason": None,
     }
     assert result.additional_kwargs["reasoning_content"] == "17 * 23 = 391"
     assert large.calls == 1

@@ -26,6 +26,10 @@ Message = Mapping[str, Any]
 messages may carry ``tool_calls``, tool messages ``tool_call_id``."""
 
 
+MAX_TEMPERATURE = 2.0
+"""The highest sampling temperature accepted (the OpenAI API's own limit)."""
+
+
 @dataclass(frozen=True)
 class Sampling:
     """Sampling settings. Defaults are TrigReason's (temperature 0.6, top-p 0.95).
@@ -38,7 +42,7 @@ class Sampling:
     seed: int | None = None
 
     def __post_init__(self) -> None:
-        _checks.in_range("temperature", self.temperature, 0.0, 100.0)
+        _checks.in_range("temperature", self.temperature, 0.0, MAX_TEMPERATURE)
         _checks.in_range("top_p", self.top_p, 0.0, 1.0, low_open=True)
 
 

@@ -22,8 +22,10 @@ different ways, chosen by ``mode``:
   ``tokenizer=``; without one, a request that continues reasoning raises `CapabilityError`.
 
 Faults: every attempt has a deadline (``timeout``); connection errors, timeouts, 429 (honouring
-``Retry-After``) and 5xx are retried with exponential backoff and jitter (tenacity), at most
-``max_retries`` times; 4xx never. The SDK's own retries are off so the two do not stack. Errors
+a readable ``Retry-After``), 5xx and malformed answers (`BackendProtocolError`) are retried with
+exponential backoff and jitter (tenacity), at most ``max_retries`` times; 4xx never. Each event
+loop gets one HTTP client, closed by `OpenAIBackend.aclose` / `OpenAIBackend.close` or when that
+loop shuts down (a sync call's loop, ``asyncio.run``), so no socket outlives its loop. The SDK's own retries are off so the two do not stack. Errors
 are typed twice: our `BackendError` family and LangChain's ``langchain_core.exceptions`` model
 errors, so code catching either works. Retryable failures that outlast the retries raise a
 `BackendUnavailableError` subclass: with ``on_unavailable="degrade"`` the reasoner catches it and
@@ -32,19 +34,21 @@ lets the small model write the step, marking it degraded; with ``"fail"`` it pro
 
 from __future__ import annotations
 
+import asyncio
 import email.utils
 import json
 import logging
+import math
 import os
+import threading
 import time
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import AsyncGenerator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal, TypeVar
 from urllib.parse import urlsplit
 
 import anyio
 import openai
-from anyio.lowlevel import RunVar
 from langchain_core.exceptions import (
     ContextOverflowError,
     ModelAPIError,
@@ -69,7 +73,13 @@ from collab_agent import _checks
 from collab_agent.backends.base import GenerateRequest, Generation, StopReason
 from collab_agent.backends.network import Price
 from collab_agent.backends.toolcalls import parse_tool_calls
-from collab_agent.errors import BackendError, BackendUnavailableError, CapabilityError, ConfigError
+from collab_agent.errors import (
+    BackendError,
+    BackendUnavailableError,
+    CapabilityError,
+    CollabError,
+    ConfigError,
+)
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -80,6 +90,7 @@ __all__ = [
     "BackendContextOverflowError",
     "BackendNotFoundError",
     "BackendPermissionError",
+    "BackendProtocolError",
     "BackendRateLimitError",
     "BackendRequestError",
     "BackendServerError",
@@ -118,6 +129,13 @@ class BackendServerError(BackendUnavailableError, ModelAPIError):
     """The server answered 5xx (after the retries)."""
 
 
+class BackendProtocolError(BackendUnavailableError, ModelAPIError):
+    """The server answered 2xx with a body that is not a valid completion (truncated or empty
+    JSON, ``choices`` missing or ``null``, a message or ``usage`` of the wrong type, a
+    non-numeric logprob). Retried like a 5xx: a flaky proxy or an overloaded server answers
+    garbage now and then; after the retries it is unavailable (so ``degrade`` applies)."""
+
+
 class BackendContextOverflowError(BackendError, ContextOverflowError):
     """The prompt plus ``max_tokens`` exceed the model's context window (never retried)."""
 
@@ -145,6 +163,7 @@ _RETRYABLE = (
     BackendConnectionError,
     BackendRateLimitError,
     BackendServerError,
+    BackendProtocolError,
 )
 
 
@@ -208,14 +227,23 @@ def _chosen_logprobs(logprobs: Any) -> list[float] | None:
     content = logprobs.get("content")
     if isinstance(content, list):
         return [
-            float(e["logprob"])
+            _logprob(e["logprob"])
             for e in content
             if isinstance(e, Mapping) and e.get("logprob") is not None
         ]
     legacy = logprobs.get("token_logprobs")
     if isinstance(legacy, list):
-        return [float(x) for x in legacy if x is not None]
+        return [_logprob(x) for x in legacy if x is not None]
     return None
+
+
+def _logprob(value: Any) -> float:
+    """A logprob as the server must send it: a JSON number, at most 0 (``-inf`` allowed)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"a logprob is {type(value).__name__} {value!r}, not a number")
+    if math.isnan(value) or value > 1e-6:
+        raise ValueError(f"a logprob is {value!r}, not a number <= 0")
+    return float(value)
 
 
 def _top_logprobs(logprobs: Any) -> list[dict[str, float]] | None:
@@ -225,19 +253,21 @@ def _top_logprobs(logprobs: Any) -> list[dict[str, float]] | None:
     content = logprobs.get("content")
     if isinstance(content, list):
         return [
-            {str(t.get("token")): float(t["logprob"]) for t in e.get("top_logprobs") or []
+            {str(t.get("token")): _logprob(t["logprob"]) for t in e.get("top_logprobs") or []
              if isinstance(t, Mapping) and t.get("logprob") is not None}
             for e in content if isinstance(e, Mapping)
         ]  # fmt: skip
     legacy = logprobs.get("top_logprobs")
     if isinstance(legacy, list):
-        return [{str(k): float(v) for k, v in (e or {}).items()} for e in legacy]
+        return [{str(k): _logprob(v) for k, v in (e or {}).items()} for e in legacy]
     return None
 
 
 def _usage(data: Mapping[str, Any]) -> tuple[int, int, int]:
     """(prompt, cached, completion) tokens; prompt includes cached."""
     usage = data.get("usage") or {}
+    if not isinstance(usage, Mapping):
+        raise TypeError(f"usage is {type(usage).__name__}, not an object")
     prompt = int(usage.get("prompt_tokens") or 0)
     completion = int(usage.get("completion_tokens") or 0)
     details = usage.get("prompt_tokens_details") or {}
@@ -262,23 +292,45 @@ def _cut_at_stop(text: str, stop: Sequence[str]) -> tuple[str, str | None]:
 
 
 def _retry_after(error: openai.APIStatusError) -> float | None:
+    """The server's wait hint in seconds: ``Retry-After-Ms``, ``Retry-After`` as seconds or an
+    HTTP date. Anything unreadable (``soon``, ``nan``, a malformed date) is no hint at all."""
     headers = error.response.headers
     value = headers.get("retry-after-ms")
     if value:
-        try:
-            return float(value) / 1000.0
-        except ValueError:
-            pass
+        seconds = _finite(value)
+        if seconds is not None:
+            return max(seconds / 1000.0, 0.0)
     value = headers.get("retry-after")
     if not value:
         return None
+    seconds = _finite(value)
+    if seconds is not None:
+        return max(seconds, 0.0)
     try:
-        return max(float(value), 0.0)
+        parsed = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError, IndexError, OverflowError):
+        return None
+    return max(parsed.timestamp() - time.time(), 0.0)
+
+
+def _finite(value: str) -> float | None:
+    """``float(value)`` when it is a number other than NaN (infinity stays: "wait forever")."""
+    try:
+        number = float(value)
     except ValueError:
-        parsed = email.utils.parsedate_to_datetime(value) if value else None
-        if parsed is None:
-            return None
-        return max(parsed.timestamp() - time.time(), 0.0)
+        return None
+    return None if math.isnan(number) else number
+
+
+@dataclass
+class _LoopClient:
+    """The HTTP client of one event loop, with the generator that closes it when the loop
+    shuts down (asyncio finalises live async generators at loop end) and the probe lock."""
+
+    loop: asyncio.AbstractEventLoop
+    client: openai.AsyncOpenAI
+    closer: AsyncGenerator[None, None]
+    probe_lock: anyio.Lock
 
 
 # ============================================================================ the backend
@@ -376,10 +428,10 @@ class OpenAIBackend:
             "max_retries": 0,
             "default_headers": dict(default_headers or {}),
         }
-        # One HTTP pool and probe lock per event loop: a pool bound to a closed loop (a finished
-        # sync invoke, a previous pytest loop) cannot be reused.
-        self._client_var: RunVar[openai.AsyncOpenAI] = RunVar(f"collab-agent-openai-{id(self)}")
-        self._lock_var: RunVar[anyio.Lock] = RunVar(f"collab-agent-openai-lock-{id(self)}")
+        # One HTTP pool per event loop (a pool bound to a closed loop cannot be reused), each
+        # closed by `aclose`/`close` or, at the latest, when its loop shuts down.
+        self._clients: dict[int, _LoopClient] = {}
+        self._clients_lock = threading.Lock()
 
     # ------------------------------------------------------------------ plumbing
     def __repr__(self) -> str:
@@ -395,32 +447,72 @@ class OpenAIBackend:
         """The server root (``base_url`` without a trailing ``/v1``)."""
         return self.base_url[: -len("/v1")] if self.base_url.endswith("/v1") else self.base_url
 
-    @property
-    def _client(self) -> openai.AsyncOpenAI:
-        """The HTTP client of the running event loop, made on first use in that loop."""
-        try:
-            return self._client_var.get()
-        except LookupError:
+    async def _loop_client(self) -> _LoopClient:
+        """The running event loop's HTTP client, made on first use in that loop."""
+        loop = asyncio.get_running_loop()
+        with self._clients_lock:
+            entry = self._clients.get(id(loop))
+            if entry is not None and entry.loop is loop:
+                return entry
             client = openai.AsyncOpenAI(**self._client_options)
-            self._client_var.set(client)
-            return client
+            entry = _LoopClient(loop, client, self._close_at_loop_end(loop, client), anyio.Lock())
+            self._clients[id(loop)] = entry
+        await entry.closer.__anext__()  # runs to its yield: now the loop finalises it at its end
+        return entry
+
+    async def _close_at_loop_end(
+        self, loop: asyncio.AbstractEventLoop, client: openai.AsyncOpenAI
+    ) -> AsyncGenerator[None, None]:
+        try:
+            yield
+        finally:
+            with self._clients_lock:
+                entry = self._clients.get(id(loop))
+                if entry is not None and entry.client is client:
+                    del self._clients[id(loop)]
+            await client.close()
 
     @property
-    def _probe_lock(self) -> anyio.Lock:
-        try:
-            return self._lock_var.get()
-        except LookupError:
-            lock = anyio.Lock()
-            self._lock_var.set(lock)
-            return lock
+    def open_clients(self) -> int:
+        """HTTP clients (one per event loop that used this backend) not closed yet."""
+        with self._clients_lock:
+            return len(self._clients)
 
     async def aclose(self) -> None:
-        """Close the running event loop's HTTP connection pool."""
+        """Close the running event loop's HTTP client; clients of loops running in other
+        threads are closed there (`close`). A later request opens a new client."""
+        loop = asyncio.get_running_loop()
+        with self._clients_lock:
+            entry = self._clients.get(id(loop))
+        if entry is not None and entry.loop is loop:
+            await entry.closer.aclose()
+        await anyio.to_thread.run_sync(self._close_other_loops, loop)
+
+    def close(self) -> None:
+        """Close every HTTP client of this backend from sync code (not from inside a running
+        event loop that has one: use ``await aclose()`` there). Clients of loops running in
+        other threads are closed on their loop, waiting at most 5 s each."""
         try:
-            client = self._client_var.get()
-        except LookupError:
-            return
-        await client.close()
+            running: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
+        except RuntimeError:
+            running = None
+        self._close_other_loops(running)
+
+    def _close_other_loops(self, skip: asyncio.AbstractEventLoop | None) -> None:
+        with self._clients_lock:
+            entries = [e for e in self._clients.values() if e.loop is not skip]
+        for entry in entries:
+            if entry.loop.is_closed():
+                with self._clients_lock:
+                    self._clients.pop(id(entry.loop), None)
+            elif entry.loop.is_running():
+                future = asyncio.run_coroutine_threadsafe(entry.closer.aclose(), entry.loop)
+                try:
+                    future.result(timeout=5.0)
+                except Exception as error:  # a loop stuck or shutting down: it closes at its end
+                    future.cancel()
+                    logger.warning("%s: could not close an HTTP client: %r", self.name, error)
+            # a loop that is not running now closes its client when it shuts down
 
     async def __aenter__(self) -> OpenAIBackend:
         return self
@@ -470,23 +562,34 @@ class OpenAIBackend:
 
     async def _post(self, path: str, body: dict[str, Any], what: str) -> Any:
         """POST a JSON body within one attempt's deadline; typed errors on failure."""
-        try:
-            with anyio.fail_after(self.timeout):
-                return await self._client.post(path, body=body, cast_to=object)
-        except (openai.OpenAIError, TimeoutError) as error:
-            raise self._typed(error, what) from None
+        client = (await self._loop_client()).client
+        return await self._request(what, lambda: client.post(path, body=body, cast_to=object))
 
     async def _get(self, path: str, what: str) -> Any:
+        client = (await self._loop_client()).client
+        return await self._request(what, lambda: client.get(path, cast_to=object))
+
+    async def _request(self, what: str, send: Callable[[], Awaitable[Any]]) -> Any:
+        """``await send()`` within one attempt's deadline. The typed error is raised outside the
+        ``except`` block, so the SDK's exception (which holds the request and its
+        ``Authorization`` header) is neither its cause nor its context."""
+        typed: BackendError
         try:
             with anyio.fail_after(self.timeout):
-                return await self._client.get(path, cast_to=object)
+                return await send()
         except (openai.OpenAIError, TimeoutError) as error:
-            raise self._typed(error, what) from None
+            typed = self._typed(error, what)
+        except ValueError as error:  # the SDK could not decode the body (truncated, empty)
+            typed = BackendProtocolError(
+                self._scrub(f"{self.name} ({what} at {self.base_url}): the body is not JSON "
+                            f"({type(error).__name__}: {str(error)[:200]})")
+            )  # fmt: skip
+        raise typed
 
     # ------------------------------------------------------------------ probing
     async def probe(self) -> ServerInfo:
         """Ask the server what it is (``GET /models``), once; sets ``server`` and the mode."""
-        async with self._probe_lock:
+        async with (await self._loop_client()).probe_lock:
             if self.server is not None:
                 return self.server
             try:
@@ -623,8 +726,8 @@ class OpenAIBackend:
             if want_logprobs:
                 body["logprobs"] = max(1, request.top_logprobs)
             data = await self._post("/completions", body, "completion")
-            choice = (data.get("choices") or [{}])[0] if isinstance(data, Mapping) else {}
-            text = choice.get("text") or ""
+            choice = self._choice(data, "completion")
+            text = self._text(choice.get("text"), data, "choices[0].text")
             reasoning_text = ""
             native_calls: list[Any] = []
         else:
@@ -652,18 +755,49 @@ class OpenAIBackend:
                 body["logprobs"] = True
                 body["top_logprobs"] = max(1, request.top_logprobs)
             data = await self._post("/chat/completions", body, "chat completion")
-            choice = (data.get("choices") or [{}])[0] if isinstance(data, Mapping) else {}
+            choice = self._choice(data, "chat completion")
             message = choice.get("message") or {}
-            text = message.get("content") or ""
+            if not isinstance(message, Mapping):
+                raise self._malformed(data, "choices[0].message is not an object")
+            text = self._text(message.get("content"), data, "choices[0].message.content")
             if request.reasoning and mode == "chat-prefill" and text.startswith(request.reasoning):
                 text = text[len(request.reasoning) :]  # llama.cpp repeats the prefix
             reasoning_text = message.get("reasoning_content") or message.get("reasoning") or ""
             native_calls = message.get("tool_calls") or []
-        if not isinstance(data, Mapping) or not data.get("choices"):
-            raise BackendError(
-                self._scrub(f"{self.name}: the server's answer has no choices: {str(data)[:300]}")
+            if not isinstance(reasoning_text, str) or not isinstance(native_calls, list):
+                raise self._malformed(data, "reasoning_content or tool_calls of the wrong type")
+        try:
+            return self._generation(request, data, choice, text, reasoning_text, native_calls)
+        except CollabError:
+            raise
+        except (TypeError, ValueError, AttributeError, KeyError, IndexError) as error:
+            problem = f"{type(error).__name__}: {str(error)[:200]}"
+        raise self._malformed(data, problem)
+
+    def _choice(self, data: Any, what: str) -> Mapping[str, Any]:
+        """The first choice of a completion body; `BackendProtocolError` when there is none."""
+        if not isinstance(data, Mapping):
+            raise self._malformed(data, f"the {what} body is not a JSON object")
+        choices = data.get("choices")
+        if not isinstance(choices, list) or not choices:
+            raise self._malformed(data, "the answer has no choices")
+        if not isinstance(choices[0], Mapping):
+            raise self._malformed(data, "choices[0] is not an object")
+        return choices[0]
+
+    def _text(self, value: Any, data: Any, where: str) -> str:
+        if value is None:
+            return ""
+        if not isinstance(value, str):
+            raise self._malformed(data, f"{where} is {type(value).__name__}, not a string")
+        return value
+
+    def _malformed(self, data: Any, problem: str) -> BackendProtocolError:
+        return BackendProtocolError(
+            self._scrub(
+                f"{self.name} ({self.base_url}): malformed answer: {problem}: {str(data)[:300]}"
             )
-        return self._generation(request, data, choice, text, reasoning_text, native_calls)
+        )
 
     def _generation(
         self,
@@ -838,8 +972,8 @@ class OpenAIBackend:
             "logprobs": 1,
         }
         data = await self._post("/completions", body, "score")
-        choice = (data.get("choices") or [{}])[0] if isinstance(data, Mapping) else {}
-        logprobs = choice.get("logprobs") if isinstance(choice, Mapping) else None
+        choice = self._choice(data, "score")
+        logprobs = choice.get("logprobs")
         tokens = logprobs.get("tokens") if isinstance(logprobs, Mapping) else None
         values = logprobs.get("token_logprobs") if isinstance(logprobs, Mapping) else None
         if not isinstance(tokens, list) or not isinstance(values, list) or not tokens:

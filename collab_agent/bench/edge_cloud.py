@@ -93,7 +93,7 @@ async def run_bench(
 
     results: dict[str, Any] = {}
     for name in policies:
-        policy = resolve_policy(name, **policy_options.get(name, {}))
+        policy = resolve_policy(name, allow_code=True, **policy_options.get(name, {}))
         link = SimulatedLink(
             large,
             rtt_s=rtt_s,

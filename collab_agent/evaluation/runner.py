@@ -252,7 +252,7 @@ def resolve_policies(
             resolved.append(policy)
     else:
         resolved = [
-            p if isinstance(p, Policy) else resolve_policy(p, **options.get(p, {}))
+            p if isinstance(p, Policy) else resolve_policy(p, allow_code=True, **options.get(p, {}))
             for p in policies
         ]
     if not resolved:

@@ -90,7 +90,9 @@ def expand_sweeps(
         base = dict((options or {}).get(sweep.policy, {}))
         for name, value in zip(sweep.names(), sweep.values, strict=True):
             try:
-                policy = resolve_policy(sweep.policy, **(base | {sweep.parameter: value}))
+                policy = resolve_policy(
+                    sweep.policy, allow_code=True, **(base | {sweep.parameter: value})
+                )
             except TypeError as error:
                 raise ConfigError(
                     "--sweep",
