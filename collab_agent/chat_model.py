@@ -525,7 +525,9 @@ class CollabChatModel(BaseChatModel):
         if not inputs:
             return []
         configs = get_config_list(self._bounded(config, len(inputs)), len(inputs))
-        limit = configs[0].get("max_concurrency") or len(inputs)
+        limit = configs[0].get("max_concurrency")
+        if limit is None:
+            limit = len(inputs)
 
         async def one(pair: tuple[int, Any]) -> Any:
             index, value = pair

@@ -362,6 +362,12 @@ async def test_an_invalid_call_option_is_a_config_error_before_any_model_runs(
     assert small.calls == 0
 
 
+async def test_a_batch_config_with_max_concurrency_0_is_a_config_error() -> None:
+    model = CollabChatModel(small=Steady(), large=Steady(), policy=SmallOnly())
+    with pytest.raises(ConfigError, match="max_concurrency"):
+        await model.abatch(["q", "q"], {"max_concurrency": 0})
+
+
 def test_a_policy_name_runs_code_only_when_the_application_allows_it(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
