@@ -46,6 +46,13 @@ class CircuitBreaker:
         _checks.positive_int("threshold", self.threshold)
         _checks.in_range("cooldown_s", self.cooldown_s, 0.0, 86400.0)
 
+    def __deepcopy__(self, memo: dict[int, object]) -> CircuitBreaker:
+        """A copy has the same settings and starts closed (a copied chat model, a pickled one)."""
+        return CircuitBreaker(self.threshold, self.cooldown_s, self.clock)
+
+    def __reduce__(self) -> tuple[object, ...]:
+        return (CircuitBreaker, (self.threshold, self.cooldown_s, self.clock))
+
     @property
     def state(self) -> BreakerState:
         """``closed`` (calls go through), ``open`` (calls degrade at once) or ``half-open``

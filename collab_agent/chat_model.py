@@ -351,6 +351,18 @@ per process, as their weights are large. They hold no secret and no per-loop con
 _LOCAL_BACKENDS_LOCK = threading.Lock()
 
 
+class _OwnedBackends:
+    """The servers a chat model built from its spec strings, by role. A deep copy of the model
+    (``copy.deepcopy``, ``model_copy(deep=True)``) starts with none and builds its own."""
+
+    def __init__(self) -> None:
+        self.backends: dict[str, Backend] = {}
+        self.lock = threading.Lock()
+
+    def __deepcopy__(self, memo: dict[int, object]) -> _OwnedBackends:
+        return _OwnedBackends()
+
+
 def _label(model: Any) -> str:
     return model if isinstance(model, str) else str(getattr(model, "name", type(model).__name__))
 
@@ -470,8 +482,7 @@ class CollabChatModel(BaseChatModel):
     ``max_concurrency`` (LangChain's own default is unbounded, which would open a connection or
     load a KV cache per input). ``None``: unbounded."""
 
-    _owned: dict[str, Backend] = PrivateAttr(default_factory=dict)
-    _owned_lock: threading.Lock = PrivateAttr(default_factory=threading.Lock)
+    _owned: _OwnedBackends = PrivateAttr(default_factory=lambda: _OwnedBackends())
 
     # ------------------------------------------------------------------ batching
     def _bounded(self, config: Any, count: int) -> Any:
@@ -514,7 +525,9 @@ class CollabChatModel(BaseChatModel):
         if not inputs:
             return []
         configs = get_config_list(self._bounded(config, len(inputs)), len(inputs))
-        limit = configs[0].get("max_concurrency") or len(inputs)
+        limit = configs[0].get("max_concurrency")
+        if limit is None:
+            limit = len(inputs)
 
         async def one(pair: tuple[int, Any]) -> Any:
             index, value = pair
@@ -531,8 +544,8 @@ class CollabChatModel(BaseChatModel):
     def close(self) -> None:
         """Close the HTTP clients of the backends this model built from ``openai:`` specs
         (backends passed in as objects belong to the caller). A later call reopens them."""
-        with self._owned_lock:
-            owned = list(self._owned.values())
+        with self._owned.lock:
+            owned = list(self._owned.backends.values())
         for backend in owned:
             close = getattr(backend, "close", None)
             if callable(close):
@@ -540,8 +553,8 @@ class CollabChatModel(BaseChatModel):
 
     async def aclose(self) -> None:
         """`close` from async code (the running loop's clients are closed on it)."""
-        with self._owned_lock:
-            owned = list(self._owned.values())
+        with self._owned.lock:
+            owned = list(self._owned.backends.values())
         for backend in owned:
             aclose = getattr(backend, "aclose", None)
             if callable(aclose):
@@ -801,20 +814,20 @@ class CollabChatModel(BaseChatModel):
             if self.timeout is not None:
                 options.setdefault("timeout", self.timeout / (options["max_retries"] + 1))
         if parsed.kind == "openai":
-            with self._owned_lock:
-                if role not in self._owned:
+            with self._owned.lock:
+                if role not in self._owned.backends:
                     if self.api_key is not None:
                         from collab_agent.backends.openai import OpenAIBackend
 
-                        self._owned[role] = OpenAIBackend(
+                        self._owned.backends[role] = OpenAIBackend(
                             parsed.target,
                             str(parsed.base_url),
                             self.api_key.get_secret_value(),
                             **options,
                         )
                     else:
-                        self._owned[role] = load_backend(parsed, **options)
-                return self._owned[role]
+                        self._owned.backends[role] = load_backend(parsed, **options)
+                return self._owned.backends[role]
         key = (str(parsed), json.dumps(options, sort_keys=True, default=repr))
         with _LOCAL_BACKENDS_LOCK:
             if key not in _LOCAL_BACKENDS:

@@ -174,6 +174,8 @@ class Reasoner:
                 trace.seconds = time.perf_counter() - started
                 if self._finish_step(trace, step):
                     yield StepEvent(step, trace)
+                elif step.degraded:  # it held only the answer: the answer says it was degraded
+                    trace.answer_degraded_reason = step.degraded_reason
             answer = await self._answer(session)
             trace.seconds = time.perf_counter() - started
             yield answer

@@ -177,6 +177,16 @@ async def test_a_backend_built_to_degrade_degrades_inside_the_chat_model() -> No
     assert "BackendServerError" in step["degraded_reason"]
 
 
+async def test_a_degraded_step_that_held_only_the_answer_is_flagged_on_the_answer() -> None:
+    async with scripted(Reply(500, body={"error": "down"})) as server:
+        model = server_model(server.base_url, max_retries=0, on_large_unavailable="degrade")
+        async with model:
+            result = await model.ainvoke("2 + 2?")
+    collab = result.response_metadata["collab"]
+    assert collab["steps"] == [] and collab["degraded_steps"] >= 1
+    assert "BackendServerError" in collab["answer_degraded_reason"]
+
+
 async def test_an_open_circuit_breaker_degrades_at_once_and_probes_after_the_cooldown() -> None:
     now = [0.0]
     breaker = CircuitBreaker(threshold=2, cooldown_s=30.0, clock=lambda: now[0])
@@ -350,6 +360,12 @@ async def test_an_invalid_call_option_is_a_config_error_before_any_model_runs(
     with pytest.raises(ConfigError):
         await model.ainvoke("2 + 2?", **options)
     assert small.calls == 0
+
+
+async def test_a_batch_config_with_max_concurrency_0_is_a_config_error() -> None:
+    model = CollabChatModel(small=Steady(), large=Steady(), policy=SmallOnly())
+    with pytest.raises(ConfigError, match="max_concurrency"):
+        await model.abatch(["q", "q"], {"max_concurrency": 0})
 
 
 def test_a_policy_name_runs_code_only_when_the_application_allows_it(
