@@ -297,9 +297,11 @@ class ObservedLayer(DynamicLayer):
                 setattr(self, name, t[..., :keep].contiguous())
         self.last = self.last_query = self.last_q_pos = None
         if self.ring is not None:
+            # out of place: a rollback may come outside the inference mode the rows were made in
             gone = torch.arange(max(keep, old - self.window), old, device=self.ring.device)
-            self.ring[:, :, gone % self.window, :] = 0.0
-            self.ring[..., keep:] = 0.0
+            ring = self.ring.index_fill(2, gone % self.window, 0.0)
+            later = torch.arange(ring.shape[-1], device=ring.device) >= keep
+            self.ring = ring.masked_fill(later, 0.0)
             self.window_sum = self.ring[..., :keep].sum(2)
 
     def _enter_window(self, rows: torch.Tensor, positions: torch.Tensor, n: int) -> None:
@@ -567,7 +569,9 @@ class KVLayer(CacheLayerMixin):
         n_keep = torch.maximum(plan.keep.to(self.device), n_recent)
         idx = torch.arange(n, device=self.device)
         recent = idx >= (n - n_recent)[:, None, None]
-        scores = scores.masked_fill(~alive, float("-inf")).masked_fill(recent, float("inf"))
+        # a token evicted for good (not reversible) stays out even inside the recent window,
+        # which can reach back over evicted tokens after a crop
+        scores = scores.masked_fill(recent, float("inf")).masked_fill(~alive, float("-inf"))
         keep_mask = _top_mask(scores, n_keep)
         if not self.compressed:
             self._gather_initial(keep_mask, k_new, v_new, old)
