@@ -162,3 +162,34 @@ def test_every_method_name_builds_the_method_it_names():
     assert built["smallkv_marginal"].prior == SmallKV(assistant=small).prior
     with pytest.raises(ConfigError, match=r"--methods.*smallkv_typo"):
         parse_methods("smallkv,smallkv_typo")
+
+
+def test_bench_kv_collab_runs_trigreason_with_every_cache_on_tiny_models() -> None:
+    """`bench kv-collab --models tiny --json`: the fixed keys for every method, no errors."""
+    import json
+
+    import typer
+    from typer.testing import CliRunner
+
+    from collab_agent.bench.kv_collab import register
+
+    bench = typer.Typer()
+    register(bench)
+    bench.command("noop")(lambda: None)  # keep "kv-collab" a subcommand
+    args = ["kv-collab", "--models", "tiny", "--problems", "1", "--json"]
+    args += ["--reasoning-tokens", "32", "--step-tokens", "12", "--methods", "smallkv,h2o"]
+    result = CliRunner().invoke(bench, args)
+    assert result.exit_code == 0, result.output
+    out = json.loads(result.stdout.strip().splitlines()[-1])
+    assert out["problems"] == 1 and set(out["methods"]) == {"full", "smallkv", "h2o"}
+    keys = {
+        "accuracy",
+        "same_answer_as_full",
+        "kv_bytes_vs_full",
+        "decode_s_per_token_vs_full",
+        "srm_forward_tokens_vs_plain",
+        "rollbacks",
+        "errors",
+    }
+    for cell in out["methods"].values():
+        assert keys <= set(cell) and cell["errors"] == 0

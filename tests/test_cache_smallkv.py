@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from transformers import DynamicCache, Qwen2Config, Qwen2ForCausalLM
@@ -94,7 +96,7 @@ def test_shapes_and_positions_after_eviction(pair, prompt):
     cache = out.cache
     n = prompt.shape[1] + 4  # tokens the cache has seen
     ref = full_keys(large, torch.cat([prompt, out.tokens[:, :4]], 1))
-    allowance = round(0.2 * prompt.shape[1] + 0.5) + 4  # ceil(budget * P) + tokens since
+    allowance = math.ceil(0.2 * n)  # the paper's budget: a share of the whole context
     keep, recent, marginal = (allowance * 3) // 5, allowance // 5, (2 * allowance * 2) // 5
     assert cache.get_seq_length() == n
     for layer in cache.layers:

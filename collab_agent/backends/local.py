@@ -309,7 +309,10 @@ class TransformersBackend:
             conversation whose cache alone is larger is dropped after each call.
         cache: a KV method of `collab_agent.cache` (``SmallKV(assistant=small_backend)``,
             ``H2O()``, ...) that compresses every conversation's cache; ``None`` keeps it whole.
-            A compressed cache cannot be cropped, so a rollback prefills the conversation anew.
+            Its budget is a share of the whole current context (prompt and reasoning) unless
+            the method sets ``budget_of="prompt"``. A rollback crops the compressed cache and
+            the method's own state together (SmallKV brings evicted tokens back from its host
+            copy), so only the text after the common prefix is prefilled again.
 
     Attributes:
         processed_tokens: tokens the model has run forward on (prefill and decode), for
@@ -483,7 +486,7 @@ class TransformersBackend:
     # ------------------------------------------------------------------ the model
     def _new_cache(self) -> Any:
         if self.kv_method is not None:
-            return self.kv_method.new_cache()
+            return self.kv_method.new_cache(budget_of="context")
         from transformers import DynamicCache
 
         return DynamicCache(config=self.model.config)

@@ -9,11 +9,22 @@ Built on transformers' extension points only: a `Cache` whose layers are `CacheL
 subclasses, an `AttentionInterface` / `AttentionMaskInterface` entry, and (for SmallKV) a forward
 pre-hook. No model code is copied or patched. Depends on torch and transformers only.
 
-Budget accounting (all methods): the prompt is compressed to ``ceil(budget * P)`` token
-equivalents (P = tokens seen when compression first happens, a token's K+V = 1, V alone = 0.5);
-every token processed after that adds one token equivalent to the allowance, as in kvpress, where
-the prompt is compressed and decoded tokens are appended. Original positions are kept for every
-cached token (RoPE is applied before caching), so positions stay right after eviction.
+Budget accounting (all methods, a token's K+V = 1 token equivalent, V alone = 0.5), one of two
+modes (`KVMethod.budget_of`):
+
+- ``"context"``: at every step the cache holds at most ``ceil(budget * L)`` token equivalents,
+  L = every token seen so far (prompt and everything decoded), as in the SmallKV and H2O papers.
+  The mode for a reasoning trace, whose decoded tokens outnumber the question's; the default of
+  `TransformersBackend(cache=...)`.
+- ``"prompt"``: the prompt is compressed to ``ceil(budget * P)`` (P = tokens seen when
+  compression first happens) and every token processed after that adds one token equivalent to
+  the allowance, as in kvpress, where the prompt is compressed and decoded tokens are appended.
+  The default of a cache made by `KVMethod.new_cache` alone (`bench kv`, `bench kv-gsm8k`).
+
+Original positions are kept for every cached token (RoPE is applied before caching), so positions
+stay right after eviction. A cache can be cropped (a rollback of the conversation) and reset: the
+method's statistics are cut with it, and a reversible method (SmallKV) brings evicted tokens back
+from its host copy instead of re-reading the prompt.
 """
 
 from __future__ import annotations
@@ -22,7 +33,7 @@ import contextvars
 import copy
 import math
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 import torch
 from transformers import AttentionInterface, DynamicCache
@@ -43,8 +54,21 @@ PROBS_CHUNK = 256
 """Query rows per chunk when attention probabilities are materialised (bounds memory)."""
 
 LAST_ROWS = 64
-"""An observed (SRM) layer keeps its last call's attention rows only for calls up to this many
-tokens; longer calls (a prompt) are the prefill, where no marginal weights are needed."""
+"""An observed (SRM) layer keeps its last call's attention rows for calls up to this many tokens;
+for longer calls it keeps the queries instead and the rows a method needs are recomputed from
+them (memory: the rows of every head would be ``q x L`` floats each)."""
+
+BudgetOf = Literal["context", "prompt"]
+"""What a budget is a share of: the whole current context, or the prompt (see the module)."""
+
+POSITIONAL_STATE = ("expected", "value_norms", "votes")
+"""Per-layer method statistics indexed by token position: cut with the cache on a crop."""
+
+
+def check_budget_of(budget_of: object, argument: str = "budget_of") -> BudgetOf:
+    if budget_of not in ("context", "prompt"):
+        raise CacheConfigError(argument, f"must be 'context' or 'prompt', got {budget_of!r}")
+    return budget_of  # type: ignore[return-value]
 
 
 class CacheConfigError(ValueError):
@@ -161,9 +185,9 @@ def use_kv_attention(model: nn.Module) -> None:
 
 
 class ObservedLayer(DynamicLayer):
-    """A full-cache layer that records attention: accumulated per key, the last call's rows,
-    the sum of the last ``window`` query rows (``window_sum``), and the calibration block
-    (queries and keys before ``calibration_tokens``).
+    """A full-cache layer that records attention: accumulated per key, the last call's rows (or,
+    for a call longer than `LAST_ROWS`, its queries), the sum of the last ``window`` query rows
+    (``window_sum``), and the calibration block (see `calibration_update`).
 
     Used for the assistant (SRM) of SmallKV; the attention output itself is exact.
     """
@@ -181,8 +205,12 @@ class ObservedLayer(DynamicLayer):
         self.ring: torch.Tensor | None = None  # (B, H, window, capacity) float32
         self.window_sum: torch.Tensor | None = None  # (B, H, L) float32
         self.accumulated: torch.Tensor | None = None  # (B, H, L) float32
-        self.calibration: torch.Tensor | None = None  # (B, H, C) float32
+        self.calibration: torch.Tensor | None = None  # (B, H, L') float32
         self.last: torch.Tensor | None = None  # (B, H, q, L) float32, last call's probabilities
+        self.last_query: torch.Tensor | None = None  # (B, H, q, D), when `last` would be too big
+        self.last_q_pos: torch.Tensor | None = None
+        self.scaling = 1.0
+        self.calibrating = True  # a method that has used the calibration block turns this off
         self.seen = 0
 
     def update(
@@ -212,13 +240,16 @@ class ObservedLayer(DynamicLayer):
         acc = torch.zeros(b, h, n, dtype=torch.float32, device=key.device)
         if self.accumulated is not None:
             acc[..., : self.accumulated.shape[-1]] = self.accumulated
-        c = self.calibration_tokens
-        calib = torch.zeros(b, h, c, dtype=torch.float32, device=key.device)
-        if self.calibration is not None:
-            calib += self.calibration
+        calib_rows = calibration_rows(q, self.calibration_tokens)
+        calib = (
+            calibration_start(self.calibration, q, self.calibration_tokens, acc)
+            if self.calibrating
+            else None
+        )
         lasts: list[torch.Tensor] = []
         recent: list[torch.Tensor] = []
         recent_pos: list[torch.Tensor] = []
+        first_calib = self.seen - q + calib_rows.start
 
         def sink(probs: torch.Tensor, qp: torch.Tensor) -> None:
             flat = probs.flatten(1, 2)  # (B, H, rows, L)
@@ -227,20 +258,51 @@ class ObservedLayer(DynamicLayer):
             if bool(in_window.any()):
                 recent.append(flat[:, :, in_window])
                 recent_pos.append(qp[in_window])
-            rows = qp < c
-            if bool(rows.any()):
-                part = flat[:, :, rows, :c].sum(2)
-                calib[..., : part.shape[-1]] += part
+            rows = qp >= first_calib
+            if calib is not None and bool(rows.any()):
+                calib.add_(flat[:, :, rows].sum(2))
             if self.keep_last and q <= LAST_ROWS:
                 lasts.append(flat)
 
         _probs_in_chunks(query, key, self._q_pos, k_pos, scaling, slice(0, q), sink)
         self.accumulated = acc
-        self.calibration = calib
+        if calib is not None:
+            self.calibration = calib
         self.last = torch.cat(lasts, dim=2) if lasts else None
+        keep_query = self.keep_last and q > LAST_ROWS
+        self.last_query = query if keep_query else None
+        self.last_q_pos = self._q_pos if keep_query else None
+        self.scaling = scaling
         self._enter_window(torch.cat(recent, dim=2), torch.cat(recent_pos), n)
         out = sdpa_attention_forward(module, query, key, value, mask, scaling=scaling, **kwargs)
         return out
+
+    def crop_to(self, keep: int) -> None:
+        """Forget every token from position ``keep`` on: keys, values and statistics. The
+        attention that forgotten queries paid to kept keys stays in ``accumulated`` (the sum
+        cannot be taken apart); the window loses the forgotten rows and refills as tokens come."""
+        if keep >= self.seen:
+            return
+        if keep <= 0:
+            self.__init__(  # type: ignore[misc]
+                self.layer_idx, self.calibration_tokens, self.keep_last, self.window
+            )
+            return
+        super().crop(keep - self.seen)
+        old = self.seen
+        self.seen = keep
+        for name in ("accumulated", "calibration"):
+            t = getattr(self, name)
+            if t is not None:
+                setattr(self, name, t[..., :keep].contiguous())
+        self.last = self.last_query = self.last_q_pos = None
+        if self.ring is not None:
+            # out of place: a rollback may come outside the inference mode the rows were made in
+            gone = torch.arange(max(keep, old - self.window), old, device=self.ring.device)
+            ring = self.ring.index_fill(2, gone % self.window, 0.0)
+            later = torch.arange(ring.shape[-1], device=ring.device) >= keep
+            self.ring = ring.masked_fill(later, 0.0)
+            self.window_sum = self.ring[..., :keep].sum(2)
 
     def _enter_window(self, rows: torch.Tensor, positions: torch.Tensor, n: int) -> None:
         """Put the query rows ``(B, H, r, n)`` at ``positions`` into the window: each takes the
@@ -296,6 +358,29 @@ class ObservedCache(DynamicCache):
             )
         return self.layers[layer_idx].update(key_states, value_states)
 
+    def crop_to(self, keep: int) -> None:
+        """Forget every token from position ``keep`` on (see `ObservedLayer.crop_to`)."""
+        for layer in self.layers:
+            layer.crop_to(keep)
+
+
+def calibration_rows(q: int, tokens: int) -> slice:
+    """The query rows of a ``q``-token call that enter the calibration block: its last
+    ``tokens`` (the most recent text, the part of the context that the coming tokens continue,
+    rather than the chat template at the start)."""
+    return slice(max(0, q - tokens), q)
+
+
+def calibration_start(
+    previous: torch.Tensor | None, q: int, tokens: int, like: torch.Tensor
+) -> torch.Tensor:
+    """The calibration block, shaped as ``like`` ``(B, H, n)``, that a ``q``-token call adds to: a
+    fresh one when the call alone fills the block (its last ``tokens`` rows), else ``previous``
+    (rows of shorter calls add up) widened to the call's ``n`` keys."""
+    if previous is None or q >= tokens or previous.shape[:2] != like.shape[:2]:
+        return torch.zeros_like(like)
+    return torch.nn.functional.pad(previous, (0, like.shape[-1] - previous.shape[-1]))
+
 
 @dataclass
 class LayerPlan:
@@ -315,12 +400,13 @@ class KVLayer(CacheLayerMixin):
     ``(B, Hkv, S, D)`` with ``positions`` ``(B, Hkv, S)`` (original token index, -1 = empty),
     and, for methods with marginal tokens, ``marginal_values`` / ``marginal_positions``.
     Reversible methods keep every token's K/V in ``host_keys``/``host_values`` (CPU memory) so
-    an evicted token can come back.
+    an evicted token can come back; on CUDA the copies run asynchronously and are read only
+    after the event recorded behind them (`host_synchronize`).
     """
 
     is_sliding = False
     is_compileable = False
-    is_croppable = False
+    is_croppable = True
 
     def __init__(self, cache: CompressedCache, layer_idx: int) -> None:
         super().__init__()
@@ -335,6 +421,8 @@ class KVLayer(CacheLayerMixin):
         self.host_values: torch.Tensor | None = None
         self.scores: torch.Tensor | None = None  # method statistics, (B, Hkv, L) float32
         self.state: dict[str, Any] = {}  # other per-layer method state
+        self.incoming: torch.Tensor | None = None  # this call's values (B, Hkv, q, D), on device
+        self._host_copied: Any = None  # CUDA event recorded after the last host copy
 
     # ---- transformers' CacheLayerMixin -----------------------------------------------------
 
@@ -358,6 +446,42 @@ class KVLayer(CacheLayerMixin):
 
     def reset(self) -> None:
         self.__init__(self.cache, self.layer_idx)  # type: ignore[misc]
+
+    def crop(self, tokens_to_remove: int) -> None:
+        """Forget the last ``tokens_to_remove`` tokens (a negative count, as transformers' layers
+        take it). Uncompressed, the K/V are cut exactly; compressed, the slots of forgotten tokens
+        are freed, the tokens still held stay, and a reversible method may bring evicted ones back
+        from the host copy at the next update (which is written over from position ``keep`` on)."""
+        keep = self.length - abs(tokens_to_remove)
+        if tokens_to_remove == 0 or not self.is_initialized:
+            return
+        if keep <= 0:
+            self.reset()
+            return
+        assert self.keys is not None and self.values is not None and self.positions is not None
+        if not self.compressed:
+            self.keys = self.keys[..., :keep, :]
+            self.values = self.values[..., :keep, :]
+            self.positions = self.positions[..., :keep]
+        else:
+            self.positions = self.positions.masked_fill(self.positions >= keep, -1)
+            if self.marginal_positions is not None:
+                self.marginal_positions = self.marginal_positions.masked_fill(
+                    self.marginal_positions >= keep, -1
+                )
+        if self.scores is not None:
+            self.scores = self.scores[..., :keep]
+        for name in POSITIONAL_STATE:
+            value = self.state.get(name)
+            if isinstance(value, torch.Tensor) and value.shape[-1] > keep:
+                self.state[name] = value[..., :keep]
+        self.length = keep
+
+    def host_synchronize(self) -> None:
+        """Wait until the host copies started so far have landed (CUDA; no-op elsewhere)."""
+        if self._host_copied is not None:
+            self._host_copied.synchronize()
+            self._host_copied = None
 
     def batch_repeat_interleave(self, repeats: int) -> None:
         for name in ("keys", "values", "positions", "scores", "marginal_values"):
@@ -385,6 +509,7 @@ class KVLayer(CacheLayerMixin):
         self.length += q
         self.q_pos = torch.arange(old, old + q, device=self.device)
         method = self.cache.method
+        self.incoming = value_states
         if method.reversible:
             self._host_append(key_states, value_states, old)
         if self.scores is not None:
@@ -402,6 +527,8 @@ class KVLayer(CacheLayerMixin):
         return self.keys, self.values
 
     def _host_append(self, k: torch.Tensor, v: torch.Tensor, old: int) -> None:
+        # earlier copies (rows before `old`, which `_source` may read this step) have landed
+        self.host_synchronize()
         need = old + k.shape[-2]
         if self.host_keys is None or self.host_keys.shape[-2] < need:
             cap = max(need + 256, need * 5 // 4)  # headroom: a prompt plus its decode
@@ -416,14 +543,15 @@ class KVLayer(CacheLayerMixin):
                 nk[..., :old, :] = self.keys[..., :old, :].cpu()
                 nv[..., :old, :] = self.values[..., :old, :].cpu()
             elif self.host_keys is not None and self.host_values is not None:
-                if k.device.type == "cuda":
-                    torch.cuda.synchronize(k.device)  # earlier async copies into the old buffer
                 nk[..., :old, :] = self.host_keys[..., :old, :]
                 nv[..., :old, :] = self.host_values[..., :old, :]
             self.host_keys, self.host_values = nk, nv
         assert self.host_values is not None
         self.host_keys[..., old:need, :].copy_(k, non_blocking=True)
         self.host_values[..., old:need, :].copy_(v, non_blocking=True)
+        if k.device.type == "cuda":
+            self._host_copied = torch.cuda.Event()
+            self._host_copied.record(torch.cuda.current_stream(k.device))
 
     def _select(self, plan: LayerPlan, k_new: torch.Tensor, v_new: torch.Tensor, old: int) -> None:
         """Choose the kept tokens from the method's scores and move them into the slots."""
@@ -441,7 +569,9 @@ class KVLayer(CacheLayerMixin):
         n_keep = torch.maximum(plan.keep.to(self.device), n_recent)
         idx = torch.arange(n, device=self.device)
         recent = idx >= (n - n_recent)[:, None, None]
-        scores = scores.masked_fill(~alive, float("-inf")).masked_fill(recent, float("inf"))
+        # a token evicted for good (not reversible) stays out even inside the recent window,
+        # which can reach back over evicted tokens after a crop
+        scores = scores.masked_fill(recent, float("inf")).masked_fill(~alive, float("-inf"))
         keep_mask = _top_mask(scores, n_keep)
         if not self.compressed:
             self._gather_initial(keep_mask, k_new, v_new, old)
@@ -648,12 +778,49 @@ class CompressedCache(Cache):
 
     layers: list[KVLayer]  # type: ignore[assignment]
 
-    def __init__(self, method: KVMethod, budgets: list[float] | None = None) -> None:
+    def __init__(
+        self,
+        method: KVMethod,
+        budgets: list[float] | None = None,
+        budget_of: BudgetOf = "prompt",
+    ) -> None:
         super().__init__(layers=[])
         self.method = method
         self.budgets = budgets
+        self.budget_of: BudgetOf = check_budget_of(method.budget_of or budget_of)
         self.prompt_length: int | None = None  # P: tokens seen when compression first happened
         self.state: dict[str, Any] = {}  # method state shared by the layers (e.g. SmallKV's SRM)
+        self.rollbacks = 0  # crops and resets that removed tokens (a benchmark counts them)
+
+    @property
+    def is_croppable(self) -> bool:
+        return True
+
+    def reset(self) -> None:
+        """Forget everything, the method's own state (SmallKV's SRM cache, head mapping) too."""
+        if self.get_seq_length() > 0:
+            self.rollbacks += 1
+        self.layers = []
+        self.prompt_length = None
+        self.state.clear()
+
+    def crop(self, max_length: int) -> None:
+        """Forget tokens from the end: ``-n`` removes ``n``, a length ``>= 0`` keeps that many
+        (transformers' two conventions). Both sides stay consistent: the layers and the method's
+        state (`KVMethod.crop_state`, e.g. SmallKV's SRM cache) are cut to the same length."""
+        length = self.get_seq_length()
+        keep = length + max_length if max_length < 0 else min(max_length, length)
+        if keep >= length:
+            return
+        if keep <= 0:
+            self.reset()
+            return
+        self.rollbacks += 1
+        for layer in self.layers:
+            layer.crop(keep - layer.length)
+        if self.prompt_length is not None:
+            self.prompt_length = min(self.prompt_length, keep)
+        self.method.crop_state(self, keep)
 
     def update(
         self,
@@ -692,11 +859,16 @@ class CompressedCache(Cache):
                 self.prompt_length = layer.length - layer.q_pos.numel()
         assert self.keys_batch(layer) > 0
         budgets = self.row_budgets(self.keys_batch(layer))
-        p = self.prompt_length or 0
-        allowance = torch.ceil(budgets * p).long() + (layer.length - p)
+        if self.budget_of == "context":
+            allowance = torch.ceil(budgets * layer.length).long()
+            decoded = 0
+        else:
+            p = self.prompt_length or 0
+            allowance = torch.ceil(budgets * p).long() + (layer.length - p)
+            decoded = layer.length - p
         if not layer.compressed and bool((allowance >= layer.length).all()):
             return None  # the whole context fits: stay exact
-        return self.method.layout(allowance, layer.length, layer.length - p)
+        return self.method.layout(allowance, layer.length, decoded)
 
     @staticmethod
     def keys_batch(layer: KVLayer) -> int:
@@ -740,6 +912,7 @@ class CompressedCache(Cache):
             if any(layer.compressed for layer in self.layers):
                 raise CacheConfigError("method", "a compressed cache cannot change its method")
             new.method = method
+            new.budget_of = check_budget_of(method.budget_of or self.budget_of)
         if batch_repeat > 1:
             new.batch_repeat_interleave(batch_repeat)
             self.method.repeat_state(new, batch_repeat)
@@ -760,17 +933,26 @@ class KVMethod:
     Parameters
     ----------
     budget : float, default 0.2
-        Share of the prompt's KV bytes kept on the device (K+V of a token = 1, V alone = 0.5).
-        Tokens processed after compression are added to the allowance one for one.
+        Share of the KV bytes kept on the device (K+V of a token = 1, V alone = 0.5), of the
+        whole context or of the prompt, as ``budget_of`` says.
+    budget_of : "context", "prompt" or None, default None (keyword only)
+        ``context``: at most ``budget`` of every token seen so far stays on the device (the
+        papers' accounting, for reasoning traces). ``prompt``: the prompt is compressed to
+        ``budget`` and later tokens are added to the allowance one for one (kvpress's). ``None``:
+        whoever makes the cache decides, `TransformersBackend` ``context``, `new_cache` alone
+        ``prompt``.
     """
 
     budget: float = 0.2
+    budget_of: BudgetOf | None = field(default=None, kw_only=True)
     reversible: ClassVar[bool] = False
     has_marginal: ClassVar[bool] = False
     _hooks: list[Any] = field(default_factory=list, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         self.budget = check_budget(self.budget)
+        if self.budget_of is not None:
+            check_budget_of(self.budget_of)
 
     # ---- what users call ---------------------------------------------------------------------
 
@@ -779,9 +961,12 @@ class KVMethod:
         use_kv_attention(model)
         return self
 
-    def new_cache(self, budgets: list[float] | None = None) -> CompressedCache:
-        """A fresh cache for one conversation (or one batch); pass it as the model's cache."""
-        return CompressedCache(self, budgets)
+    def new_cache(
+        self, budgets: list[float] | None = None, budget_of: BudgetOf = "prompt"
+    ) -> CompressedCache:
+        """A fresh cache for one conversation (or one batch); pass it as the model's cache.
+        ``budget_of`` applies unless the method sets its own (see the class docstring)."""
+        return CompressedCache(self, budgets, budget_of)
 
     # ---- what a method implements ------------------------------------------------------------
 
@@ -837,6 +1022,9 @@ class KVMethod:
 
     def repeat_state(self, cache: CompressedCache, repeats: int) -> None:
         """Repeat cache-level method state along the batch (see `CompressedCache.clone`)."""
+
+    def crop_state(self, cache: CompressedCache, keep: int) -> None:
+        """Cut cache-level method state to the first ``keep`` tokens (see `CompressedCache.crop`)."""
 
 
 def accumulate_scores(layer: KVLayer, probs: torch.Tensor, k_pos: torch.Tensor) -> None:

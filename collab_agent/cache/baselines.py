@@ -137,8 +137,7 @@ class SnapKV(KVMethod):
         ).reshape(b, h, s)
         scores = torch.nn.functional.pad(pooled, (0, layer.length - s))
         window_start = max(0, (cache.prompt_length or layer.length) - self.window)
-        scores[..., window_start:] = float("inf")  # the window and everything after it
-        return scores
+        return after_prompt_first(cache, scores, window_start)  # the window and what follows
 
     def probability_rows(
         self, cache: CompressedCache, layer: KVLayer, q_pos: torch.Tensor
@@ -259,6 +258,23 @@ class ExpectedAttention(KVMethod):
                 prior = prior * layer.values.float().norm(dim=-1)
             prior[..., : self.sinks] = float("inf")
             layer.state["expected"] = prior
-        return torch.nn.functional.pad(
-            prior, (0, layer.length - prior.shape[-1]), value=float("inf")
-        )
+        scores = torch.nn.functional.pad(prior, (0, layer.length - prior.shape[-1]))
+        return after_prompt_first(cache, scores, prior.shape[-1])
+
+
+RECENCY_BASE = 1e6
+"""Scores from here up rank tokens by position, above any attention-based score."""
+
+
+def after_prompt_first(cache: CompressedCache, scores: torch.Tensor, start: int) -> torch.Tensor:
+    """Rank the tokens from ``start`` on (those a prompt-compression method does not score) above
+    the rest: all kept when the budget is the prompt's, the most recent first when it is a share
+    of the whole context (when they alone exceed it, the oldest of them go too)."""
+    scores = scores.clone()
+    if cache.budget_of == "prompt":
+        scores[..., start:] = float("inf")
+        return scores
+    n = scores.shape[-1]
+    positions = torch.arange(start, n, device=scores.device, dtype=scores.dtype)
+    scores[..., start:] = RECENCY_BASE + positions
+    return scores

@@ -16,6 +16,9 @@ from collab_agent.cache.base import (
     LayerPlan,
     ObservedCache,
     ObservedLayer,
+    attention_probs,
+    calibration_rows,
+    calibration_start,
     use_kv_attention,
 )
 from collab_agent.cache.expected import expected_attention, observe_queries
@@ -130,8 +133,18 @@ class SmallKV(KVMethod):
     keep_decoded: bool = True
     prior: float = 0.5
 
-    PAPER: ClassVar[dict[str, Any]] = {"split": (2, 1, 2), "keep_decoded": False, "prior": 0.0}
-    """The paper's layout and scoring: ``SmallKV(assistant=srm, **SmallKV.PAPER)``."""
+    PAPER: ClassVar[dict[str, Any]] = {
+        "split": (2, 1, 2),
+        "keep_decoded": False,
+        "budget_of": "context",
+        "prior": 0.0,
+        "score": "accumulated",
+        "value_norm": False,
+        "combine": "paper",
+    }
+    """The paper's configuration: ``SmallKV(assistant=srm, **SmallKV.PAPER)``: critical : recent :
+    marginal = 2 : 1 : 2 of the whole context, tokens ranked by the SRM's accumulated attention
+    alone, marginal output added as a plain sum."""
 
     reversible = True
     has_marginal = True
@@ -252,10 +265,19 @@ class SmallKV(KVMethod):
         if srm is not None:
             for layer in srm.layers:
                 layer.batch_repeat_interleave(repeats)
-                for name in ("accumulated", "calibration", "last", "ring", "window_sum"):
+                names = ("accumulated", "calibration", "last", "last_query", "ring", "window_sum")
+                for name in names:
                     t = getattr(layer, name)
                     if t is not None:
                         setattr(layer, name, t.repeat_interleave(repeats, dim=0))
+        cache.state.pop("stack", None)
+
+    def crop_state(self, cache: CompressedCache, keep: int) -> None:
+        """Cut the SRM's cache and statistics to the same ``keep`` tokens as the LRM's, so a
+        rollback leaves both sides consistent; the head mapping stays (it is about the models)."""
+        srm: ObservedCache | None = cache.state.get("srm")
+        if srm is not None:
+            srm.crop_to(keep)
         cache.state.pop("stack", None)
 
     # ---- 1. attention matching ---------------------------------------------------------------
@@ -265,8 +287,7 @@ class SmallKV(KVMethod):
     ) -> slice | None:
         if "mapping" in cache.state:
             return None
-        rows = int((q_pos < self.calibration_tokens).sum())
-        return slice(0, rows) if rows else None
+        return calibration_rows(q_pos.numel(), self.calibration_tokens)
 
     def observe(
         self,
@@ -276,15 +297,19 @@ class SmallKV(KVMethod):
         q_pos: torch.Tensor,
         k_pos: torch.Tensor,
     ) -> None:
-        if layer.compressed:
+        if layer.compressed or "mapping" in cache.state:
             return
-        c = self.calibration_tokens
-        flat = probs.flatten(1, 2)[..., :c].sum(2)  # (B, H, min(S, c))
-        calib = layer.state.get("calib")
-        if calib is None:
-            calib = torch.zeros(*flat.shape[:2], c, device=flat.device)
-            layer.state["calib"] = calib
-        calib[..., : flat.shape[-1]] += flat
+        flat = probs.flatten(1, 2).sum(2).float()  # (B, H, S): these rows' attention per key
+        if (
+            int(q_pos[0])
+            == layer.length
+            - layer.q_pos.numel()
+            + calibration_rows(layer.q_pos.numel(), self.calibration_tokens).start
+        ):  # the call's first calibration chunk: start (or widen) the block
+            layer.state["calib"] = calibration_start(
+                layer.state.get("calib"), layer.q_pos.numel(), self.calibration_tokens, flat
+            )
+        layer.state["calib"] += flat
 
     def ready(self, cache: CompressedCache, layer: KVLayer) -> bool:
         if "mapping" in cache.state:
@@ -292,12 +317,18 @@ class SmallKV(KVMethod):
         seen = layer.length - layer.q_pos.numel()
         if seen < self.min_calibration_tokens:
             return False
-        self.match_heads(cache, min(seen, self.calibration_tokens))
+        self.match_heads(cache)
         return True
 
-    def match_heads(self, cache: CompressedCache, tokens: int) -> None:
-        """Map each LRM query head to its most similar SRM head (Jaccard of top-k sets)."""
+    def match_heads(self, cache: CompressedCache) -> None:
+        """Map each LRM query head to its most similar SRM head: Jaccard similarity of the
+        top-``match_top`` key sets of the calibration block (the last ``calibration_tokens``
+        queries' attention over every key seen, so the sets cover the whole context)."""
         srm = cache.state["srm"]
+        tokens = min(
+            *(la.state["calib"].shape[-1] for la in cache.layers),
+            *(la.calibration.shape[-1] for la in srm.layers),
+        )
         lrm = torch.stack([la.state["calib"][..., :tokens].mean(0) for la in cache.layers])
         small = torch.stack([la.calibration[..., :tokens].mean(0) for la in srm.layers])
         n_l, h, _ = lrm.shape
@@ -310,6 +341,8 @@ class SmallKV(KVMethod):
         best = jaccard.argmax(dim=1).reshape(n_l, h)
         cache.state["mapping"] = (best // hs, best % hs)
         cache.state["jaccard"] = jaccard.max(dim=1).values.reshape(n_l, h)
+        for la in srm.layers:
+            la.calibrating = False
 
     # ---- 2. SRM-guided, reversible eviction ----------------------------------------------------
 
@@ -360,7 +393,8 @@ class SmallKV(KVMethod):
         if acc.shape[-1] != layer.length:
             raise RuntimeError(
                 f"the SRM has seen {acc.shape[-1]} tokens and the LRM {layer.length}; feed both "
-                "the same tokens (the forward pre-hook of SmallKV.attach does)"
+                "the same tokens (the forward pre-hook of SmallKV.attach does) and crop or reset "
+                "the cache only through CompressedCache.crop / reset, which cut both"
             )
         b, h, n = acc.shape
         hkv = layer.keys.shape[1]
@@ -410,8 +444,12 @@ class SmallKV(KVMethod):
     def add_marginal(
         self, cache: CompressedCache, layer: KVLayer, probs: torch.Tensor, out: torch.Tensor
     ) -> torch.Tensor:
+        if layer.marginal_values is None or layer.marginal_positions is None:
+            return out
         last = self._per_lrm_head(cache, layer, "last")  # (B, H, q, L)
-        if last is None or layer.marginal_values is None or layer.marginal_positions is None:
+        if last is None:
+            last = self._rows_from_queries(cache, layer)
+        if last is None:
             return out
         assert layer.positions is not None
         b, hkv, g, q, _ = out.shape
@@ -424,6 +462,28 @@ class SmallKV(KVMethod):
             layer.marginal_values,
             self.combine,
         )
+
+    def _rows_from_queries(self, cache: CompressedCache, layer: KVLayer) -> torch.Tensor | None:
+        """The mapped SRM heads' attention rows ``(B, H, q, L)`` of the last call, recomputed from
+        its queries (an SRM call longer than `LAST_ROWS` keeps those instead of the rows)."""
+        srm_layers: list[ObservedLayer] = cache.state["srm"].layers
+        src_layer, src_head = cache.state["mapping"]
+        rows = []
+        for li, hi in zip(
+            src_layer[layer.layer_idx].tolist(), src_head[layer.layer_idx].tolist(), strict=True
+        ):
+            sl = srm_layers[li]
+            if sl.last_query is None or sl.last_q_pos is None or sl.keys is None:
+                return None
+            group = sl.last_query.shape[1] // sl.keys.shape[1]
+            keys = sl.keys[:, hi // group : hi // group + 1]
+            n = keys.shape[-2]
+            k_pos = torch.arange(n, device=keys.device).expand(keys.shape[0], 1, n)
+            probs = attention_probs(
+                sl.last_query[:, hi : hi + 1], keys, sl.last_q_pos, k_pos, sl.scaling
+            )
+            rows.append(probs[:, 0, 0])  # (B, q, L)
+        return torch.stack(rows, dim=1).to(layer.device)
 
 
 def marginal_output(
@@ -458,14 +518,21 @@ def marginal_output(
 
 
 def _value_norms(layer: KVLayer) -> torch.Tensor:
-    """``(B, Hkv, L)`` norms of every token's LRM value vector, from the host copy; the norms of
-    earlier tokens are kept in the layer's state and only new tokens are added."""
-    assert layer.host_values is not None
+    """``(B, Hkv, L)`` norms of every token's LRM value vector. The norms of earlier tokens are
+    kept in the layer's state; this call's tokens are read on the device (their host copy may
+    still be in flight) and any others from the host copy after `KVLayer.host_synchronize`."""
+    assert layer.host_values is not None and layer.incoming is not None
     norms: torch.Tensor | None = layer.state.get("value_norms")
     have = 0 if norms is None else norms.shape[-1]
+    old = layer.length - layer.incoming.shape[-2]
+    parts = [] if norms is None else [norms.to(layer.device)]
+    if have < old:
+        layer.host_synchronize()
+        host = layer.host_values[..., have:old, :].to(layer.device, torch.float32)
+        parts.append(host.norm(dim=-1))
     if have < layer.length:
-        new = layer.host_values[..., have : layer.length, :].float().norm(dim=-1)
-        norms = new if norms is None else torch.cat([norms, new], dim=-1)
+        parts.append(layer.incoming[..., max(0, have - old) :, :].float().norm(dim=-1))
+        norms = torch.cat(parts, dim=-1)
         layer.state["value_norms"] = norms
     assert norms is not None
     return norms[..., : layer.length]

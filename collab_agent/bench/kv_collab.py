@@ -1,0 +1,302 @@
+"""`collab-agent bench kv-collab`: SmallKV in the setting it exists for, TrigReason with a local LRM.
+
+TrigReason (priming 1 step) runs the same GSM8K problems once with the large model's full cache
+and once with each KV method (SmallKV, H2O, SnapKV, StreamingLLM) at ``--budget`` of the whole
+current context (the collaboration's accounting: prompt and reasoning). Greedy decoding, so the
+full-cache run is the reference every method's answers are compared with. Reported per method:
+
+- ``accuracy`` and ``same_answer_as_full`` (problems whose extracted answer equals the full
+  cache's);
+- ``kv_bytes_vs_full``: the LRM's peak device KV bytes over the problem, summed over problems,
+  over what a full cache holds for the same tokens at that point;
+- ``decode_s_per_token_vs_full``: the LRM's wall time per one-token forward (the SRM pass that
+  SmallKV's hook runs included) over the full cache's, same process;
+- ``srm_forward_tokens_vs_plain``: tokens the SRM ran forward on (its own steps and any pass a
+  KV method adds) over the full-cache run's;
+- ``rollbacks``: LRM calls whose prompt left the cached tokens (the cache was cropped or reset);
+- ``errors``: problems that raised.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from collab_agent.cli_options import JsonOption
+
+METHODS = ("full", "smallkv", "h2o", "snapkv", "streaming")
+
+
+def log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def make_cache(name: str, small: Any, budget: float) -> Any:
+    """The KV method ``name`` at ``budget`` of the whole context (``None`` for the full cache)."""
+    from collab_agent.cache import H2O, SmallKV, SnapKV, StreamingLLM
+
+    if name == "full":
+        return None
+    if name == "smallkv":
+        return SmallKV(assistant=small, budget=budget, budget_of="context")
+    if name == "smallkv_paper":
+        return SmallKV(assistant=small, budget=budget, **SmallKV.PAPER)
+    makers = {"h2o": H2O, "snapkv": SnapKV, "streaming": StreamingLLM}
+    return makers[name](budget=budget, budget_of="context")
+
+
+class Meter:
+    """Counts on the two models: SRM forward tokens, LRM one-token forward seconds."""
+
+    def __init__(self, small_model: Any, large_model: Any) -> None:
+        self.srm_tokens = 0
+        self.decode_s = 0.0
+        self.decode_steps = 0
+        self._started = 0.0
+        base = getattr(small_model, "base_model", small_model)
+        self._handles = [
+            base.register_forward_pre_hook(self._count_srm, with_kwargs=True),
+            large_model.register_forward_pre_hook(self._start, with_kwargs=True, prepend=True),
+            large_model.register_forward_hook(self._stop, with_kwargs=True),
+        ]
+
+    @staticmethod
+    def _ids(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        return kwargs.get("input_ids", args[0] if args else None)
+
+    def _count_srm(self, module: Any, args: Any, kwargs: Any) -> None:
+        ids = self._ids(args, kwargs)
+        if ids is not None:
+            self.srm_tokens += int(ids.shape[-1])
+
+    def _start(self, module: Any, args: Any, kwargs: Any) -> None:
+        ids = self._ids(args, kwargs)
+        self._started = time.perf_counter() if ids is not None and ids.shape[-1] == 1 else 0.0
+
+    def _stop(self, module: Any, args: Any, kwargs: Any, output: Any) -> None:
+        if self._started:
+            self.decode_s += time.perf_counter() - self._started
+            self.decode_steps += 1
+            self._started = 0.0
+
+    def close(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+
+
+async def run_method(
+    name: str,
+    small: Any,
+    large_model: Any,
+    tokenizer: Any,
+    problems: list[dict[str, Any]],
+    budget: float,
+    reasoner_options: dict[str, Any],
+) -> dict[str, Any]:
+    """TrigReason over ``problems`` with the LRM's cache of method ``name``; raw figures."""
+    from collab_agent.backends.local import TransformersBackend, common_prefix_length
+    from collab_agent.evaluation.grading import extract_answer, is_correct
+    from collab_agent.policies import TrigReason
+    from collab_agent.reasoner import Reasoner
+
+    method = make_cache(name, small, budget)
+    large = TransformersBackend(large_model, tokenizer, name=f"large-{name}", cache=method)
+    meter = Meter(small.model, large_model)
+    held: dict[str, list[int]] = {}
+    peaks: dict[str, tuple[int, int]] = {}
+    rollbacks = 0
+
+    def observe(request: Any, prompt: list[int], sampled: list[int]) -> None:
+        nonlocal rollbacks
+        cid = request.conversation_id
+        before = held.get(cid, [])
+        if common_prefix_length(before, prompt) < len(before):
+            rollbacks += 1
+        held[cid] = prompt + sampled[:-1]
+        entry = large._store._entries.get(cid)
+        if entry is not None:
+            kv = entry.kv
+            device = kv.device_bytes() if hasattr(kv, "device_bytes") else entry.nbytes
+            full = kv.full_bytes() if hasattr(kv, "full_bytes") else entry.nbytes
+            old = peaks.get(cid, (0, 0))
+            if device > old[0]:
+                peaks[cid] = (device, max(full, old[1]))
+
+    large.on_generation = observe
+    answers: list[str | None] = []
+    correct: list[bool] = []
+    errors = 0
+    try:
+        reasoner = Reasoner(small, large, TrigReason(priming_steps=1), **reasoner_options)
+        for i, problem in enumerate(problems):
+            started = time.perf_counter()
+            try:
+                trace = await reasoner.run(
+                    [{"role": "user", "content": problem["question"]}],
+                    conversation_id=f"{name}-{problem.get('id', i)}",
+                )
+                answer = extract_answer(trace.answer)
+            except Exception as exc:  # count it and go on: a crash is a figure here
+                errors += 1
+                answer = None
+                log(f"[kv-collab] {name} problem {i}: {type(exc).__name__}: {exc}")
+            ok = answer is not None and is_correct(answer, str(problem["answer"]))
+            answers.append(answer)
+            correct.append(ok)
+            log(
+                f"[kv-collab] {name} {problem.get('id', i)}: {'right' if ok else 'wrong'} "
+                f"({answer!r} vs {problem['answer']}), {time.perf_counter() - started:.0f} s"
+            )
+    finally:
+        meter.close()
+        if method is not None and hasattr(method, "detach"):
+            method.detach()
+    device = sum(d for d, _ in peaks.values())
+    full = sum(f for _, f in peaks.values())
+    return {
+        "answers": answers,
+        "correct": sum(correct),
+        "kv_bytes": device / full if full else 1.0,
+        "decode_s_per_token": meter.decode_s / meter.decode_steps if meter.decode_steps else 0.0,
+        "srm_forward_tokens": meter.srm_tokens,
+        "rollbacks": rollbacks,
+        "errors": errors,
+    }
+
+
+async def run_kv_collab(
+    small: Any,
+    large_model: Any,
+    tokenizer: Any,
+    problems: list[dict[str, Any]],
+    budget: float,
+    methods: tuple[str, ...],
+    reasoner_options: dict[str, Any],
+) -> dict[str, Any]:
+    """The benchmark on loaded models; returns the JSON object `bench kv-collab` prints."""
+    raw = {
+        name: await run_method(
+            name, small, large_model, tokenizer, problems, budget, reasoner_options
+        )
+        for name in ("full", *[m for m in methods if m != "full"])
+    }
+    full = raw["full"]
+    result: dict[str, Any] = {"problems": len(problems), "budget": budget, "methods": {}}
+    for name, cell in raw.items():
+        same = sum(
+            a is not None and a == f for a, f in zip(cell["answers"], full["answers"], strict=True)
+        )
+        result["methods"][name] = {
+            "accuracy": round(cell["correct"] / len(problems), 4),
+            "same_answer_as_full": same,
+            "kv_bytes_vs_full": round(cell["kv_bytes"] / full["kv_bytes"], 4),
+            "decode_s_per_token_vs_full": round(
+                cell["decode_s_per_token"] / full["decode_s_per_token"], 3
+            )
+            if full["decode_s_per_token"]
+            else None,
+            "srm_forward_tokens_vs_plain": round(
+                cell["srm_forward_tokens"] / full["srm_forward_tokens"], 3
+            )
+            if full["srm_forward_tokens"]
+            else None,
+            "rollbacks": cell["rollbacks"],
+            "errors": cell["errors"],
+        }
+        log(f"[kv-collab] {name}: {json.dumps(result['methods'][name])}")
+    return result
+
+
+def load_gsm8k(data: str | None, count: int, first: int) -> list[dict[str, Any]]:
+    """``count`` problems from ``first`` on: a JSON Lines file of the eval's format (``question``
+    and ``answer`` per line), by default GSM8K from the shared data folder."""
+    from collab_agent.bench.prefix_reuse import data_dir
+    from collab_agent.errors import ConfigError
+
+    path = Path(data) if data else data_dir() / "gsm8k_test.jsonl"
+    if not path.is_file():
+        raise ConfigError("--data", f"{path} is not a file")
+    rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line]
+    rows = rows[first : first + count]
+    if len(rows) < count or any("question" not in r or "answer" not in r for r in rows):
+        raise ConfigError(
+            "--data", f"needs {first + count} records with 'question' and 'answer' ({path})"
+        )
+    return rows
+
+
+def register(bench: typer.Typer) -> None:
+    """Add ``kv-collab`` to the ``bench`` sub-app."""
+
+    @bench.command("kv-collab")
+    def kv_collab(
+        models: Annotated[
+            str, typer.Option(help="bundled (Qwen 0.5B SRM, local 1.5B LRM) or tiny.")
+        ] = "bundled",
+        problems: Annotated[int, typer.Option(help="GSM8K problems.")] = 20,
+        first: Annotated[int, typer.Option(help="Index of the first problem.")] = 0,
+        budget: Annotated[
+            float, typer.Option(help="KV budget: share of the whole context.")
+        ] = 0.25,
+        methods: Annotated[
+            str, typer.Option(help="Comma-separated methods besides the full cache.")
+        ] = "smallkv,h2o,snapkv,streaming",
+        reasoning_tokens: Annotated[int, typer.Option(help="Most reasoning tokens.")] = 512,
+        step_tokens: Annotated[int, typer.Option(help="Most tokens per step.")] = 128,
+        data: Annotated[
+            str | None, typer.Option(help="JSON Lines problems (question, answer).")
+        ] = None,
+        as_json: JsonOption = False,
+    ) -> None:
+        """TrigReason with the large model's cache full and compressed by each KV method."""
+        import anyio
+        import torch
+
+        from collab_agent.backends.base import GREEDY
+        from collab_agent.backends.specs import load_backend, resolve_pair
+        from collab_agent.errors import ConfigError
+
+        if not 0 < budget <= 1:
+            raise ConfigError("--budget", f"must lie in (0, 1], got {budget}")
+        if problems < 1 or first < 0:
+            raise ConfigError("--problems/--first", "need at least 1 problem from index >= 0")
+        names = tuple(m.strip() for m in methods.split(",") if m.strip())
+        known = (*METHODS, "smallkv_paper")
+        if set(names) - set(known):
+            raise ConfigError("--methods", f"unknown {sorted(set(names) - set(known))}; {known}")
+        rows = load_gsm8k(data, problems, first)
+        small_spec, large_spec = resolve_pair(models, None, None)
+        torch.manual_seed(0)
+        small = load_backend(small_spec)
+        large = load_backend(large_spec)
+        options = {
+            "sampling": GREEDY,
+            "budget": reasoning_tokens,
+            "step_max_tokens": step_tokens,
+            "answer_max_tokens": 32,
+        }
+        large_model, tokenizer = large.model, large.tokenizer  # type: ignore[attr-defined]
+        result = anyio.run(
+            run_kv_collab, small, large_model, tokenizer, rows, budget, names, options
+        )
+        result.update(models=models, first=first, budget_of="context", policy="trigreason(1)")
+        if as_json:
+            print(json.dumps(result))
+            return
+        keys = (
+            "accuracy",
+            "same_answer_as_full",
+            "kv_bytes_vs_full",
+            "decode_s_per_token_vs_full",
+            "srm_forward_tokens_vs_plain",
+            "rollbacks",
+            "errors",
+        )
+        print(f"{'method':<10} " + " ".join(f"{k:>12.12}" for k in keys))
+        for name, cell in result["methods"].items():
+            print(f"{name:<10} " + " ".join(f"{cell[k]!s:>12.12}" for k in keys))
