@@ -4,9 +4,10 @@ Self-contained: random-weight models at the Qwen2-7B shape (LRM) and the Qwen2-0
 the assistant of SmallKV), built from transformers' config classes (no hub, no tokenizer), batch
 16, 2048 prompt + 256 decode tokens, bf16, CUDA. The budget is a share of the whole context (the
 accounting of a reasoning collaboration and of the SmallKV paper). Before the timed runs, a CUDA
-correctness check: SmallKV at a generous budget (0.9) teacher-forced along the full cache's
-greedy tokens must give finite logits close to the full cache's (top-1 agreement and max
-|delta logit| reported, ``correctness.ok``). Needs only torch, transformers and this repository
+correctness check, teacher-forced along the full cache's greedy tokens: SmallKV at budget 1.0
+must give the full cache's logits, up to the attention kernels' rounding (``correctness.ok``), and SmallKV's and H2O's
+deviations at budget 0.9 are reported side by side (random-weight models amplify any eviction,
+so those two are information, not a verdict). Needs only torch, transformers and this repository
 (``pip install -e .``). Prints one JSON line on stdout; progress goes to stderr. About 2-3 minutes
 on an H100/H200, warm-ups included.
 
@@ -137,34 +138,60 @@ def run_method(model: Any, ids: Any, steps: int, method: Any) -> dict[str, Any]:
 
 
 def check_correctness(large: Any, small: Any, ids: Any, steps: int = 16) -> dict[str, Any]:
-    """SmallKV at budget 0.9 against the full cache, teacher-forced along the full cache's
-    greedy tokens: finite logits, top-1 agreement, largest logit difference."""
+    """The cache machinery on this device, against the full cache, teacher-forced along the full
+    cache's greedy tokens.
+
+    At budget 1.0 nothing is evicted, so SmallKV's path (hooks, host copies and their CUDA
+    events, the SRM pass) must give the full cache's logits exactly: that is the pass/fail check.
+    At budget 0.9, SmallKV's and H2O's deviations are reported side by side for information only:
+    random-weight models at real widths amplify any eviction (on CPU too, for H2O as much as for
+    SmallKV), so their agreement says nothing about the method's quality.
+    """
     import torch
 
-    from collab_agent.cache import Full, SmallKV, decode, prefill
+    from collab_agent.cache import H2O, Full, SmallKV, decode, prefill
 
-    with torch.inference_mode():
-        cache, last, _ = prefill(large, ids, Full())
-        ref = decode(large, cache, last, steps)
-        method = SmallKV(assistant=small, budget=0.9, budget_of="context")
-        cache, last, _ = prefill(large, ids, method, method.new_cache())
-        got = decode(large, cache, last, steps, forced=ref.tokens)
-        method.detach()
-    a, b = ref.logits.float(), got.logits.float()
-    agree = float((a.argmax(-1) == b.argmax(-1)).float().mean())
-    delta = float((a - b).abs().max())
-    finite = bool(torch.isfinite(b).all())
-    compressed = any(layer.compressed for layer in got.cache.layers)
-    return {
-        "budget": 0.9,
+    def run(method: Any, reference: Any = None) -> Any:
+        with torch.inference_mode():
+            cache, last, _ = prefill(large, ids, method, method.new_cache())
+            forced = None if reference is None else reference.tokens
+            out = decode(large, cache, last, steps, forced=forced)
+        detach = getattr(method, "detach", None)
+        if detach is not None:
+            detach()
+        return out
+
+    def versus(reference: Any, got: Any) -> dict[str, Any]:
+        a, b = reference.logits.float(), got.logits.float()
+        return {
+            "top1_agreement": round(float((a.argmax(-1) == b.argmax(-1)).float().mean()), 4),
+            "max_abs_logit_delta": round(float((a - b).abs().max()), 4),
+            "finite": bool(torch.isfinite(b).all()),
+            "kv_bytes_ratio": round(float(got.cache.kv_bytes_ratio()), 4),
+        }
+
+    reference = run(Full())
+    exact = versus(
+        reference, run(SmallKV(assistant=small, budget=1.0, budget_of="context"), reference)
+    )
+    result: dict[str, Any] = {
         "steps": steps,
-        "compressed": compressed,
-        "finite": finite,
-        "top1_agreement": round(agree, 4),
-        "max_abs_logit_delta": round(delta, 4),
-        "logit_scale": round(float(a.abs().max()), 4),
-        "ok": finite and compressed and agree >= 0.9,
+        "logit_scale": round(float(reference.logits.float().abs().max()), 4),
+        "smallkv_budget_1.0": exact,
     }
+    for name, method in (
+        ("smallkv_budget_0.9", SmallKV(assistant=small, budget=0.9, budget_of="context")),
+        ("h2o_budget_0.9", H2O(budget=0.9, budget_of="context")),
+    ):
+        result[name] = versus(reference, run(method, reference))
+    compressed = result["smallkv_budget_0.9"]["kv_bytes_ratio"] < 1.0
+    result["ok"] = bool(
+        exact["finite"]
+        and exact["max_abs_logit_delta"] == 0.0
+        and compressed
+        and result["smallkv_budget_0.9"]["finite"]
+    )
+    return result
 
 
 def _figures(
@@ -240,7 +267,7 @@ def main(argv: list[str] | None = None) -> int:
         "methods": {},
     }
     try:
-        log("correctness: SmallKV at budget 0.9 vs the full cache")
+        log("correctness: SmallKV at budget 1.0 (exact) and 0.9 vs the full cache")
         check_ids = ids[: min(batch, 2), : min(prompt, 512)]
         result["correctness"] = check_correctness(large, small, check_ids)
         log(f"correctness: {result['correctness']}")
