@@ -73,8 +73,9 @@ class SmallKV(KVMethod):
 
     1. *attention matching* (section 3.2): once at least ``min_calibration_tokens`` have been
        seen, each LRM query head is mapped to the SRM head (any layer) whose top-``match_top``
-       accumulated-attention token set over the first ``calibration_tokens`` tokens has the
-       highest Jaccard similarity; GQA: eviction is decided per LRM KV head from the mean of its
+       token set has the highest Jaccard similarity, the sets taken over every key from the
+       attention of the last ``calibration_tokens`` queries (the recent text, so the sets
+       represent the context rather than the chat template at its start); GQA: eviction is decided per LRM KV head from the mean of its
        query heads' mapped SRM scores;
     2. *saliency-shift compensation* (section 3.3): at every step the kept set is recomputed
        from the SRM's accumulated attention over all tokens; eviction is reversible (every
@@ -87,7 +88,8 @@ class SmallKV(KVMethod):
     the prompt only, as kvpress does, and ``prior`` mixes the large model's own expected attention
     (Devoto et al. 2025) into the SRM's saliency. With both and ``split=(1, 0, 0)``, top-1
     agreement 0.992 / 0.990 / 0.984 and KL 0.0012 / 0.0027 / 0.0061 at budgets 0.2 / 0.1 / 0.05,
-    against the paper's layout (0.984 / 0.967 / 0.954, KL 0.0041 / 0.0141 / 0.0535) and
+    against the paper's split with this class's scoring (0.984 / 0.967 / 0.954, KL 0.0041 /
+    0.0141 / 0.0535) and
     kvpress's ExpectedAttention press (0.991 / 0.990 / 0.982, KL 0.0035 / 0.0078 / 0.0131).
     ``SmallKV(assistant=srm, **SmallKV.PAPER)`` is the paper's configuration.
 
@@ -96,14 +98,16 @@ class SmallKV(KVMethod):
     assistant : transformers model or backend, required
         The SRM: a causal LM sharing the LRM's tokenizer (or an object with such a ``.model``).
     budget : float, default 0.2
-        Share of the prompt's KV bytes kept on the device (V only counts half).
+        Share of the KV bytes kept on the device (V only counts half), of the whole context or
+        of the prompt (``budget_of``, see `KVMethod`; a `TransformersBackend` uses the context).
     split : tuple[int, int, int], default (1, 0, 0)
         Budget shares critical : recent : marginal (the marginal share buys twice the tokens).
         The paper's is (2, 1, 2); with ``keep_decoded`` every decoded token is recent anyway.
         Marginal tokens do not pay with the other defaults: (2, 0, 2) raised KL to 0.0044 /
         0.0272 / 0.0239 at budgets 0.2 / 0.1 / 0.05 (`bench kv`, variant ``smallkv_marginal``).
     calibration_tokens : int, default 128
-        Prompt tokens used for attention matching (paper: 100-200).
+        Queries whose attention matches the heads (paper: 100-200 tokens): the last ones read
+        before the first compression.
     min_calibration_tokens : int, default 100
         Matching (and so compression) waits until this many tokens have been seen.
     match_top : float, default 0.2
@@ -131,9 +135,11 @@ class SmallKV(KVMethod):
     sinks : int, default 0
         The first ``sinks`` tokens are always kept (StreamingLLM's attention sinks).
     keep_decoded : bool, default True
-        Keep every token decoded after the prompt was compressed, and compress the prompt only
-        (as kvpress, SnapKV and ExpectedAttention do); the split then divides the prompt's
-        allowance. ``False``: decoded tokens compete with the prompt's at every step (the paper).
+        Under prompt accounting (``budget_of="prompt"``): keep every token decoded after the
+        prompt was compressed, and compress the prompt only (as kvpress, SnapKV and
+        ExpectedAttention do); the split then divides the prompt's allowance. ``False``, and
+        always under whole-context accounting: decoded tokens compete with the prompt's at every
+        step (the paper).
     prior : float, default 0.5
         Weight of the large model's own expected attention over the prompt (`expected.py`: the
         prompt queries' statistics, computed once when the prompt is compressed) against the
