@@ -142,7 +142,8 @@ def check_correctness(large: Any, small: Any, ids: Any, steps: int = 16) -> dict
     cache's greedy tokens.
 
     At budget 1.0 nothing is evicted, so SmallKV's path (hooks, host copies and their CUDA
-    events, the SRM pass) must give the full cache's logits exactly: that is the pass/fail check.
+    events, the SRM pass) must give the full cache's logits, up to the attention kernels'
+    rounding: that is the pass/fail check.
     At budget 0.9, SmallKV's and H2O's deviations are reported side by side for information only:
     random-weight models at real widths amplify any eviction (on CPU too, for H2O as much as for
     SmallKV), so their agreement says nothing about the method's quality.
@@ -187,7 +188,7 @@ def check_correctness(large: Any, small: Any, ids: Any, steps: int = 16) -> dict
     compressed = result["smallkv_budget_0.9"]["kv_bytes_ratio"] < 1.0
     result["ok"] = bool(
         exact["finite"]
-        and exact["max_abs_logit_delta"] == 0.0
+        and exact["max_abs_logit_delta"] <= 0.01 * result["logit_scale"]  # kernels' rounding
         and compressed
         and result["smallkv_budget_0.9"]["finite"]
     )

@@ -45,9 +45,12 @@ def large_caches(large: TransformersBackend) -> list[CompressedCache]:
 
 
 def assert_both_sides_agree(cache: CompressedCache) -> None:
-    """The SRM has read exactly the tokens the LRM's cache holds."""
+    """The SRM has read exactly the tokens the LRM's cache holds (its own pass), or the LRM
+    reads the assistant's shared statistics up to its own length."""
     srm = cache.state.get("srm")
-    if srm is not None and srm.layers:
+    if "srm_length" in cache.state:
+        assert cache.state["srm_length"] == cache.get_seq_length()
+    elif srm is not None and srm.layers:
         assert all(layer.seen == cache.get_seq_length() for layer in srm.layers)
 
 
@@ -149,3 +152,40 @@ async def test_a_whole_context_budget_bounds_decoded_tokens_too(models) -> None:
     assert out.completion_tokens == 40
     kept = int((cache.layers[0].positions[0, 0] >= 0).sum())
     assert kept <= -(-0.25 * cache.get_seq_length() // 1) + 1
+
+
+class SrmTokens:
+    """Tokens the SRM's transformer body runs forward on (its own steps and any other pass)."""
+
+    def __init__(self, model) -> None:  # type: ignore[no-untyped-def]
+        self.count = 0
+        model.base_model.register_forward_pre_hook(self._count, with_kwargs=True)
+
+    def _count(self, module, args, kwargs) -> None:  # type: ignore[no-untyped-def]
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        self.count += int(ids.shape[-1])
+
+
+@pytest.mark.parametrize("share", [True, False])
+async def test_smallkv_reads_the_srm_backends_own_pass_instead_of_a_second_one(share) -> None:  # type: ignore[no-untyped-def]
+    """TrigReason with SmallKV: the SRM runs on about as many tokens as in the plain
+    collaboration when SmallKV shares its pass, about twice as many with its own."""
+    counts = []
+    for cache in (None, "smallkv"):
+        small_model, tokenizer = tiny_qwen2(0, size="small")
+        large_model, _ = tiny_qwen2(1, size="large")
+        meter = SrmTokens(small_model)
+        small = TransformersBackend(small_model, tokenizer, name="tiny-small")
+        method = None
+        if cache:
+            method = SmallKV(
+                assistant=small, budget=1.0, min_calibration_tokens=16, share_assistant_pass=share
+            )
+        large = TransformersBackend(large_model, tokenizer, name="tiny-large", cache=method)
+        await reasoner(small, large, TrigReason(priming_steps=1)).run(QUESTION)
+        counts.append(meter.count)
+    plain, with_smallkv = counts
+    if share:
+        assert with_smallkv <= 1.05 * plain
+    else:
+        assert with_smallkv > 1.5 * plain

@@ -21,7 +21,7 @@ import math
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -353,6 +353,27 @@ class TransformersBackend:
         # A KV method of collab_agent.cache (SmallKV, H2O, ...) compresses every conversation's
         # cache; it hooks the model once here and hands out a compressed cache per conversation.
         self.kv_method = cache.attach(self.model) if cache is not None else None
+        self._observed: tuple[int, int] | None = None  # see record_attention
+
+    # ------------------------------------------------------------------ SmallKV's assistant
+    def record_attention(self, calibration_tokens: int, window: int) -> None:
+        """Make every conversation's cache record attention (an `ObservedCache`), so that a
+        SmallKV whose assistant this backend is reads the SRM's attention from this backend's
+        own forward passes instead of running the model a second time."""
+        self._observed = (calibration_tokens, window)
+
+    @contextlib.contextmanager
+    def observed_conversation(self, conversation_id: str) -> Iterator[ConversationCache]:
+        """Lend one conversation's cache (made if absent) under the generation lock; whoever
+        changes its KV keeps ``tokens`` and ``next_logits`` true to it."""
+        with self._lock:
+            entry = self._store.take(conversation_id)
+            if entry is None:
+                entry = ConversationCache([], self._new_cache())
+            try:
+                yield entry
+            finally:
+                self._store.put(conversation_id, entry)
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -487,6 +508,11 @@ class TransformersBackend:
     def _new_cache(self) -> Any:
         if self.kv_method is not None:
             return self.kv_method.new_cache(budget_of="context")
+        if self._observed is not None:
+            from collab_agent.cache.base import ObservedCache
+
+            tokens, window = self._observed
+            return ObservedCache(tokens, keep_last=True, window=window)
         from transformers import DynamicCache
 
         return DynamicCache(config=self.model.config)
@@ -515,6 +541,8 @@ class TransformersBackend:
         entry = self._store.take(request.conversation_id)
         if entry is None:
             entry = ConversationCache([], self._new_cache())
+        if self.kv_method is not None:  # SmallKV may share the assistant's own pass over it
+            entry.kv.conversation = (request.conversation_id, entry.tokens)
         reused = entry.reuse(prompt, at_most=at_most)
         return entry, reused
 

@@ -38,17 +38,17 @@ METHOD_NAMES = ("smallkv", "h2o", "snapkv", "streaming", "expected")
 SMALLKV_SETTINGS: dict[str, tuple[bool, dict[str, Any]]] = {
     "smallkv": (False, {}),
     "smallkv_paper": (True, {}),
-    "smallkv_paper_sum": (True, {"combine": "paper"}),
-    "smallkv_accumulated": (True, {"score": "accumulated"}),
+    "smallkv_paper_prompt": (True, {"budget_of": "prompt"}),
+    "smallkv_paper_window": (True, {"score": "window"}),
     "smallkv_no_prior": (False, {"prior": 0.0}),
     "smallkv_marginal": (False, {"split": (2, 0, 2)}),
 }
 """SmallKV rows by name: (start from `SmallKV.PAPER`?, keyword arguments on top)."""
 VARIANTS = tuple(name for name in SMALLKV_SETTINGS if name not in METHOD_NAMES)
-"""Extra rows on request: SmallKV as the paper configures it (2:1:2 split over every token, the
-SRM's scores only), that with the plain-sum marginal combination or the accumulated score, and
-the default without the large model's prior or with half the allowance as V-only marginal
-tokens."""
+"""Extra rows on request: SmallKV as the paper configures it (`SmallKV.PAPER`: 2:1:2 split of
+the whole context, the SRM's accumulated attention only, plain-sum marginal output), that with
+this benchmark's prompt accounting or with the windowed score, and the default without the large
+model's prior or with half the allowance as V-only marginal tokens."""
 
 
 def log(message: str) -> None:
@@ -139,7 +139,7 @@ def make_method(name: str, small: Any) -> Any:
 
     if name in SMALLKV_SETTINGS:
         paper, extra = SMALLKV_SETTINGS[name]
-        return SmallKV(assistant=small, **(SmallKV.PAPER if paper else {}), **extra)
+        return SmallKV(assistant=small, **{**(SmallKV.PAPER if paper else {}), **extra})
     return METHODS[name]()
 
 
@@ -164,7 +164,7 @@ def statistics_probe(small: Any) -> Any:
             window = q_pos >= layer.length - snap.window
             if bool(window.any()):
                 snap.observe(cache, layer, probs[:, :, :, window], q_pos[window], k_pos)
-            calib = q_pos < smallkv.calibration_tokens
+            calib = q_pos >= layer.length - smallkv.calibration_tokens  # the last queries
             if bool(calib.any()):
                 smallkv.observe(cache, layer, probs[:, :, :, calib], q_pos[calib], k_pos)
 

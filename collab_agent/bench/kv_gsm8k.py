@@ -150,7 +150,8 @@ def register(bench: typer.Typer) -> None:
             str, typer.Option(help="bundled (Qwen 0.5B assists 1.5B) or tiny.")
         ] = "bundled",
         budget: Annotated[float, typer.Option(help="KV budget of every method.")] = 0.1,
-        problems: Annotated[int, typer.Option(help="GSM8K problems (from the first).")] = 20,
+        problems: Annotated[int, typer.Option(help="GSM8K problems (from --first on).")] = 20,
+        first: Annotated[int, typer.Option(help="Index of the first problem.")] = 0,
         prompt_tokens: Annotated[int, typer.Option(help="Prompt length in tokens.")] = 1024,
         tokens: Annotated[
             int,
@@ -176,15 +177,18 @@ def register(bench: typer.Typer) -> None:
 
         if not 0 < budget <= 1:
             raise ConfigError("--budget", f"must lie in (0, 1], got {budget}")
+        if first < 0:
+            raise ConfigError("--first", f"must be >= 0, got {first}")
         if problems < 1 or tokens < 2 or batch_size < 1:
             raise ConfigError(
                 "--problems/--tokens/--batch-size", "need at least 1 problem, 2 tokens, batch 1"
             )
         method_list = parse_methods(methods)
         records = load_dataset(data)
-        if len(records) < problems + 8 or "solution" not in records[0].extra:
+        if len(records) < first + problems + 8 or "solution" not in records[0].extra:
             raise ConfigError(
-                "--data", f"needs GSM8K records with a 'solution' and more than {problems} of them"
+                "--data",
+                f"needs GSM8K records with a 'solution' and more than {first + problems} of them",
             )
         torch.manual_seed(0)
         with torch.inference_mode():
@@ -193,8 +197,8 @@ def register(bench: typer.Typer) -> None:
                 small,
                 large,
                 tokenizer,
-                records[:problems],
-                records[problems:],
+                records[first : first + problems],
+                records[:first] + records[first + problems :],  # the few-shot examples
                 budget,
                 prompt_tokens,
                 tokens,
@@ -202,6 +206,7 @@ def register(bench: typer.Typer) -> None:
                 batch_size,
             )
         result["models"] = models
+        result["first"] = first
         if as_json:
             print(json.dumps(result))
             return

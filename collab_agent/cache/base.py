@@ -363,6 +363,14 @@ class ObservedCache(DynamicCache):
         for layer in self.layers:
             layer.crop_to(keep)
 
+    def crop(self, max_length: int) -> None:
+        """transformers' crop (``-n`` removes ``n`` tokens), statistics cut too."""
+        seen = self.get_seq_length()
+        self.crop_to(seen + max_length if max_length < 0 else max_length)
+
+    def reset(self) -> None:
+        self.layers = []
+
 
 def calibration_rows(q: int, tokens: int) -> slice:
     """The query rows of a ``q``-token call that enter the calibration block: its last
@@ -791,6 +799,9 @@ class CompressedCache(Cache):
         self.prompt_length: int | None = None  # P: tokens seen when compression first happened
         self.state: dict[str, Any] = {}  # method state shared by the layers (e.g. SmallKV's SRM)
         self.rollbacks = 0  # crops and resets that removed tokens (a benchmark counts them)
+        # (conversation id, the token ids the cache holds) when a backend owns the cache: lets
+        # SmallKV use the assistant backend's own attention over the same conversation
+        self.conversation: tuple[str, list[int]] | None = None
 
     @property
     def is_croppable(self) -> bool:

@@ -54,7 +54,7 @@ class H2O(KVMethod):
     Parameters
     ----------
     budget : float, default 0.2
-        Share of the prompt's KV kept (see `KVMethod`).
+        Share of the KV kept, of the context or the prompt (see `KVMethod`).
     recent_share : float, default 0.5
         Share of the kept tokens reserved for the most recent ones (the paper's equal split).
     """
@@ -103,7 +103,7 @@ class SnapKV(KVMethod):
     Parameters
     ----------
     budget : float, default 0.2
-        Share of the prompt's KV kept (see `KVMethod`).
+        Share of the KV kept, of the context or the prompt (see `KVMethod`).
     window : int, default 32
         Observation window: the last prompt tokens, whose queries vote; always kept.
     kernel_size : int, default 5
@@ -172,7 +172,7 @@ class StreamingLLM(KVMethod):
     Parameters
     ----------
     budget : float, default 0.2
-        Share of the prompt's KV kept (see `KVMethod`).
+        Share of the KV kept, of the context or the prompt (see `KVMethod`).
     sinks : int, default 4
         Number of initial tokens always kept.
     """
@@ -209,7 +209,7 @@ class ExpectedAttention(KVMethod):
     Parameters
     ----------
     budget : float, default 0.2
-        Share of the prompt's KV kept (see `KVMethod`).
+        Share of the KV kept, of the context or the prompt (see `KVMethod`).
     sinks : int, default 4
         Initial tokens always kept and left out of the query statistics.
     future : int, default 512

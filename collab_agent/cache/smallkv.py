@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
-from typing import Any, ClassVar, Literal
+from typing import Any, ClassVar, Literal, Protocol, runtime_checkable
 
 import torch
 from torch import nn
@@ -30,6 +31,28 @@ PRIOR_FUTURE = 512
 """Future positions the prior's RoPE rotation is averaged over (kvpress's default)."""
 
 
+class ObservedConversation(Protocol):
+    """The assistant's cache of one conversation: the token ids it holds and its KV cache."""
+
+    tokens: list[int]
+    kv: Any
+    next_logits: Any
+
+
+@runtime_checkable
+class SharingAssistant(Protocol):
+    """An assistant backend in this process that lets SmallKV read its own attention: its
+    conversations' caches record attention (`ObservedCache`) once `record_attention` is called,
+    and `observed_conversation` lends one conversation's cache under the backend's lock.
+    `TransformersBackend` is one."""
+
+    def record_attention(self, calibration_tokens: int, window: int) -> None: ...
+
+    def observed_conversation(
+        self, conversation_id: str
+    ) -> AbstractContextManager[ObservedConversation]: ...
+
+
 def assistant_model(assistant: Any) -> nn.Module:
     """The torch model behind ``assistant``: a transformers model, or an object (a backend)
     exposing one as ``.model``."""
@@ -50,8 +73,9 @@ class SmallKV(KVMethod):
 
     1. *attention matching* (section 3.2): once at least ``min_calibration_tokens`` have been
        seen, each LRM query head is mapped to the SRM head (any layer) whose top-``match_top``
-       accumulated-attention token set over the first ``calibration_tokens`` tokens has the
-       highest Jaccard similarity; GQA: eviction is decided per LRM KV head from the mean of its
+       token set has the highest Jaccard similarity, the sets taken over every key from the
+       attention of the last ``calibration_tokens`` queries (the recent text, so the sets
+       represent the context rather than the chat template at its start); GQA: eviction is decided per LRM KV head from the mean of its
        query heads' mapped SRM scores;
     2. *saliency-shift compensation* (section 3.3): at every step the kept set is recomputed
        from the SRM's accumulated attention over all tokens; eviction is reversible (every
@@ -64,7 +88,8 @@ class SmallKV(KVMethod):
     the prompt only, as kvpress does, and ``prior`` mixes the large model's own expected attention
     (Devoto et al. 2025) into the SRM's saliency. With both and ``split=(1, 0, 0)``, top-1
     agreement 0.992 / 0.990 / 0.984 and KL 0.0012 / 0.0027 / 0.0061 at budgets 0.2 / 0.1 / 0.05,
-    against the paper's layout (0.984 / 0.967 / 0.954, KL 0.0041 / 0.0141 / 0.0535) and
+    against the paper's split with this class's scoring (0.984 / 0.967 / 0.954, KL 0.0041 /
+    0.0141 / 0.0535) and
     kvpress's ExpectedAttention press (0.991 / 0.990 / 0.982, KL 0.0035 / 0.0078 / 0.0131).
     ``SmallKV(assistant=srm, **SmallKV.PAPER)`` is the paper's configuration.
 
@@ -73,14 +98,16 @@ class SmallKV(KVMethod):
     assistant : transformers model or backend, required
         The SRM: a causal LM sharing the LRM's tokenizer (or an object with such a ``.model``).
     budget : float, default 0.2
-        Share of the prompt's KV bytes kept on the device (V only counts half).
+        Share of the KV bytes kept on the device (V only counts half), of the whole context or
+        of the prompt (``budget_of``, see `KVMethod`; a `TransformersBackend` uses the context).
     split : tuple[int, int, int], default (1, 0, 0)
         Budget shares critical : recent : marginal (the marginal share buys twice the tokens).
         The paper's is (2, 1, 2); with ``keep_decoded`` every decoded token is recent anyway.
         Marginal tokens do not pay with the other defaults: (2, 0, 2) raised KL to 0.0044 /
         0.0272 / 0.0239 at budgets 0.2 / 0.1 / 0.05 (`bench kv`, variant ``smallkv_marginal``).
     calibration_tokens : int, default 128
-        Prompt tokens used for attention matching (paper: 100-200).
+        Queries whose attention matches the heads (paper: 100-200 tokens): the last ones read
+        before the first compression.
     min_calibration_tokens : int, default 100
         Matching (and so compression) waits until this many tokens have been seen.
     match_top : float, default 0.2
@@ -108,14 +135,25 @@ class SmallKV(KVMethod):
     sinks : int, default 0
         The first ``sinks`` tokens are always kept (StreamingLLM's attention sinks).
     keep_decoded : bool, default True
-        Keep every token decoded after the prompt was compressed, and compress the prompt only
-        (as kvpress, SnapKV and ExpectedAttention do); the split then divides the prompt's
-        allowance. ``False``: decoded tokens compete with the prompt's at every step (the paper).
+        Under prompt accounting (``budget_of="prompt"``): keep every token decoded after the
+        prompt was compressed, and compress the prompt only (as kvpress, SnapKV and
+        ExpectedAttention do); the split then divides the prompt's allowance. ``False``, and
+        always under whole-context accounting: decoded tokens compete with the prompt's at every
+        step (the paper).
     prior : float, default 0.5
         Weight of the large model's own expected attention over the prompt (`expected.py`: the
         prompt queries' statistics, computed once when the prompt is compressed) against the
         SRM's current saliency: each token's score is ``prior * expected + (1 - prior) * srm``,
         both as shares of one; decoded tokens have no prior and use the SRM's share alone.
+    share_assistant_pass : bool, default True
+        When the assistant is a backend of this process that shares its attention
+        (`SharingAssistant`, e.g. the SRM's `TransformersBackend` in a TrigReason pair) and the
+        large model's cache belongs to a backend conversation, the SRM's attention comes from
+        the assistant's own cache of the same conversation: tokens the SRM has read already
+        (the steps it wrote) are not run again, and tokens the LRM reads first (its own steps)
+        are run once, into the SRM's cache, so the SRM's next call reuses them. Without a
+        marginal share only (the marginal weights need the SRM rows of the LRM's very call);
+        otherwise, and for a standalone cache, SmallKV runs its own SRM pass.
     """
 
     assistant: Any = None
@@ -132,6 +170,7 @@ class SmallKV(KVMethod):
     sinks: int = 0
     keep_decoded: bool = True
     prior: float = 0.5
+    share_assistant_pass: bool = True
 
     PAPER: ClassVar[dict[str, Any]] = {
         "split": (2, 1, 2),
@@ -208,6 +247,8 @@ class SmallKV(KVMethod):
             )
         use_kv_attention(model)
         use_kv_attention(self._srm)
+        if self._shares():
+            self.assistant.record_attention(self.calibration_tokens, self.window)
         if not any(h[0] is model for h in self._hooks):
             handle = model.register_forward_pre_hook(self._before_forward, with_kwargs=True)
             self._hooks.append((model, handle))
@@ -221,6 +262,13 @@ class SmallKV(KVMethod):
 
     def shared_objects(self) -> list[Any]:
         return [self.assistant, self._srm]
+
+    def _shares(self) -> bool:
+        return (
+            self.share_assistant_pass
+            and self.split[2] == 0
+            and isinstance(self.assistant, SharingAssistant)
+        )
 
     def _before_forward(
         self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]
@@ -242,6 +290,9 @@ class SmallKV(KVMethod):
         """Run the SRM over ``input_ids`` (the tokens the LRM is about to process) with its full,
         attention-recording cache. Called by the pre-hook; call it yourself if you drive the
         model's layers another way."""
+        if cache.conversation is not None and input_ids.shape[0] == 1 and self._shares():
+            self._observe_shared(cache, cache.conversation, input_ids[0].tolist())
+            return
         srm_cache: ObservedCache | None = cache.state.get("srm")
         if srm_cache is None:
             srm_cache = ObservedCache(self.calibration_tokens, keep_last=True, window=self.window)
@@ -260,6 +311,37 @@ class SmallKV(KVMethod):
             )
         cache.state.pop("stack", None)
 
+    def _observe_shared(
+        self, cache: CompressedCache, conversation: tuple[str, list[int]], new: list[int]
+    ) -> None:
+        """Bring the assistant's own cache of the conversation to the LRM's tokens plus ``new``:
+        crop it where the two differ, run the SRM on what it has not read, and let this cache
+        read its statistics up to the LRM's length (the SRM may have read further)."""
+        conversation_id, history = conversation
+        target = [*history, *new]
+        with self.assistant.observed_conversation(conversation_id) as entry:
+            if not isinstance(entry.kv, ObservedCache):
+                entry.kv = ObservedCache(
+                    self.calibration_tokens, keep_last=True, window=self.window
+                )
+                entry.tokens.clear()
+            same = _common_prefix(entry.tokens, target)
+            if same < len(entry.tokens) and same < len(target):
+                entry.kv.crop_to(same)
+                del entry.tokens[same:]
+                entry.next_logits = None
+            if same < len(target):
+                device = next(self._srm.parameters()).device
+                ids = torch.tensor([target[same:]], dtype=torch.long, device=device)
+                base: Any = getattr(self._srm, "base_model", self._srm)
+                with torch.no_grad():
+                    base(input_ids=ids, cache=entry.kv, use_cache=True)
+                entry.tokens.extend(target[same:])
+                entry.next_logits = None
+            cache.state["srm"] = entry.kv
+            cache.state["srm_length"] = len(target)
+        cache.state.pop("stack", None)
+
     def repeat_state(self, cache: CompressedCache, repeats: int) -> None:
         srm = cache.state.get("srm")
         if srm is not None:
@@ -276,7 +358,9 @@ class SmallKV(KVMethod):
         """Cut the SRM's cache and statistics to the same ``keep`` tokens as the LRM's, so a
         rollback leaves both sides consistent; the head mapping stays (it is about the models)."""
         srm: ObservedCache | None = cache.state.get("srm")
-        if srm is not None:
+        if "srm_length" in cache.state:  # the assistant's own cache: aligned at the next call
+            cache.state["srm_length"] = min(cache.state["srm_length"], keep)
+        elif srm is not None:
             srm.crop_to(keep)
         cache.state.pop("stack", None)
 
@@ -369,6 +453,9 @@ class SmallKV(KVMethod):
         if name not in stack:
             layers: list[ObservedLayer] = cache.state["srm"].layers
             values = [getattr(la, name) for la in layers]
+            n = cache.state.get("srm_length")  # a shared SRM cache may have read further
+            if n is not None:
+                values = [None if v is None else v[..., :n] for v in values]
             stack[name] = None if any(v is None for v in values) else torch.stack(values)
         return stack[name]
 
@@ -446,13 +533,15 @@ class SmallKV(KVMethod):
     ) -> torch.Tensor:
         if layer.marginal_values is None or layer.marginal_positions is None:
             return out
+        if layer.marginal_positions.shape[-1] == 0:  # no marginal share
+            return out
+        b, hkv, g, q, _ = out.shape
         last = self._per_lrm_head(cache, layer, "last")  # (B, H, q, L)
-        if last is None:
-            last = self._rows_from_queries(cache, layer)
+        if last is None or last.shape[2] != q:
+            last = self._rows_from_queries(cache, layer, q)
         if last is None:
             return out
         assert layer.positions is not None
-        b, hkv, g, q, _ = out.shape
         w = last.reshape(b, hkv, g, q, -1)
         return marginal_output(
             w,
@@ -463,7 +552,9 @@ class SmallKV(KVMethod):
             self.combine,
         )
 
-    def _rows_from_queries(self, cache: CompressedCache, layer: KVLayer) -> torch.Tensor | None:
+    def _rows_from_queries(
+        self, cache: CompressedCache, layer: KVLayer, q: int
+    ) -> torch.Tensor | None:
         """The mapped SRM heads' attention rows ``(B, H, q, L)`` of the last call, recomputed from
         its queries (an SRM call longer than `LAST_ROWS` keeps those instead of the rows)."""
         srm_layers: list[ObservedLayer] = cache.state["srm"].layers
@@ -474,6 +565,8 @@ class SmallKV(KVMethod):
         ):
             sl = srm_layers[li]
             if sl.last_query is None or sl.last_q_pos is None or sl.keys is None:
+                return None
+            if sl.last_query.shape[2] != q:  # the SRM's last call was not this one
                 return None
             group = sl.last_query.shape[1] // sl.keys.shape[1]
             keys = sl.keys[:, hi // group : hi // group + 1]
@@ -536,6 +629,14 @@ def _value_norms(layer: KVLayer) -> torch.Tensor:
         layer.state["value_norms"] = norms
     assert norms is not None
     return norms[..., : layer.length]
+
+
+def _common_prefix(a: list[int], b: list[int]) -> int:
+    n = min(len(a), len(b))
+    i = 0
+    while i < n and a[i] == b[i]:
+        i += 1
+    return i
 
 
 def _top_sets(scores: torch.Tensor, k: int) -> torch.Tensor:
