@@ -30,6 +30,8 @@ import typer
 from collab_agent.cli_options import JsonOption
 
 METHODS = ("full", "smallkv", "h2o", "snapkv", "streaming")
+VARIANTS = ("smallkv_paper", "smallkv_recent")
+"""Extra rows on request: `SmallKV.PAPER`, and the defaults with half the allowance recent."""
 
 
 def log(message: str) -> None:
@@ -46,6 +48,8 @@ def make_cache(name: str, small: Any, budget: float) -> Any:
         return SmallKV(assistant=small, budget=budget, budget_of="context")
     if name == "smallkv_paper":
         return SmallKV(assistant=small, budget=budget, **SmallKV.PAPER)
+    if name == "smallkv_recent":  # half the allowance a recent window, as H2O's
+        return SmallKV(assistant=small, budget=budget, budget_of="context", split=(1, 1, 0))
     makers = {"h2o": H2O, "snapkv": SnapKV, "streaming": StreamingLLM}
     return makers[name](budget=budget, budget_of="context")
 
@@ -266,7 +270,7 @@ def register(bench: typer.Typer) -> None:
         if problems < 1 or first < 0:
             raise ConfigError("--problems/--first", "need at least 1 problem from index >= 0")
         names = tuple(m.strip() for m in methods.split(",") if m.strip())
-        known = (*METHODS, "smallkv_paper")
+        known = (*METHODS, *VARIANTS)
         if set(names) - set(known):
             raise ConfigError("--methods", f"unknown {sorted(set(names) - set(known))}; {known}")
         rows = load_gsm8k(data, problems, first)
