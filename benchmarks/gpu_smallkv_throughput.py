@@ -5,10 +5,11 @@ the assistant of SmallKV), built from transformers' config classes (no hub, no t
 16, 2048 prompt + 256 decode tokens, bf16, CUDA. The budget is a share of the whole context (the
 accounting of a reasoning collaboration and of the SmallKV paper). Before the timed runs, a CUDA
 correctness check, teacher-forced along the full cache's greedy tokens: SmallKV at budget 1.0
-must give the full cache's logits, up to the attention kernels' rounding (``correctness.ok``), and SmallKV's and H2O's
-deviations at budget 0.9 are reported side by side (random-weight models amplify any eviction,
-so those two are information, not a verdict). Needs only torch, transformers and this repository
-(``pip install -e .``). Prints one JSON line on stdout; progress goes to stderr. About 2-3 minutes
+must give the full cache's logits, up to the attention kernels' rounding (``correctness.ok``),
+and SmallKV's and H2O's deviations at budget 0.9 are reported side by side (random-weight
+models amplify any eviction, so those two are information, not a verdict). Needs only torch,
+transformers (5.24 or newer: older releases do not call the cache hooks, and nothing is
+compressed) and this repository, which it puts on ``sys.path`` itself. Prints one JSON line on stdout; progress goes to stderr. About 2-3 minutes
 on an H100/H200, warm-ups included.
 
     python benchmarks/gpu_smallkv_throughput.py            # the GPU run, no arguments needed
