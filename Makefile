@@ -116,11 +116,10 @@ lock: | $(BIN)/python
 	rm -rf $(LOCK_VENV)
 
 # The main job: TrigReason on the bundled Qwen2.5-Coder pair (0.5B thinks, 1.5B steps in), on CPU,
-# served by llama.cpp, one thread per server: two servers on 2 cores run fastest that way.
-# `make demo DEMO_MODELS=bundled` runs the same pair on transformers (bf16, converted on first use;
-# both models in one process take turns, so torch keeps all cores).
+# served by llama.cpp (2 threads each: the two models take turns, and an idle server sleeps).
+# `make demo DEMO_MODELS=bundled` runs the same pair on transformers (bf16, converted on first use).
 demo: install
-	$(BIN)/collab-agent run "$(QUESTION)" --models $(DEMO_MODELS) $(if $(filter llamacpp,$(DEMO_MODELS)),--threads 1)
+	$(BIN)/collab-agent run "$(QUESTION)" --models $(DEMO_MODELS)
 
 # Checks this machine: Python, the venv, the bundled models and their sha256, the caches, disk.
 doctor: install
