@@ -22,12 +22,14 @@ from __future__ import annotations
 import json
 import sys
 import time
-from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
 from collab_agent.cli_options import JsonOption
+
+if TYPE_CHECKING:
+    from collab_agent.evaluation.datasets import Problem
 
 METHODS = ("full", "smallkv", "h2o", "snapkv", "streaming")
 VARIANTS = ("smallkv_paper", "smallkv_recent")
@@ -98,7 +100,7 @@ async def run_method(
     small: Any,
     large_model: Any,
     tokenizer: Any,
-    problems: list[dict[str, Any]],
+    problems: list[Problem],
     budget: float,
     reasoner_options: dict[str, Any],
 ) -> dict[str, Any]:
@@ -141,20 +143,20 @@ async def run_method(
             started = time.perf_counter()
             try:
                 trace = await reasoner.run(
-                    [{"role": "user", "content": problem["question"]}],
-                    conversation_id=f"{name}-{problem.get('id', i)}",
+                    [{"role": "user", "content": problem.question}],
+                    conversation_id=f"{name}-{problem.id}",
                 )
                 answer = extract_answer(trace.answer)
             except Exception as exc:  # count it and go on: a crash is a figure here
                 errors += 1
                 answer = None
                 log(f"[kv-collab] {name} problem {i}: {type(exc).__name__}: {exc}")
-            ok = answer is not None and is_correct(answer, str(problem["answer"]))
+            ok = answer is not None and is_correct(answer, problem.answer)
             answers.append(answer)
             correct.append(ok)
             log(
-                f"[kv-collab] {name} {problem.get('id', i)}: {'right' if ok else 'wrong'} "
-                f"({answer!r} vs {problem['answer']}), {time.perf_counter() - started:.0f} s"
+                f"[kv-collab] {name} {problem.id}: {'right' if ok else 'wrong'} "
+                f"({answer!r} vs {problem.answer}), {time.perf_counter() - started:.0f} s"
             )
     finally:
         meter.close()
@@ -177,7 +179,7 @@ async def run_kv_collab(
     small: Any,
     large_model: Any,
     tokenizer: Any,
-    problems: list[dict[str, Any]],
+    problems: list[Problem],
     budget: float,
     methods: tuple[str, ...],
     reasoner_options: dict[str, Any],
@@ -216,22 +218,17 @@ async def run_kv_collab(
     return result
 
 
-def load_gsm8k(data: str | None, count: int, first: int) -> list[dict[str, Any]]:
-    """``count`` problems from ``first`` on: a JSON Lines file of the eval's format (``question``
-    and ``answer`` per line), by default GSM8K from the shared data folder."""
-    from collab_agent.bench.prefix_reuse import data_dir
+def load_gsm8k(data: str | None, count: int, first: int) -> list[Problem]:
+    """``count`` problems from ``first`` on, read by the eval's loader: a JSON Lines file of the
+    eval's format or a bundled data set's name, by default GSM8K from the shared data folder."""
     from collab_agent.errors import ConfigError
+    from collab_agent.evaluation.datasets import load_dataset
 
-    path = Path(data) if data else data_dir() / "gsm8k_test.jsonl"
-    if not path.is_file():
-        raise ConfigError("--data", f"{path} is not a file")
-    rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line]
-    rows = rows[first : first + count]
-    if len(rows) < count or any("question" not in r or "answer" not in r for r in rows):
-        raise ConfigError(
-            "--data", f"needs {first + count} records with 'question' and 'answer' ({path})"
-        )
-    return rows
+    name = data or "gsm8k_test"
+    problems = load_dataset(name, limit=count, offset=first)
+    if len(problems) < count:
+        raise ConfigError("--problems", f"{name} has fewer than {first + count} problems")
+    return problems
 
 
 def register(bench: typer.Typer) -> None:
