@@ -189,3 +189,27 @@ async def test_smallkv_reads_the_srm_backends_own_pass_instead_of_a_second_one(s
         assert with_smallkv <= 1.05 * plain
     else:
         assert with_smallkv > 1.5 * plain
+
+
+@pytest.mark.parametrize("name", sorted(METHODS))
+async def test_a_long_read_with_a_short_answer_leaves_the_cache_within_budget(models, name) -> None:  # type: ignore[no-untyped-def]
+    """A judge or answer call reads a whole step and generates one token: the call keeps its
+    own tokens while it runs, but between calls the cache is back within its budget."""
+    _small, large = pair(models, METHODS[name])
+    await large.generate(request("First we count the sheep.\n\nThen we add five"))
+    step = " We add five sheep to the seventeen we had, which makes twenty-two sheep in all." * 8
+    short = GenerateRequest(
+        "c",
+        QUESTION,
+        reasoning="First we count the sheep.\n\nThen we add five" + step,
+        max_tokens=1,
+        sampling=GREEDY,
+        stop=(),
+    )
+    await large.generate(short)
+    (cache,) = large_caches(large)
+    assert any(layer.compressed for layer in cache.layers)
+    for layer in cache.layers:
+        kept = int((layer.positions[0, 0] >= 0).sum())
+        assert kept <= -(-0.3 * layer.length // 1) + 1, (kept, layer.length)
+    assert_both_sides_agree(cache)

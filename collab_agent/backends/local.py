@@ -560,6 +560,9 @@ class TransformersBackend:
                 else:
                     logits = self._forward(entry, prompt[reused:])[-1]
                 decoded = self._decode(logits, entry, request, cancel)
+                compact = getattr(entry.kv, "compact", None)
+                if compact is not None:  # a compressed cache: back within budget between calls
+                    compact()
             ok = True
         except _Cancelled:
             ok = True  # the cache is consistent: keep it

@@ -534,6 +534,29 @@ class KVLayer(CacheLayerMixin):
         _PENDING.set(self)
         return self.keys, self.values
 
+    def compact(self) -> None:
+        """Free the slots held over the budget once a call is over.
+
+        A call keeps all of its own tokens while it runs (its queries must see them), so a call
+        that reads many tokens and generates few (a judge or an answer after a re-render) would
+        leave the cache over budget until the next update. Only evicts: the kept tokens are the
+        top of the method's scores among those the slots hold, as the next update would choose.
+        """
+        if not self.compressed or self.positions is None:
+            return
+        plan = self.cache.plan_for(self)
+        if plan is None:
+            return
+        n = self.length
+        scores = self.cache.method.token_scores(self.cache, self).float()
+        held = _occupied(self.positions, n)
+        idx = torch.arange(n, device=self.device)
+        recent = idx >= (n - plan.recent.to(self.device))[:, None, None]
+        scores = scores.masked_fill(recent, float("inf")).masked_fill(~held, float("-inf"))
+        keep = _top_mask(scores, plan.keep.to(self.device))
+        stays = keep.gather(2, self.positions.clamp(min=0)) & (self.positions >= 0)
+        self.positions = torch.where(stays, self.positions, torch.full_like(self.positions, -1))
+
     def _host_append(self, k: torch.Tensor, v: torch.Tensor, old: int) -> None:
         # earlier copies (rows before `old`, which `_source` may read this step) have landed
         self.host_synchronize()
@@ -880,6 +903,11 @@ class CompressedCache(Cache):
         if not layer.compressed and bool((allowance >= layer.length).all()):
             return None  # the whole context fits: stay exact
         return self.method.layout(allowance, layer.length, decoded)
+
+    def compact(self) -> None:
+        """Bring every compressed layer back within its budget after a call (`KVLayer.compact`)."""
+        for layer in self.layers:
+            layer.compact()
 
     @staticmethod
     def keys_batch(layer: KVLayer) -> int:
