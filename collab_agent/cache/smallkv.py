@@ -83,14 +83,10 @@ class SmallKV(KVMethod):
     3. *marginal-token compensation* (section 3.4): the next most important tokens keep V only
        on the device; their attention weights are the mapped SRM head's.
 
-    Beyond the paper (both on by default, both measured by `bench kv` on the bundled pair, 3
-    MATH-500 contexts of 1,500 tokens x 256 teacher-forced tokens): ``keep_decoded`` compresses
-    the prompt only, as kvpress does, and ``prior`` mixes the large model's own expected attention
-    (Devoto et al. 2025) into the SRM's saliency. With both and ``split=(1, 0, 0)``, top-1
-    agreement 0.992 / 0.990 / 0.984 and KL 0.0012 / 0.0027 / 0.0061 at budgets 0.2 / 0.1 / 0.05,
-    against the paper's split with this class's scoring (0.984 / 0.967 / 0.954, KL 0.0041 /
-    0.0141 / 0.0535) and
-    kvpress's ExpectedAttention press (0.991 / 0.990 / 0.982, KL 0.0035 / 0.0078 / 0.0131).
+    Beyond the paper (both on by default, chosen by `bench kv` on the bundled pair; the figures
+    are in the README's KV section and ``benchmarks/results/kv_bundled_*.json``):
+    ``keep_decoded`` compresses the prompt only, as kvpress does, and ``prior`` mixes the large
+    model's own expected attention (Devoto et al. 2025) into the SRM's saliency.
     ``SmallKV(assistant=srm, **SmallKV.PAPER)`` is the paper's configuration.
 
     Parameters
@@ -103,8 +99,8 @@ class SmallKV(KVMethod):
     split : tuple[int, int, int], default (1, 0, 0)
         Budget shares critical : recent : marginal (the marginal share buys twice the tokens).
         The paper's is (2, 1, 2); with ``keep_decoded`` every decoded token is recent anyway.
-        Marginal tokens do not pay with the other defaults: (2, 0, 2) raised KL to 0.0044 /
-        0.0272 / 0.0239 at budgets 0.2 / 0.1 / 0.05 (`bench kv`, variant ``smallkv_marginal``).
+        Marginal tokens did not pay with the other defaults (`bench kv`, variant
+        ``smallkv_marginal``).
     calibration_tokens : int, default 128
         Queries whose attention matches the heads (paper: 100-200 tokens): the last ones read
         before the first compression.
@@ -116,9 +112,8 @@ class SmallKV(KVMethod):
         What the SRM's attention ranks tokens by: ``accumulated`` sums each token's attention
         over all queries so far (the paper); ``window`` sums it over the last ``window`` queries
         only (the current saliency, as SnapKV's observation window, but recomputed every step)
-        and pools it over ``kernel_size`` neighbouring tokens. ``window`` is the default because
-        it measured better on the bundled pair (`bench kv`: higher agreement, lower KL at every
-        budget than ``accumulated``).
+        and pools it over ``kernel_size`` neighbouring tokens. ``window`` is the default: it
+        measured better than ``accumulated`` on the bundled pair (`bench kv`).
     window : int, default 32
         Queries counted by ``score="window"``.
     kernel_size : int, default 5
@@ -130,8 +125,7 @@ class SmallKV(KVMethod):
     value_norm : bool, default True
         Weight each token's score by the norm of its LRM value vector (a token moves the output
         by its attention times its value, as kvpress's ExpectedAttention scores). On by default:
-        on the bundled pair (`bench kv`, 3 contexts x 256 tokens) it lowered KL at every budget
-        (0.0050/0.0164/0.0594 -> 0.0041/0.0141/0.0535 at 0.2/0.1/0.05), agreement within 0.003.
+        it lowered KL at every budget on the bundled pair (`bench kv`).
     sinks : int, default 0
         The first ``sinks`` tokens are always kept (StreamingLLM's attention sinks).
     keep_decoded : bool, default True
