@@ -43,6 +43,7 @@ COMMAND_MODULES = (
     "collab_agent.evaluation.cli",
     "collab_agent.calibrate_cli",
     "collab_agent.doctor",
+    "collab_agent.serve.command",
 )
 
 
