@@ -155,9 +155,14 @@ async def _until_disconnect(request: Request, work: Any) -> list[Part] | None:
             pass
         scope.cancel()
 
-    async with anyio.create_task_group() as group:
-        group.start_soon(run, group.cancel_scope)
-        group.start_soon(watch, group.cancel_scope)
+    try:
+        async with anyio.create_task_group() as group:
+            group.start_soon(run, group.cancel_scope)
+            group.start_soon(watch, group.cancel_scope)
+    except BaseExceptionGroup as group:  # the one error of the work, as itself
+        if len(group.exceptions) == 1:
+            raise group.exceptions[0] from None
+        raise
     return result[0] if result else None
 
 

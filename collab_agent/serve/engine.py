@@ -16,6 +16,7 @@ from langchain_core.messages import BaseMessage, convert_to_messages
 
 from collab_agent.backends.base import Backend
 from collab_agent.chat_model import CollabChatModel
+from collab_agent.prompting import validate_messages
 from collab_agent.serve.config import ServeConfig
 from collab_agent.serve.errors import APIError
 from collab_agent.serve.schema import ChatCompletionRequest
@@ -96,7 +97,8 @@ class Engine:
                 options["tool_choice"] = request.tool_choice
         elif request.tool_choice not in (None, "none", "auto"):
             raise APIError(400, "tool_choice needs tools", param="tool_choice")
-        model._prepare(messages, request.stop_list, options)  # raises typed errors -> 400
+        prepared = model._prepare(messages, request.stop_list, options)  # typed errors -> 400
+        validate_messages(prepared.messages)
         return PreparedCall(model, messages, request.stop_list, options, schema_tool)
 
     async def stream(self, call: PreparedCall) -> AsyncIterator[Part]:
