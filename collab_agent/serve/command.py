@@ -49,20 +49,28 @@ def load_served_pair(
     api_key_env: str,
 ) -> tuple[Any, Any]:
     """The (small, large) backends, each set up for ``parallel`` conversations at once."""
-    from collab_agent.backends.specs import load_backend, parse_spec, resolve_pair
+    from collab_agent.backends.specs import resolve_pair
 
     backends = []
     for role, spec in zip(("small", "large"), resolve_pair(models, small, large), strict=True):
-        parsed = parse_spec(spec)
-        options: dict[str, Any] = {"threads": threads, "api_key_env": api_key_env}
-        if parsed.kind == "llamacpp":
-            options["parallel"] = parallel
-        elif parsed.kind in ("bundled", "hf", "tiny"):
-            options["max_batch_size"] = parallel
         with stderr.status(f"Loading the {role} model [bold]{spec}[/] ..."):
-            backends.append(load_backend(parsed, **options))
+            backends.append(load_served_backend(spec, parallel, threads, api_key_env))
         stderr.print(f"[green]loaded[/] {role}: {spec}")
     return backends[0], backends[1]
+
+
+def load_served_backend(spec: str, parallel: int, threads: int | None, api_key_env: str) -> Any:
+    """One backend for ``parallel`` conversations at once: a llama.cpp server with that many
+    slots, a local transformers model batching that many, a remote server as it is."""
+    from collab_agent.backends.specs import load_backend, parse_spec
+
+    parsed = parse_spec(spec)
+    options: dict[str, Any] = {"threads": threads, "api_key_env": api_key_env}
+    if parsed.kind == "llamacpp":
+        options["parallel"] = parallel
+    elif parsed.kind in ("bundled", "hf", "tiny"):
+        options["max_batch_size"] = parallel
+    return load_backend(parsed, **options)
 
 
 def serve_forever(app: Any, host: str, port: int, grace_s: float) -> None:
