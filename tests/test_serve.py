@@ -164,3 +164,26 @@ def test_metrics_count_requests_tokens_and_share(path: str) -> None:
     assert 'collab_generated_tokens_total{model="small"} 8.0' in text
     assert "collab_small_token_share_count 1.0" in text
     assert "collab_in_flight 0.0" in text
+
+
+def test_json_schema_response_format_gives_json_content() -> None:
+    call = '<tool_call>\n{"name": "result", "arguments": {"value": 4}}\n</tool_call>'
+    small = ScriptedBackend(["Two plus two is four.", call], name="small")
+    schema = {
+        "type": "object",
+        "properties": {"value": {"type": "integer"}},
+        "required": ["value"],
+    }
+    with scripted_server(small=small) as server:
+        client = openai.OpenAI(base_url=server.base_url, api_key="unused", max_retries=0)
+        reply = client.chat.completions.create(
+            model="small-only",
+            messages=QUESTION,
+            response_format={
+                "type": "json_schema",
+                "json_schema": {"name": "result", "schema": schema},
+            },
+        )
+    assert json.loads(reply.choices[0].message.content) == {"value": 4}
+    assert reply.choices[0].finish_reason == "stop"
+    assert reply.choices[0].message.tool_calls is None

@@ -91,32 +91,45 @@ def create_app(
 
     @app.post(COMPLETIONS)
     async def _chat(request: Request) -> Response:
-        started = time.perf_counter()
-        key = authenticate(request.headers.get("authorization"), config.api_keys)
-        body = await _read_body(request, config.max_body_bytes)
         try:
-            parsed = ChatCompletionRequest.model_validate_json(body)
-        except ValidationError as error:
-            raise RequestValidationError(error.errors()) from None
-        call = engine.prepare(parsed)
-        ticket = admission.reserve(key)
-        writer = CompletionWriter(parsed.model)
-        if parsed.stream:
-            include_usage = bool(parsed.stream_options and parsed.stream_options.include_usage)
-            events = _stream(engine, call, ticket, writer, metrics, started, include_usage)
-            return _TicketedEventSource(
-                events, ticket, shutdown_event=anyio.Event(), shutdown_grace_period=config.grace_s
-            )
-        try:
-            parts = await _until_disconnect(request, _collect(engine, call, ticket))
-        finally:
-            ticket.close()
-        if parts is None:  # the client went away; nobody reads this
-            return Response(status_code=499)
-        _record(metrics, parts, started)
-        return JSONResponse(writer.completion(parts))
+            return await _completion(request, config, engine, admission, metrics)
+        except Exception as error:  # answered here, as OpenAI's error JSON, never re-raised
+            return error_response(error)
 
     return app
+
+
+async def _completion(
+    request: Request,
+    config: ServeConfig,
+    engine: Engine,
+    admission: Admission,
+    metrics: ServeMetrics,
+) -> Response:
+    started = time.perf_counter()
+    key = authenticate(request.headers.get("authorization"), config.api_keys)
+    body = await _read_body(request, config.max_body_bytes)
+    try:
+        parsed = ChatCompletionRequest.model_validate_json(body)
+    except ValidationError as error:
+        raise RequestValidationError(error.errors()) from None
+    call = engine.prepare(parsed)
+    ticket = admission.reserve(key)
+    writer = CompletionWriter(parsed.model)
+    if parsed.stream:
+        include_usage = bool(parsed.stream_options and parsed.stream_options.include_usage)
+        events = _stream(engine, call, ticket, writer, metrics, started, include_usage)
+        return _TicketedEventSource(
+            events, ticket, shutdown_event=anyio.Event(), shutdown_grace_period=config.grace_s
+        )
+    try:
+        parts = await _until_disconnect(request, _collect(engine, call, ticket))
+    finally:
+        ticket.close()
+    if parts is None:  # the client went away; nobody reads this
+        return Response(status_code=499)
+    _record(metrics, parts, started)
+    return JSONResponse(writer.completion(parts))
 
 
 async def _read_body(request: Request, limit: int) -> bytes:
