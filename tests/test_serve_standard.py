@@ -16,6 +16,7 @@ from __future__ import annotations
 import functools
 from typing import Any
 
+import pytest
 from langchain_core.language_models import BaseChatModel
 from langchain_openai import ChatOpenAI
 from langchain_tests.integration_tests import ChatModelIntegrationTests
@@ -44,6 +45,7 @@ def tiny_server() -> RunningServer:
     return server
 
 
+@pytest.mark.slow  # about 80 calls through HTTP to the tiny pair: minutes on the shared CPU
 class TestChatOpenAIOnServer(tool_tests_marked(NOT_SENSIBLE), ChatModelIntegrationTests):  # type: ignore[misc]
     @property
     def chat_model_class(self) -> type[BaseChatModel]:
