@@ -160,6 +160,25 @@ def test_per_key_cap_is_429_for_that_key_only() -> None:
     assert other_key.status_code == 200
 
 
+def test_without_keys_only_the_server_caps_hold() -> None:
+    small = ScriptedBackend(REASONING * 10, name="small", delay=0.3)
+    with scripted_server(small=small, max_per_key=1) as server:
+        results: list[httpx.Response] = []
+        threads = [
+            threading.Thread(
+                target=lambda: results.append(
+                    _post(server, {"model": "small-only", "messages": QUESTION})
+                )
+            )
+            for _ in range(2)
+        ]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(30)
+    assert [r.status_code for r in results] == [200, 200]
+
+
 def _down_large() -> OpenAIBackend:
     """A real client of a server that is not there (nothing listens on the port)."""
     return OpenAIBackend(

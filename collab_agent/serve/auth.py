@@ -13,8 +13,6 @@ from pathlib import Path
 from collab_agent.errors import ConfigError
 from collab_agent.serve.errors import APIError
 
-ANONYMOUS = "anonymous"
-
 
 def load_keys(file: str | Path | None = None, env: str | None = None) -> frozenset[str]:
     """Keys from ``file`` (one per line; blank lines and ``#`` comments skipped) and from the
@@ -43,10 +41,11 @@ def key_id(key: str) -> str:
     return "key-" + hashlib.sha256(key.encode()).hexdigest()[:8]
 
 
-def authenticate(authorization: str | None, keys: frozenset[str]) -> str:
-    """The caller's key id, or `APIError` 401. Every key is compared in constant time."""
+def authenticate(authorization: str | None, keys: frozenset[str]) -> str | None:
+    """The caller's key id (``None`` when the server has no keys), or `APIError` 401. Every
+    key is compared in constant time."""
     if not keys:
-        return ANONYMOUS
+        return None
     scheme, _, presented = (authorization or "").partition(" ")
     if scheme.lower() != "bearer" or not presented.strip():
         raise APIError(

@@ -17,7 +17,8 @@ from collab_agent.serve.errors import APIError
 @dataclass
 class Admission:
     """Caps: ``max_in_flight`` at once, ``max_queued`` waiting, ``max_per_key`` of one key
-    (in flight and waiting together)."""
+    (in flight and waiting together). Without keys (``key=None``) only the server's caps hold:
+    every caller would otherwise share one key's share."""
 
     max_in_flight: int
     max_queued: int
@@ -34,15 +35,16 @@ class Admission:
             self._slots = anyio.Semaphore(self.max_in_flight)
         return self._slots
 
-    def reserve(self, key: str) -> Ticket:
+    def reserve(self, key: str | None) -> Ticket:
         """A place in line for ``key``, or `APIError` 429 with ``Retry-After``."""
-        if self.per_key[key] >= self.max_per_key:
+        if key is not None and self.per_key[key] >= self.max_per_key:
             raise self._full(f"this API key already has {self.max_per_key} requests in flight")
         if self.in_flight + self.queued >= self.max_in_flight + self.max_queued:
             raise self._full(
                 f"the server is busy ({self.in_flight} in flight, {self.queued} queued)"
             )
-        self.per_key[key] += 1
+        if key is not None:
+            self.per_key[key] += 1
         self.queued += 1
         return Ticket(self, key)
 
@@ -61,7 +63,7 @@ class Ticket:
     """One request's place: `wait` for a slot, `close` (always) to give it back."""
 
     admission: Admission
-    key: str
+    key: str | None
     state: str = "queued"
 
     async def wait(self) -> None:
@@ -81,7 +83,8 @@ class Ticket:
             admission.slots.release()
         else:
             return
-        admission.per_key[self.key] -= 1
-        if admission.per_key[self.key] <= 0:
-            del admission.per_key[self.key]
         self.state = "closed"
+        if self.key is not None:
+            admission.per_key[self.key] -= 1
+            if admission.per_key[self.key] <= 0:
+                del admission.per_key[self.key]
