@@ -144,6 +144,33 @@ def test_tool_call_reaches_the_client() -> None:
     assert json.loads(choice.message.tool_calls[0].function.arguments) == {"city": "Paris"}
 
 
+def test_tool_call_streams_as_a_tool_calls_delta() -> None:
+    call = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>'
+    small = ScriptedBackend(["I need the weather in Paris.", call], name="small")
+    tool = {
+        "type": "function",
+        "function": {
+            "name": "get_weather",
+            "parameters": {"type": "object", "properties": {"city": {"type": "string"}}},
+        },
+    }
+    with scripted_server(small=small) as server:
+        client = openai.OpenAI(base_url=server.base_url, api_key="unused", max_retries=0)
+        chunks = list(
+            client.chat.completions.create(
+                model="small-only",
+                messages=[{"role": "user", "content": "Weather in Paris?"}],
+                tools=[tool],
+                tool_choice="required",
+                stream=True,
+            )
+        )
+    calls = [c for ch in chunks if ch.choices for c in ch.choices[0].delta.tool_calls or []]
+    assert [c.function.name for c in calls] == ["get_weather"]
+    assert json.loads(calls[0].function.arguments) == {"city": "Paris"}
+    assert chunks[-1].choices[0].finish_reason == "tool_calls"
+
+
 def test_models_lists_the_configured_policies() -> None:
     with scripted_server() as server:
         client = openai.OpenAI(base_url=server.base_url, api_key="unused", max_retries=0)
