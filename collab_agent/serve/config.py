@@ -24,7 +24,8 @@ class ServeConfig:
         host: the address bound; no keys are allowed only on a loopback address.
         max_in_flight: conversations reasoning at once (default 64).
         max_queued: requests waiting for a slot beyond those; past it, 429 (default 256).
-        max_per_key: a key's requests in flight or waiting; past it, 429 (default 32).
+        max_per_key: a key's requests in flight or waiting; past it, 429 (default 32; no cap
+            without keys, where every caller would share one share).
         max_body_bytes: the largest request body; past it, 413 (default 1 MiB).
         retry_after_s: the ``Retry-After`` of a 429, in seconds.
         grace_s: on SIGTERM, how long in-flight requests may finish before they are cancelled.
