@@ -38,11 +38,12 @@ stdout = Console()
 
 AUTHOR_STYLE = {"small": "cyan", "large": "magenta"}
 
-BENCH_MODULES = ("prefix_reuse", "edge_cloud", "kv", "kv_gsm8k", "kv_collab", "batch")
+BENCH_MODULES = ("prefix_reuse", "edge_cloud", "kv", "kv_gsm8k", "kv_collab", "batch", "serve")
 COMMAND_MODULES = (
     "collab_agent.evaluation.cli",
     "collab_agent.calibrate_cli",
     "collab_agent.doctor",
+    "collab_agent.serve.command",
 )
 
 
