@@ -38,11 +38,11 @@ import anyio.to_thread
 
 from collab_agent import _checks
 from collab_agent.backends.base import GenerateRequest, Generation, StopReason
+from collab_agent.backends.detokenize import IncrementalText, find_stop, stop_search_start
 from collab_agent.backends.local import (
     ConversationCache,
     TransformersBackend,
     _tokens_before,
-    find_stop,
     sample_next,
     top_alternatives,
 )
@@ -63,10 +63,9 @@ class _Row:
     entry: ConversationCache | None = None
     prompt_tokens: int = 0
     cached_tokens: int = 0
-    tokens: list[int] = field(default_factory=list)  # generated (kept so far)
+    decoded: IncrementalText | None = None  # the generated tokens and their text
     logprobs: list[float] = field(default_factory=list)
     top: list[dict[str, float]] = field(default_factory=list)  # alternatives per kept token
-    lengths: list[int] = field(default_factory=list)  # decoded text length after each token
     pending: int = -1  # sampled, not yet forwarded
     last_logits: Any = None  # logits after the last forwarded token
     generator: Any = None
@@ -74,6 +73,11 @@ class _Row:
     result: Generation | None = None
     error: BaseException | None = None
     wake: anyio.Event | None = None
+
+    @property
+    def tokens(self) -> list[int]:
+        """The generated tokens kept so far."""
+        return [] if self.decoded is None else self.decoded.tokens
 
     @property
     def done(self) -> bool:
@@ -549,20 +553,23 @@ class BatchedTransformersBackend(TransformersBackend):
         if token in self.eos_token_ids:
             self._finish(row, "eos")
             return
-        row.tokens.append(token)
+        if row.decoded is None:
+            row.decoded = IncrementalText(self.tokenizer)
+        decoded = row.decoded
         row.logprobs.append(float(logprobs[token]))
         if request.top_logprobs:
             row.top.append(top_alternatives(logprobs, request.top_logprobs, self.tokenizer))
-        text = str(self.tokenizer.decode(row.tokens, skip_special_tokens=False))
-        row.lengths.append(len(text))
-        found = find_stop(text, request.stop)
+        checked = len(decoded.text)
+        found = None
+        if decoded.push(token):  # only the tail the new text can complete is searched
+            found = find_stop(decoded.text, request.stop, stop_search_start(checked, request.stop))
         if found is not None:
             position, stop = found
-            kept = _tokens_before(row.lengths, position)
-            del row.tokens[kept:], row.logprobs[kept:], row.top[kept:]
-            self._finish(row, "step", text[:position], stop)
-        elif len(row.tokens) >= request.max_tokens:
-            self._finish(row, "length", text)
+            kept = _tokens_before(decoded.lengths, position)
+            del decoded.tokens[kept:], row.logprobs[kept:], row.top[kept:]
+            self._finish(row, "step", decoded.text[:position], stop)
+        elif len(decoded.tokens) >= request.max_tokens:
+            self._finish(row, "length")
         else:
             row.pending = token
 
@@ -570,7 +577,7 @@ class BatchedTransformersBackend(TransformersBackend):
         self, row: _Row, reason: StopReason, text: str | None = None, stop: str | None = None
     ) -> None:
         if text is None:
-            text = str(self.tokenizer.decode(row.tokens, skip_special_tokens=False))
+            text = "" if row.decoded is None else row.decoded.final_text()
         request = row.request
         row.result = Generation(
             text=text,
