@@ -406,3 +406,23 @@ def test_bench_batch_prints_the_fixed_json_keys() -> None:
     assert len(figures["tokens_per_s"]) == 2 and min(figures["tokens_per_s"]) > 0
     assert figures["speedup_16_vs_1"] > 0 and figures["peak_rss_bytes"] > 0
     assert figures["peak_batch_size"] == 16
+
+
+async def test_a_stop_string_across_tokens_cuts_batched_rows_as_alone(small) -> None:
+    """Stop strings that begin inside one token and end inside a later one, found by the
+    incremental detokeniser in the batch as by the plain backend."""
+    model, tokenizer = small
+    free = await alone(model, tokenizer, [request(i, max_tokens=20) for i in range(4)])
+    requests = []
+    for i, generation in enumerate(free):
+        ids = tokenizer(generation.text, add_special_tokens=False)["input_ids"]
+        start = len(tokenizer.decode(ids[:3])) - 1
+        stop = generation.text[start : len(tokenizer.decode(ids[:5])) + 1]
+        requests.append(request(i, max_tokens=20, stop=(stop,)))
+
+    batched = await together(BatchedTransformersBackend(model, tokenizer), requests)
+
+    assert_same(batched, await alone(model, tokenizer, requests))
+    for got, generation, req in zip(batched, free, requests, strict=True):
+        assert got.stop_reason == "step" and got.stop_string == req.stop[0]
+        assert got.text == generation.text[: generation.text.find(req.stop[0])]

@@ -38,7 +38,7 @@ import anyio.to_thread
 
 from collab_agent import _checks
 from collab_agent.backends.base import GenerateRequest, Generation, StopReason
-from collab_agent.backends.detokenize import IncrementalText, find_stop, stop_search_start
+from collab_agent.backends.detokenize import IncrementalText, find_stop
 from collab_agent.backends.local import (
     ConversationCache,
     TransformersBackend,
@@ -562,7 +562,7 @@ class BatchedTransformersBackend(TransformersBackend):
         checked = len(decoded.text)
         found = None
         if decoded.push(token):  # only the tail the new text can complete is searched
-            found = find_stop(decoded.text, request.stop, stop_search_start(checked, request.stop))
+            found = find_stop(decoded.text, request.stop, checked)
         if found is not None:
             position, stop = found
             kept = _tokens_before(decoded.lengths, position)

@@ -7,7 +7,7 @@ vLLM and TGI: the text of ``tokens[prefix:]`` minus the text of ``tokens[prefix:
 tokenizer that drops a leading space or merges across tokens sees the same context as a full
 decode. A window that ends inside a multi-byte character (``"\\ufffd"``) waits for the next
 token. Stop strings are then searched only where a new one can be: the tail that overlaps the
-last text added (`find_stop` with ``start``).
+last text added (`find_stop` with ``checked``).
 
 A tokenizer that rewrites text across tokens after decoding (``clean_up_tokenization_spaces``)
 gets the whole text decoded at every step, as before: its windowed text could differ from the
@@ -65,24 +65,18 @@ class IncrementalText:
         return self._decode(self.tokens)
 
 
-def find_stop(text: str, stops: Iterable[str], start: int = 0) -> tuple[int, str] | None:
-    """The earliest stop string in ``text`` beginning at ``start`` or later: ``(position,
-    stop)``, or None."""
+def find_stop(text: str, stops: Iterable[str], checked: int = 0) -> tuple[int, str] | None:
+    """The earliest stop string in ``text``: ``(position, stop)``, or None. ``checked``: the
+    first ``checked`` characters were searched before without a hit, so only a stop that ends
+    past them is looked for (the tail a new token's text can complete)."""
     best: tuple[int, str] | None = None
     for stop in stops:
         if not stop:
             continue
-        pos = text.find(stop, start)
+        pos = text.find(stop, max(0, checked - len(stop) + 1))
         if pos >= 0 and (best is None or pos < best[0]):
             best = (pos, stop)
     return best
 
 
-def stop_search_start(checked: int, stops: Iterable[str]) -> int:
-    """Where to search for stop strings in a text whose first ``checked`` characters were
-    searched already without a hit: a stop found now must end past them."""
-    longest = max((len(s) for s in stops), default=0)
-    return max(0, checked - longest + 1)
-
-
-__all__ = ["IncrementalText", "find_stop", "stop_search_start"]
+__all__ = ["IncrementalText", "find_stop"]

@@ -31,7 +31,7 @@ from anyio.lowlevel import RunVar
 
 from collab_agent import _checks
 from collab_agent.backends.base import GenerateRequest, Generation, Sampling, StopReason
-from collab_agent.backends.detokenize import IncrementalText, find_stop, stop_search_start
+from collab_agent.backends.detokenize import IncrementalText, find_stop
 from collab_agent.errors import BackendError, ConfigError
 
 if TYPE_CHECKING:
@@ -601,8 +601,7 @@ class TransformersBackend:
                 top.append(top_alternatives(row, request.top_logprobs, self.tokenizer))
             checked = len(decoded.text)
             if decoded.push(token):
-                start = stop_search_start(checked, request.stop)
-                found = find_stop(decoded.text, request.stop, start)
+                found = find_stop(decoded.text, request.stop, checked)
                 if found is not None:
                     position, stop = found
                     kept = _tokens_before(decoded.lengths, position)
