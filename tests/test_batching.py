@@ -426,3 +426,41 @@ async def test_a_stop_string_across_tokens_cuts_batched_rows_as_alone(small) -> 
     for got, generation, req in zip(batched, free, requests, strict=True):
         assert got.stop_reason == "step" and got.stop_string == req.stop[0]
         assert got.text == generation.text[: generation.text.find(req.stop[0])]
+
+
+async def test_a_large_batch_computes_in_its_own_dtype_and_writes_what_it_writes_alone(
+    small,
+) -> None:
+    """From ``large_batch_from`` rows on the batch decodes in ``large_batch_dtype`` (float64
+    here, to stand for CPU float32 over bf16): the texts are those each conversation writes alone
+    in that dtype, and the caches move between dtypes as the batch shrinks and grows."""
+    import copy
+
+    import torch
+
+    model, tokenizer = small
+    requests = [request(i) for i in range(4)]
+    backend = BatchedTransformersBackend(
+        model, tokenizer, large_batch_dtype=torch.float64, large_batch_from=2
+    )
+
+    batched = await together(backend, requests)
+    again = await together(backend, requests[:1])  # alone: back in float32 on its cached prefix
+
+    wide = copy.deepcopy(model).double()
+    assert_same(batched, await alone(wide, tokenizer, requests))
+    assert_same(again, await alone(model, tokenizer, requests[:1]))
+    assert 0 < backend.large_batch_steps < backend.decode_steps  # the last row went on alone
+    assert backend.model.dtype == torch.float32
+
+
+def test_cpu_batch_dtypes_switch_only_when_the_user_did_not_choose() -> None:
+    import torch
+
+    from collab_agent.backends.batching import cpu_batch_dtypes
+
+    assert cpu_batch_dtypes("auto", "cpu") == (torch.bfloat16, torch.float32)
+    assert cpu_batch_dtypes("bfloat16", "cpu") == (torch.bfloat16, None)
+    assert cpu_batch_dtypes(torch.float32, "cpu") == (torch.float32, None)
+    with pytest.raises(ConfigError, match="dtype"):
+        cpu_batch_dtypes("float33", "cpu")
