@@ -397,15 +397,26 @@ def test_bench_batch_prints_the_fixed_json_keys() -> None:
     bench = typer.Typer()
     register(bench)
     bench.command("noop")(lambda: None)  # keep "batch" a subcommand
-    args = ["batch", "--models", "tiny", "--concurrency", "1,16", "--max-tokens", "2", "--json"]
-    result = CliRunner().invoke(bench, args)
+    args = ["batch", "--models", "tiny", "--concurrency", "1,16", "--max-tokens", "2"]
+    result = CliRunner().invoke(bench, [*args, "--rounds", "2", "--json"])
 
     assert result.exit_code == 0, result.output
     figures = json.loads(result.stdout.strip().splitlines()[-1])
-    assert figures["concurrency"] == [1, 16]
-    assert len(figures["tokens_per_s"]) == 2 and min(figures["tokens_per_s"]) > 0
-    assert figures["speedup_16_vs_1"] > 0 and figures["peak_rss_bytes"] > 0
-    assert figures["peak_batch_size"] == 16
+    assert figures["concurrency"] == [1, 16] and figures["rounds"] == 2
+    low, mid, high = (figures[k] for k in ("tokens_per_s_min", "tokens_per_s", "tokens_per_s_max"))
+    assert all(0 < a <= b <= c for a, b, c in zip(low, mid, high, strict=True))
+    assert set(figures["ceiling_by_dtype"]) == {"bfloat16", "float32"}
+    assert figures["ceiling_tokens_per_s"] == [
+        max(pair) for pair in zip(*figures["ceiling_by_dtype"].values(), strict=True)
+    ]
+    assert figures["llamacpp_tokens_per_s"] == [None, None]  # no GGUF for a tiny model
+    assert figures["speedup_16_vs_1"] == pytest.approx(mid[1] / mid[0], rel=1e-2)
+    assert figures["vs_ceiling_16"] == pytest.approx(
+        mid[1] / figures["ceiling_tokens_per_s"][1], rel=1e-2
+    )
+    assert figures["peak_batch_size"] == 16 and figures["peak_rss_bytes"] > 0
+    bad = CliRunner().invoke(bench, [*args, "--rounds", "0"])
+    assert bad.exit_code != 0 and "--rounds" in str(bad.exception or bad.output)
 
 
 async def test_a_stop_string_across_tokens_cuts_batched_rows_as_alone(small) -> None:
