@@ -689,7 +689,7 @@ def cpu_batch_dtypes(dtype: Any, device: str) -> tuple[Any, Any]:
     decode step reads half the bytes (faster alone) but its matrix products do not speed up
     with more rows, while float32's do. The plain forward-loop ceiling that ``collab-agent
     bench batch`` prints for both dtypes at each batch size is the measurement behind this
-    table (README, "Batching"). Any other device or an explicit dtype: one dtype, no switch.
+    table (README, "Batching on CPU"). Any other device or an explicit dtype: one dtype, no switch.
     """
     import torch
 
