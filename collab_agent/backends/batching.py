@@ -20,7 +20,9 @@ requests (continuous batching at step granularity, Yu et al., OSDI 2022 "Orca"):
 On CPU, batching pays because a decode step is dominated by reading the weights, which the rows
 share. Greedy texts are the same batched and alone up to floating-point near-ties: in float32 the
 tiny test models match exactly; in bfloat16 a different batch shape can flip a near-tied token
-(as on any batching server, vLLM and llama.cpp included).
+(as on any batching server, vLLM and llama.cpp included). With ``large_batch_dtype`` (the CPU
+default of `from_pretrained`: bf16 alone, float32 from two rows) a conversation is computed in
+the dtype of the batch it is in, so its text follows that dtype's rounding.
 
 There is no extra thread: the caller whose request waits drives the batch, one step at a time in
 a worker thread (`anyio.to_thread.run_sync`); when it leaves, another waiting caller takes over.
