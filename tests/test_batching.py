@@ -397,12 +397,81 @@ def test_bench_batch_prints_the_fixed_json_keys() -> None:
     bench = typer.Typer()
     register(bench)
     bench.command("noop")(lambda: None)  # keep "batch" a subcommand
-    args = ["batch", "--models", "tiny", "--concurrency", "1,16", "--max-tokens", "2", "--json"]
-    result = CliRunner().invoke(bench, args)
+    args = ["batch", "--models", "tiny", "--concurrency", "1,16", "--max-tokens", "2"]
+    result = CliRunner().invoke(bench, [*args, "--rounds", "2", "--json"])
 
     assert result.exit_code == 0, result.output
     figures = json.loads(result.stdout.strip().splitlines()[-1])
-    assert figures["concurrency"] == [1, 16]
-    assert len(figures["tokens_per_s"]) == 2 and min(figures["tokens_per_s"]) > 0
-    assert figures["speedup_16_vs_1"] > 0 and figures["peak_rss_bytes"] > 0
-    assert figures["peak_batch_size"] == 16
+    assert figures["concurrency"] == [1, 16] and figures["rounds"] == 2
+    low, mid, high = (figures[k] for k in ("tokens_per_s_min", "tokens_per_s", "tokens_per_s_max"))
+    assert all(0 < a <= b <= c for a, b, c in zip(low, mid, high, strict=True))
+    assert set(figures["ceiling_by_dtype"]) == {"bfloat16", "float32"}
+    assert figures["ceiling_tokens_per_s"] == [
+        max(pair) for pair in zip(*figures["ceiling_by_dtype"].values(), strict=True)
+    ]
+    assert figures["llamacpp_tokens_per_s"] == [None, None]  # no GGUF for a tiny model
+    assert figures["speedup_16_vs_1"] == pytest.approx(mid[1] / mid[0], rel=1e-2)
+    assert figures["vs_ceiling_16"] == pytest.approx(
+        mid[1] / figures["ceiling_tokens_per_s"][1], rel=1e-2
+    )
+    assert figures["peak_batch_size"] == 16 and figures["peak_rss_bytes"] > 0
+    bad = CliRunner().invoke(bench, [*args, "--rounds", "0"])
+    assert bad.exit_code != 0 and "--rounds" in str(bad.exception or bad.output)
+
+
+async def test_a_stop_string_across_tokens_cuts_batched_rows_as_alone(small) -> None:
+    """Stop strings that begin inside one token and end inside a later one, found by the
+    incremental detokeniser in the batch as by the plain backend."""
+    model, tokenizer = small
+    free = await alone(model, tokenizer, [request(i, max_tokens=20) for i in range(4)])
+    requests = []
+    for i, generation in enumerate(free):
+        ids = tokenizer(generation.text, add_special_tokens=False)["input_ids"]
+        start = len(tokenizer.decode(ids[:3])) - 1
+        stop = generation.text[start : len(tokenizer.decode(ids[:5])) + 1]
+        requests.append(request(i, max_tokens=20, stop=(stop,)))
+
+    batched = await together(BatchedTransformersBackend(model, tokenizer), requests)
+
+    assert_same(batched, await alone(model, tokenizer, requests))
+    for got, generation, req in zip(batched, free, requests, strict=True):
+        assert got.stop_reason == "step" and got.stop_string == req.stop[0]
+        assert got.text == generation.text[: generation.text.find(req.stop[0])]
+
+
+async def test_a_large_batch_computes_in_its_own_dtype_and_writes_what_it_writes_alone(
+    small,
+) -> None:
+    """From ``large_batch_from`` rows on the batch decodes in ``large_batch_dtype`` (float64
+    here, to stand for CPU float32 over bf16): the texts are those each conversation writes alone
+    in that dtype, and the caches move between dtypes as the batch shrinks and grows."""
+    import copy
+
+    import torch
+
+    model, tokenizer = small
+    requests = [request(i) for i in range(4)]
+    backend = BatchedTransformersBackend(
+        model, tokenizer, large_batch_dtype=torch.float64, large_batch_from=2
+    )
+
+    batched = await together(backend, requests)
+    again = await together(backend, requests[:1])  # alone: back in float32 on its cached prefix
+
+    wide = copy.deepcopy(model).double()
+    assert_same(batched, await alone(wide, tokenizer, requests))
+    assert_same(again, await alone(model, tokenizer, requests[:1]))
+    assert 0 < backend.large_batch_steps < backend.decode_steps  # the last row went on alone
+    assert backend.model.dtype == torch.float32
+
+
+def test_cpu_batch_dtypes_switch_only_when_the_user_did_not_choose() -> None:
+    import torch
+
+    from collab_agent.backends.batching import cpu_batch_dtypes
+
+    assert cpu_batch_dtypes("auto", "cpu") == (torch.bfloat16, torch.float32)
+    assert cpu_batch_dtypes("bfloat16", "cpu") == (torch.bfloat16, None)
+    assert cpu_batch_dtypes(torch.float32, "cpu") == (torch.float32, None)
+    with pytest.raises(ConfigError, match="dtype"):
+        cpu_batch_dtypes("float33", "cpu")

@@ -20,7 +20,9 @@ requests (continuous batching at step granularity, Yu et al., OSDI 2022 "Orca"):
 On CPU, batching pays because a decode step is dominated by reading the weights, which the rows
 share. Greedy texts are the same batched and alone up to floating-point near-ties: in float32 the
 tiny test models match exactly; in bfloat16 a different batch shape can flip a near-tied token
-(as on any batching server, vLLM and llama.cpp included).
+(as on any batching server, vLLM and llama.cpp included). With ``large_batch_dtype`` (the CPU
+default of `from_pretrained`: bf16 alone, float32 from two rows) a conversation is computed in
+the dtype of the batch it is in, so its text follows that dtype's rounding.
 
 There is no extra thread: the caller whose request waits drives the batch, one step at a time in
 a worker thread (`anyio.to_thread.run_sync`); when it leaves, another waiting caller takes over.
@@ -38,11 +40,11 @@ import anyio.to_thread
 
 from collab_agent import _checks
 from collab_agent.backends.base import GenerateRequest, Generation, StopReason
+from collab_agent.backends.detokenize import IncrementalText, find_stop
 from collab_agent.backends.local import (
     ConversationCache,
     TransformersBackend,
     _tokens_before,
-    find_stop,
     sample_next,
     top_alternatives,
 )
@@ -63,10 +65,9 @@ class _Row:
     entry: ConversationCache | None = None
     prompt_tokens: int = 0
     cached_tokens: int = 0
-    tokens: list[int] = field(default_factory=list)  # generated (kept so far)
+    decoded: IncrementalText | None = None  # the generated tokens and their text
     logprobs: list[float] = field(default_factory=list)
     top: list[dict[str, float]] = field(default_factory=list)  # alternatives per kept token
-    lengths: list[int] = field(default_factory=list)  # decoded text length after each token
     pending: int = -1  # sampled, not yet forwarded
     last_logits: Any = None  # logits after the last forwarded token
     generator: Any = None
@@ -74,6 +75,11 @@ class _Row:
     result: Generation | None = None
     error: BaseException | None = None
     wake: anyio.Event | None = None
+
+    @property
+    def tokens(self) -> list[int]:
+        """The generated tokens kept so far."""
+        return [] if self.decoded is None else self.decoded.tokens
 
     @property
     def done(self) -> bool:
@@ -117,6 +123,7 @@ class _PaddedBatch:
             self.mask = F.pad(self.mask, (grow, 0))
             length = n
         for layer, (k, v) in zip(self.cache.layers, kv, strict=True):
+            k, v = k.to(layer.keys.dtype), v.to(layer.values.dtype)
             layer.keys = torch.cat([layer.keys, F.pad(k, (0, 0, length - n, 0))])
             layer.values = torch.cat([layer.values, F.pad(v, (0, 0, length - n, 0))])
         row_mask = torch.zeros(1, length, dtype=self.mask.dtype, device=self.mask.device)
@@ -175,6 +182,12 @@ class BatchedTransformersBackend(TransformersBackend):
         decode_slice_s: how long the worker thread may go on decoding while nothing changes (no
             row finished, no request waiting, no caller gone) before it returns to the event
             loop (default 0.1 s): fewer thread hops when steps are fast (GPUs, tiny models).
+        large_batch_dtype: a second compute dtype for forwards over ``large_batch_from`` rows
+            or more (default ``None``: one dtype). The model is copied once in it and the rows'
+            KV caches are cast when the batch crosses the line. On CPUs without native bf16
+            matrix units bf16 is the faster dtype alone (half the bytes read per step) but does
+            not scale with the batch, float32 does (see `cpu_batch_dtypes`).
+        large_batch_from: the batch size from which ``large_batch_dtype`` computes (default 2).
         **options: those of `TransformersBackend` (``name``, ``device``,
             ``max_cached_conversations``, ``max_cache_bytes``): the idle caches kept between
             requests.
@@ -183,6 +196,7 @@ class BatchedTransformersBackend(TransformersBackend):
         peak_batch_size: the most rows ever decoded in one step.
         decode_steps: batched decode forward passes run so far.
         prefill_passes: prefill forward passes run so far (one per group of joining requests).
+        large_batch_steps: decode steps run in ``large_batch_dtype``.
     """
 
     def __init__(
@@ -195,10 +209,13 @@ class BatchedTransformersBackend(TransformersBackend):
         max_waiting: int | None = None,
         prefill_tokens: int = 2048,
         decode_slice_s: float = 0.1,
+        large_batch_dtype: torch.dtype | None = None,
+        large_batch_from: int = 2,
         **options: Any,
     ) -> None:
         _checks.positive_int("max_batch_size", max_batch_size)
         _checks.positive_int("prefill_tokens", prefill_tokens)
+        _checks.positive_int("large_batch_from", large_batch_from)
         _checks.in_range("batch_window_s", batch_window_s, 0.0, 10.0)
         _checks.in_range("decode_slice_s", decode_slice_s, 0.0, 10.0)
         if max_waiting is not None:
@@ -213,6 +230,13 @@ class BatchedTransformersBackend(TransformersBackend):
         self.peak_batch_size = 0
         self.decode_steps = 0
         self.prefill_passes = 0
+        self.large_batch_steps = 0
+        self.large_batch_from = large_batch_from
+        self._large_model: PreTrainedModel | None = None
+        if large_batch_dtype is not None and large_batch_dtype != self.model.dtype:
+            import copy
+
+            self._large_model = copy.deepcopy(self.model).to(large_batch_dtype).eval()
         self._check_full_attention()
         self._batch = _PaddedBatch(self._cache_from)
         self._waiting: deque[_Row] = deque()
@@ -233,6 +257,32 @@ class BatchedTransformersBackend(TransformersBackend):
         from transformers import DynamicCache
 
         return DynamicCache(ddp_cache_data=kv, config=self.model.config)
+
+    def _model_for(self, rows: int) -> PreTrainedModel:
+        """The model copy that computes a forward over ``rows`` rows."""
+        if self._large_model is not None and rows >= self.large_batch_from:
+            return self._large_model
+        return self.model
+
+    def _checkout(self, request: GenerateRequest, prompt: Any, at_most: int | None) -> Any:
+        entry, reused = super()._checkout(request, prompt, at_most)
+        _cast_cache(entry.kv, self.model.dtype)  # it may have left a batch in the other dtype
+        return entry, reused
+
+    @classmethod
+    def from_pretrained(
+        cls, name_or_path: str, *, dtype: Any = "auto", device: Any = None, **options: Any
+    ) -> TransformersBackend:
+        """`TransformersBackend.from_pretrained` with the compute dtype per batch size of
+        `cpu_batch_dtypes` (``"auto"`` on CPU: bf16 alone, float32 from two rows); an explicit
+        ``dtype`` or ``large_batch_dtype`` wins."""
+        import torch
+
+        if device is None:
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        base, large = cpu_batch_dtypes(dtype, str(device))
+        options.setdefault("large_batch_dtype", large)
+        return super().from_pretrained(name_or_path, dtype=base, device=device, **options)
 
     # ------------------------------------------------------------------ public API
     @property
@@ -460,7 +510,9 @@ class BatchedTransformersBackend(TransformersBackend):
             mask[i, width - c : width + len(ids)] = 1
             positions[i] = torch.arange(c, c + steps)
         last = torch.tensor([[n - 1] for n in news], device=device)
-        out = self.model(
+        model = self._model_for(len(group))
+        _cast_cache(cache, model.dtype)
+        out = model(
             input_ids=input_ids.to(device),
             attention_mask=mask.to(device),
             position_ids=positions.to(device),
@@ -519,7 +571,11 @@ class BatchedTransformersBackend(TransformersBackend):
         input_ids = torch.tensor([[r.pending] for r in rows], dtype=torch.long, device=device)
         positions = torch.tensor([[len(r.entry.tokens)] for r in rows], device=device)  # type: ignore[union-attr]
         mask = torch.cat([batch.mask, batch.mask.new_ones(len(rows), 1)], dim=1)
-        out = self.model(
+        model = self._model_for(len(rows))
+        _cast_cache(batch.cache, model.dtype)
+        if model is not self.model:
+            self.large_batch_steps += 1
+        out = model(
             input_ids=input_ids,
             attention_mask=mask,
             position_ids=positions,
@@ -549,20 +605,23 @@ class BatchedTransformersBackend(TransformersBackend):
         if token in self.eos_token_ids:
             self._finish(row, "eos")
             return
-        row.tokens.append(token)
+        if row.decoded is None:
+            row.decoded = IncrementalText(self.tokenizer)
+        decoded = row.decoded
         row.logprobs.append(float(logprobs[token]))
         if request.top_logprobs:
             row.top.append(top_alternatives(logprobs, request.top_logprobs, self.tokenizer))
-        text = str(self.tokenizer.decode(row.tokens, skip_special_tokens=False))
-        row.lengths.append(len(text))
-        found = find_stop(text, request.stop)
+        checked = len(decoded.text)
+        found = None
+        if decoded.push(token):  # only the tail the new text can complete is searched
+            found = find_stop(decoded.text, request.stop, checked)
         if found is not None:
             position, stop = found
-            kept = _tokens_before(row.lengths, position)
-            del row.tokens[kept:], row.logprobs[kept:], row.top[kept:]
-            self._finish(row, "step", text[:position], stop)
-        elif len(row.tokens) >= request.max_tokens:
-            self._finish(row, "length", text)
+            kept = _tokens_before(decoded.lengths, position)
+            del decoded.tokens[kept:], row.logprobs[kept:], row.top[kept:]
+            self._finish(row, "step", decoded.text[:position], stop)
+        elif len(decoded.tokens) >= request.max_tokens:
+            self._finish(row, "length")
         else:
             row.pending = token
 
@@ -570,7 +629,7 @@ class BatchedTransformersBackend(TransformersBackend):
         self, row: _Row, reason: StopReason, text: str | None = None, stop: str | None = None
     ) -> None:
         if text is None:
-            text = str(self.tokenizer.decode(row.tokens, skip_special_tokens=False))
+            text = "" if row.decoded is None else row.decoded.final_text()
         request = row.request
         row.result = Generation(
             text=text,
@@ -616,4 +675,31 @@ class BatchedTransformersBackend(TransformersBackend):
         row.entry = None
 
 
-__all__ = ["BatchedTransformersBackend"]
+def _cast_cache(cache: Any, dtype: torch.dtype) -> None:
+    """Cast a cache's keys and values to ``dtype`` in place (no-op when they are already)."""
+    for layer in getattr(cache, "layers", ()):
+        keys = getattr(layer, "keys", None)
+        if keys is not None and keys.dtype != dtype:
+            layer.keys = keys.to(dtype)
+            layer.values = layer.values.to(dtype)
+
+
+def cpu_batch_dtypes(dtype: Any, device: str) -> tuple[Any, Any]:
+    """``(dtype alone, dtype from two rows)`` for `BatchedTransformersBackend.from_pretrained`.
+
+    ``"auto"`` on CPU gives ``(bfloat16, float32)``: without native bf16 matrix units a bf16
+    decode step reads half the bytes (faster alone) but its matrix products do not speed up
+    with more rows, while float32's do. The plain forward-loop ceiling that ``collab-agent
+    bench batch`` prints for both dtypes at each batch size is the measurement behind this
+    table (README, "Batching on CPU"). Any other device or an explicit dtype: one dtype, no switch.
+    """
+    import torch
+
+    from collab_agent.backends.local import _resolve_dtype
+
+    if (dtype is None or dtype == "auto") and device == "cpu":
+        return torch.bfloat16, torch.float32
+    return _resolve_dtype(dtype, device), None
+
+
+__all__ = ["BatchedTransformersBackend", "cpu_batch_dtypes"]

@@ -21,7 +21,7 @@ import math
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -31,6 +31,7 @@ from anyio.lowlevel import RunVar
 
 from collab_agent import _checks
 from collab_agent.backends.base import GenerateRequest, Generation, Sampling, StopReason
+from collab_agent.backends.detokenize import IncrementalText, find_stop
 from collab_agent.errors import BackendError, ConfigError
 
 if TYPE_CHECKING:
@@ -221,18 +222,6 @@ def sample_next(logits: torch.Tensor, sampling: Sampling, generator: torch.Gener
         choice = torch.multinomial(sorted_probs, 1, generator=generator)
         return int(order[choice].item())
     return int(torch.multinomial(probs, 1, generator=generator).item())
-
-
-def find_stop(text: str, stops: Iterable[str]) -> tuple[int, str] | None:
-    """The earliest stop string in ``text``: ``(position, stop)``, or None."""
-    best: tuple[int, str] | None = None
-    for stop in stops:
-        if not stop:
-            continue
-        pos = text.find(stop)
-        if pos >= 0 and (best is None or pos < best[0]):
-            best = (pos, stop)
-    return best
 
 
 def _tokens_before(prefix_lengths: Sequence[int], position: int) -> int:
@@ -601,37 +590,35 @@ class TransformersBackend:
         generator = None
         if sampling.temperature > 0 and sampling.seed is not None:
             generator = torch.Generator(device=logits.device).manual_seed(sampling.seed)
-        tokens: list[int] = []
+        decoded = IncrementalText(self.tokenizer)
+        tokens = decoded.tokens
         logprobs: list[float] = []
         top: list[dict[str, float]] = []
-        lengths: list[int] = []  # decoded text length after each token
-        text = ""
         while True:
             token = sample_next(logits, sampling, generator)
             if token in self.eos_token_ids:
-                return _Decoded(text, "eos", tokens, logprobs, None, tokens, top)
-            tokens.append(token)
+                return _Decoded(decoded.final_text(), "eos", tokens, logprobs, None, tokens, top)
             row = torch.log_softmax(logits.float(), dim=-1)
             logprobs.append(float(row[token]))
             if request.top_logprobs:
                 top.append(top_alternatives(row, request.top_logprobs, self.tokenizer))
-            text = str(self.tokenizer.decode(tokens, skip_special_tokens=False))
-            lengths.append(len(text))
-            found = find_stop(text, request.stop)
-            if found is not None:
-                position, stop = found
-                kept = _tokens_before(lengths, position)
-                return _Decoded(
-                    text[:position],
-                    "step",
-                    tokens[:kept],
-                    logprobs[:kept],
-                    stop,
-                    tokens,
-                    top[:kept],
-                )
+            checked = len(decoded.text)
+            if decoded.push(token):
+                found = find_stop(decoded.text, request.stop, checked)
+                if found is not None:
+                    position, stop = found
+                    kept = _tokens_before(decoded.lengths, position)
+                    return _Decoded(
+                        decoded.text[:position],
+                        "step",
+                        tokens[:kept],
+                        logprobs[:kept],
+                        stop,
+                        list(tokens),
+                        top[:kept],
+                    )
             if len(tokens) >= request.max_tokens:
-                return _Decoded(text, "length", tokens, logprobs, None, tokens, top)
+                return _Decoded(decoded.final_text(), "length", tokens, logprobs, None, tokens, top)
             if cancel.is_set():
                 raise _Cancelled
             logits = self._forward(entry, [token])[-1]
