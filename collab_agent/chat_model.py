@@ -53,7 +53,7 @@ from langchain_core.runnables.config import get_config_list
 from langchain_core.utils.function_calling import convert_to_openai_tool
 from pydantic import Field, PrivateAttr, SecretStr, ValidationError, field_validator
 
-from collab_agent import _checks, _portal
+from collab_agent import _checks, _portal, defaults
 from collab_agent.backends.base import (
     Backend,
     GenerateRequest,
@@ -62,9 +62,16 @@ from collab_agent.backends.base import (
     release_conversation,
 )
 from collab_agent.backends.specs import LARGE_BUNDLED, SMALL_BUNDLED
+from collab_agent.backends.tokens import backend_tokenizer, prompt_tokens, text_tokens
 from collab_agent.backends.toolcalls import parse_tool_calls
 from collab_agent.breaker import CircuitBreaker
-from collab_agent.errors import CallTimeoutError, CollabError, ConfigError, InvalidMessagesError
+from collab_agent.errors import (
+    CallTimeoutError,
+    CapabilityError,
+    CollabError,
+    ConfigError,
+    InvalidMessagesError,
+)
 from collab_agent.limits import map_limited
 from collab_agent.policies.base import Policy
 from collab_agent.prompting import FORMATS, STEPWISE_INSTRUCTION, ReasoningFormat
@@ -414,18 +421,18 @@ class CollabChatModel(BaseChatModel):
     policy: Any = Field(default=None, validate_default=True)
     """Who writes each step: a `Policy` (``TrigReason()``, ``SmallOnly()``, ``LargeOnly()``, a
     custom one) or a registry name (``"trigreason"``, ``"small-only"``; ``"module:factory"`` with
-    ``allow_code_policies=True``). ``None`` means ``TrigReason()`` with the paper's settings (20
-    priming steps)."""
+    ``allow_code_policies=True``). ``None`` means ``TrigReason()`` (the paper's thresholds,
+    `collab_agent.defaults` priming)."""
 
     reasoning_format: Any = Field(default="stepwise", validate_default=True)
     """How reasoning is laid out: ``"stepwise"`` (instruct models: blank-line steps and a
     ``Final answer:`` line), ``"think"`` (``<think>`` models) or a `ReasoningFormat`."""
 
-    temperature: float = 0.6
-    """Sampling temperature of every step and the answer (paper: 0.6); 0 is greedy."""
+    temperature: float = defaults.TEMPERATURE
+    """Sampling temperature of every step and the answer; 0 (default) is greedy (paper: 0.6)."""
 
-    top_p: float = 0.95
-    """Nucleus sampling mass (paper: 0.95)."""
+    top_p: float = defaults.TOP_P
+    """Nucleus sampling mass when the temperature is above 0 (paper: 0.95)."""
 
     seed: int | None = None
     """Sampling seed, for backends that honour one."""
@@ -433,13 +440,15 @@ class CollabChatModel(BaseChatModel):
     max_tokens: int | None = None
     """Most tokens of the answer (``None``: 1024). Reasoning has its own ``reasoning_budget``."""
 
-    reasoning_budget: int = 8192
-    """Most reasoning tokens of accepted steps (paper: 8192)."""
+    reasoning_budget: int | None = None
+    """Most reasoning tokens of accepted steps (paper: 8192). ``None``: 1024, capped to what
+    each model's context leaves after the prompt and the answer; an explicit budget that cannot
+    fit raises `ContextLengthError` before any model runs."""
 
-    max_steps: int = 256
+    max_steps: int = defaults.MAX_STEPS
     """Most reasoning steps."""
 
-    step_max_tokens: int = 512
+    step_max_tokens: int = defaults.STEP_MAX_TOKENS
     """Most tokens of one reasoning step."""
 
     stop: list[str] | None = None
@@ -738,6 +747,39 @@ class CollabChatModel(BaseChatModel):
         choice = _tool_choice(tool_choice, formatted)
         return super().bind(tools=formatted, tool_choice=choice.as_kwarg(), **kwargs)
 
+    # ------------------------------------------------------------------ token counts
+    def _tokenizers(self) -> list[Any]:
+        """Each model's own tokenizer, read offline (a spec string loads no weights and starts
+        no server); one per distinct tokenizer object."""
+        found: dict[int, Any] = {}
+        for role in ("small", "large"):
+            tokenizer = backend_tokenizer(getattr(self, role))
+            if tokenizer is None:
+                raise CapabilityError(
+                    f"{role}: {_label(getattr(self, role))} knows no tokenizer here; give a "
+                    "spec string, a TransformersBackend, or an OpenAIBackend with tokenizer="
+                )
+            found.setdefault(id(tokenizer), tokenizer)
+        return list(found.values())
+
+    def get_token_ids(self, text: str) -> list[int]:
+        """Token ids of ``text`` by the small model's own tokenizer (offline, no model runs)."""
+        return text_tokens(self._tokenizers()[0], text)
+
+    def get_num_tokens(self, text: str) -> int:
+        """Tokens of ``text``: the larger count of the two models' own tokenizers."""
+        return max(len(text_tokens(t, text)) for t in self._tokenizers())
+
+    def get_num_tokens_from_messages(
+        self, messages: list[BaseMessage], tools: Sequence[Any] | None = None
+    ) -> int:
+        """Tokens of the prompt the models read before reasoning: the messages (and tools) with
+        the reasoning instruction, rendered by each model's chat template with a generation
+        prompt; the larger count of the two models' tokenizers."""
+        converted = self.reasoning_format.messages(_convert_messages(messages))
+        formatted = _convert_tools(tools) if tools else None
+        return max(prompt_tokens(t, converted, formatted) for t in self._tokenizers())
+
     # ------------------------------------------------------------------ fields -> reasoner
     def _policy(self) -> Policy:
         if self.policy is not None:
@@ -776,7 +818,7 @@ class CollabChatModel(BaseChatModel):
             raise ConfigError("seed", f"must be an integer or None, got {seed!r}")
         max_tokens = kwargs.get("max_tokens", self.max_tokens)
         if max_tokens is None:
-            max_tokens = 1024
+            max_tokens = defaults.ANSWER_MAX_TOKENS
         _checks.positive_int("max_tokens", max_tokens)
         reasoner_fields: dict[str, Any] = {
             "policy": policy if policy is not None else self._policy(),

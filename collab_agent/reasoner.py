@@ -16,7 +16,7 @@ from typing import Any, Literal
 
 import anyio
 
-from collab_agent import _checks
+from collab_agent import _checks, defaults
 from collab_agent.backends.base import (
     Backend,
     GenerateRequest,
@@ -26,6 +26,7 @@ from collab_agent.backends.base import (
     release_conversation,
 )
 from collab_agent.breaker import CircuitBreaker
+from collab_agent.context import fit_budget
 from collab_agent.errors import BackendUnavailableError, ConfigError
 from collab_agent.policies.base import Policy
 from collab_agent.policies.trigreason import TrigReason
@@ -67,8 +68,12 @@ class Reasoner:
         large: the large reasoning model (LRM).
         policy: who writes each step (default: `TrigReason()` with the paper's settings).
         format: how reasoning is laid out (`STEPWISE` for instruct models, `THINK` for ``<think>``).
-        sampling: sampling of every call (paper: temperature 0.6, top-p 0.95).
-        budget: most reasoning tokens of accepted steps (paper: 8192).
+        sampling: sampling of every call (default: `collab_agent.defaults`, greedy; paper:
+            temperature 0.6, top-p 0.95).
+        budget: most reasoning tokens of accepted steps (paper: 8192). ``None`` (default):
+            `defaults.REASONING_BUDGET`, capped to what each model's context leaves after the
+            prompt and the answer; an explicit budget that cannot fit raises
+            `ContextLengthError` before any model runs.
         max_steps: most reasoning steps.
         step_max_tokens: most tokens of one step; a longer step continues in the next.
         answer_max_tokens: most tokens of the answer.
@@ -89,11 +94,13 @@ class Reasoner:
     large: Backend
     policy: Policy = field(default_factory=TrigReason)
     format: ReasoningFormat = STEPWISE
-    sampling: Sampling = field(default_factory=Sampling)
-    budget: int = 8192
-    max_steps: int = 256
-    step_max_tokens: int = 512
-    answer_max_tokens: int = 1024
+    sampling: Sampling = field(
+        default_factory=lambda: Sampling(defaults.TEMPERATURE, defaults.TOP_P)
+    )
+    budget: int | None = None
+    max_steps: int = defaults.MAX_STEPS
+    step_max_tokens: int = defaults.STEP_MAX_TOKENS
+    answer_max_tokens: int = defaults.ANSWER_MAX_TOKENS
     on_large_unavailable: Literal["fail", "degrade"] | None = None
     release_on_finish: bool = True
     breaker: CircuitBreaker | None = field(default_factory=CircuitBreaker)
@@ -101,7 +108,8 @@ class Reasoner:
 
     def __post_init__(self) -> None:
         for name in ("budget", "max_steps", "step_max_tokens", "answer_max_tokens"):
-            _checks.positive_int(name, getattr(self, name))
+            if name != "budget" or self.budget is not None:
+                _checks.positive_int(name, getattr(self, name))
         if self.on_large_unavailable is None:
             self.on_large_unavailable = getattr(self.large, "on_unavailable", "fail")
         if self.on_large_unavailable not in ("fail", "degrade"):
@@ -141,6 +149,15 @@ class Reasoner:
         """Yield a `StepEvent` per step, then one `AnswerEvent`. Cancelling the consumer
         cancels the call in flight; closing the iterator frees the conversation's caches."""
         conversation = validate_messages(messages)
+        budget = await anyio.to_thread.run_sync(
+            lambda: fit_budget(
+                {"small": self.small, "large": self.large},
+                self.format.messages(conversation),
+                tools,
+                budget=self.budget,
+                answer_max_tokens=self.answer_max_tokens,
+            )
+        )
         trace = Trace(conversation_id=conversation_id or uuid.uuid4().hex, policy=self.policy.name)
         session = Session.open(
             self.small, self.large, trace, conversation, self.format, self.sampling, tools
@@ -149,7 +166,7 @@ class Reasoner:
         try:
             handoff_left, handoff_trigger = 0, None
             while trace.stop_reason is None:
-                remaining = self.budget - trace.reasoning_tokens
+                remaining = budget - trace.reasoning_tokens
                 if len(trace.steps) >= self.max_steps:
                     trace.stop_reason = "max_steps"
                     break

@@ -152,6 +152,21 @@ class ReleasableBackend(Backend, Protocol):
         ...
 
 
+@runtime_checkable
+class TokenizedBackend(Backend, Protocol):
+    """A backend that knows its tokenizer and context window without calling the model: token
+    counts (``get_num_tokens``) and the context check before a call read them, offline."""
+
+    @property
+    def context_window(self) -> int | None:
+        """Most tokens of prompt plus generation the model takes (``None``: unknown)."""
+        ...
+
+    def local_tokenizer(self) -> Any:
+        """The model's Hugging Face tokenizer, loaded offline (``None``: none known here)."""
+        ...
+
+
 async def release_conversation(backend: Backend, conversation_id: str) -> None:
     """Free a conversation's state on ``backend`` when it keeps any."""
     if isinstance(backend, ReleasableBackend):

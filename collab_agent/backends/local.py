@@ -531,6 +531,16 @@ class TransformersBackend:
         entry.next_logits = logits[-1]
         return logits
 
+    @property
+    def context_window(self) -> int | None:
+        """The model's ``max_position_embeddings`` (``None`` when its config has none)."""
+        limit = getattr(self.model.config, "max_position_embeddings", None)
+        return int(limit) if limit is not None else None
+
+    def local_tokenizer(self) -> PreTrainedTokenizerBase:
+        """The tokenizer this backend renders prompts with."""
+        return self.tokenizer
+
     def _checkout(self, request: GenerateRequest, prompt: Sequence[int], at_most: int | None):
         """The conversation's cache cropped for ``prompt``, and how many tokens it reuses."""
         limit = getattr(self.model.config, "max_position_embeddings", None)

@@ -356,6 +356,8 @@ class OpenAIBackend:
         price: API price per million tokens; each `Generation` carries its cost.
         name: shown in traces (default ``"MODEL@HOST:PORT"``).
         default_headers: extra HTTP headers for every request.
+        context_window: the model's context in tokens, when known: calls whose prompt plus
+            reasoning budget cannot fit are refused before any request (``None``: unchecked).
     """
 
     def __init__(
@@ -375,6 +377,7 @@ class OpenAIBackend:
         price: Price | None = None,
         name: str | None = None,
         default_headers: Mapping[str, str] | None = None,
+        context_window: int | None = None,
     ) -> None:
         if not isinstance(model, str) or not model:
             raise ConfigError("model", f"must be a non-empty model id, got {model!r}")
@@ -418,6 +421,11 @@ class OpenAIBackend:
         self.name = name or f"{model}@{parts.hostname}{f':{parts.port}' if parts.port else ''}"
         self.server: ServerInfo | None = None
         self._tokenizer_source = tokenizer
+        self.context_window: int | None = (
+            None
+            if context_window is None
+            else _checks.positive_int("context_window", context_window)
+        )
         self._tokenizer: Any = None if isinstance(tokenizer, str) else tokenizer
         self._resolved_mode: str | None = None if mode == "auto" else mode
         self._templates: dict[str, str] = {}  # rendered server templates, by request
@@ -642,6 +650,13 @@ class OpenAIBackend:
         return self._resolved_mode
 
     # ------------------------------------------------------------------ prompts
+    def local_tokenizer(self) -> Any:
+        """The tokenizer given as ``tokenizer=`` (loaded offline), else ``None``: the server's
+        own tokenizer is not read here."""
+        if self._tokenizer is None and self._tokenizer_source in (None, "server"):
+            return None
+        return self._local_tokenizer()
+
     def _local_tokenizer(self) -> Any:
         if self._tokenizer is None:
             source = self._tokenizer_source

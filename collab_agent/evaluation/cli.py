@@ -12,6 +12,7 @@ from typing import Annotated, Any
 
 import typer
 
+from collab_agent import defaults
 from collab_agent.cli_options import (
     JsonOption,
     LargeOption,
@@ -68,10 +69,17 @@ def eval_command(
     models: ModelsOption = None,
     small: SmallOption = None,
     large: LargeOption = None,
-    temperature: Annotated[float, typer.Option(help="0 is greedy.")] = 0.0,
-    top_p: Annotated[float, typer.Option(help="Nucleus sampling when temperature > 0.")] = 0.95,
+    temperature: Annotated[float, typer.Option(help="0 is greedy.")] = defaults.TEMPERATURE,
+    top_p: Annotated[
+        float, typer.Option(help="Nucleus sampling when temperature > 0.")
+    ] = defaults.TOP_P,
     seed: Annotated[int | None, typer.Option(help="Base seed; sample i uses seed + i.")] = None,
-    budget: Annotated[int, typer.Option(help="Most reasoning tokens per problem.")] = 1024,
+    budget: Annotated[
+        int | None,
+        typer.Option(
+            help="Most reasoning tokens per problem (default: 1024, capped to the context)."
+        ),
+    ] = None,
     max_steps: Annotated[int, typer.Option(help="Most reasoning steps per problem.")] = 48,
     step_max_tokens: Annotated[int, typer.Option(help="Most tokens of one step.")] = 256,
     answer_max_tokens: Annotated[int, typer.Option(help="Most tokens of the answer.")] = 48,
@@ -80,7 +88,7 @@ def eval_command(
         typer.Option(
             help="TrigReason's priming steps (paper: 20; these short-step instruct models need 1-2)."
         ),
-    ] = 1,
+    ] = defaults.PRIMING_STEPS,
     rho: Annotated[
         float | None, typer.Option(help="TrigReason's cognitive-offload rho (default 0.85).")
     ] = None,
