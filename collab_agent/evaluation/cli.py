@@ -20,6 +20,7 @@ from collab_agent.cli_options import (
     SmallOption,
     ThreadsOption,
 )
+from collab_agent.errors import ConfigError
 
 DEFAULT_POLICIES = "small-only,large-only,specreason,trigreason"
 
@@ -61,7 +62,10 @@ def eval_command(
     concurrency: Annotated[int, typer.Option(help="Most runs at once.")] = 1,
     out: Annotated[
         Path | None,
-        typer.Option(help="Output folder (records.jsonl, summary.json, plot); resumable."),
+        typer.Option(
+            help="Output folder (records.jsonl, summary.json, plot); resumable. Default: a new "
+            "runs/eval-DATA-TIMESTAMP folder (runs/ is ignored by git)."
+        ),
     ] = None,
     fresh: Annotated[
         bool, typer.Option("--fresh", help="Discard earlier results in --out instead of resuming.")
@@ -130,7 +134,9 @@ def eval_command(
     if rho is not None:
         trig["rho"] = rho
     options = {"trigreason": trig, "specreason": {"threshold": threshold, "score": score}}
-    out_dir = out if out is not None else Path("collab-eval") / data_path.stem
+    if out is None and report_only:
+        raise ConfigError("--out", "--report-only summarises an earlier run: give its folder")
+    out_dir = out if out is not None else default_out(data_path.stem)
     from collab_agent.evaluation.sweep import expand_sweeps, parse_sweep
 
     swept = expand_sweeps([parse_sweep(s) for s in sweep or ()], options)
@@ -158,6 +164,9 @@ def eval_command(
 
     from collab_agent.backends.specs import resolve_pair
     from collab_agent.cli import load_pair
+    from collab_agent.evaluation.runner import resolve_policies
+
+    resolve_policies([*names, *swept.values()], options)  # a bad name fails before any load
 
     small_spec, large_spec = resolve_pair(models, small, large)
     small_backend, large_backend = load_pair(
@@ -210,6 +219,13 @@ def eval_command(
     print(markdown_table(report.summary))
     _print_oracle(out_dir)
     stderr.print(f"records, summary and plot in {out_dir} ({PLOT_FILE}); {report.ran} run(s) now")
+
+
+def default_out(data: str) -> Path:
+    """A new folder under ``runs/`` for one evaluation: ``runs/eval-DATA-YYYYmmdd-HHMMSS``."""
+    import time
+
+    return Path("runs") / f"eval-{data}-{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}"
 
 
 def _print_oracle(out_dir: Path) -> None:
