@@ -76,6 +76,7 @@ from collab_agent.limits import map_limited
 from collab_agent.policies.base import Policy
 from collab_agent.prompting import FORMATS, STEPWISE_INSTRUCTION, ReasoningFormat
 from collab_agent.reasoner import AnswerEvent, Reasoner, StepEvent
+from collab_agent.structured import METHODS, check_response_format, response_format_for
 from collab_agent.trace import Trace
 
 __all__ = ["CollabChatModel"]
@@ -136,8 +137,16 @@ _CALL_OPTIONS = {
     "conversation_id",
     "stream",
     "ls_structured_output_format",
+    "response_format",
+    "max_completion_tokens",
+    "strict",
+    "logprobs",
+    "top_logprobs",
 }
-"""Keyword arguments a call (``invoke(..., **kwargs)`` or ``bind(...)``) may carry."""
+"""Keyword arguments a call (``invoke(..., **kwargs)`` or ``bind(...)``) may carry: ours and
+those of `ChatOpenAI` that mean something here (``max_completion_tokens`` is ``max_tokens``;
+``strict`` is accepted, as every tool call is checked against its schema anyway;
+``response_format`` constrains the answer's decoding; ``logprobs`` only when false)."""
 
 
 # ============================================================================ LangChain -> dicts
@@ -747,6 +756,65 @@ class CollabChatModel(BaseChatModel):
         choice = _tool_choice(tool_choice, formatted)
         return super().bind(tools=formatted, tool_choice=choice.as_kwarg(), **kwargs)
 
+    def with_structured_output(  # type: ignore[override]
+        self,
+        schema: Any = None,
+        *,
+        method: Literal["function_calling", "json_schema", "json_mode"] = "function_calling",
+        include_raw: bool = False,
+        strict: bool | None = None,
+        **kwargs: Any,
+    ) -> Runnable[LanguageModelInput, Any]:
+        """The answer as ``schema`` (a pydantic object, else a dict), as `ChatOpenAI` does.
+
+        Args:
+            schema: a pydantic class, a TypedDict or a JSON schema (``None`` with json_mode).
+            method: ``"function_calling"`` (a forced tool call, parsed), ``"json_schema"``
+                (the answer decoded under the schema by the engine's constrained decoding)
+                or ``"json_mode"`` (decoded as any JSON object).
+            include_raw: return ``{"raw", "parsed", "parsing_error"}`` instead.
+            strict: accepted; tool calls are always checked against their schema.
+
+        Raises:
+            ConfigError: an unknown method, or json_schema without a schema.
+            CapabilityError: (at the call) json_schema / json_mode on a model without
+                constrained decoding (a local transformers backend); never silently a tool call.
+        """
+        if method not in METHODS:
+            raise ConfigError("method", f"must be one of {list(METHODS)}, got {method!r}")
+        if method == "function_calling":
+            if schema is None:
+                raise ConfigError("schema", "method='function_calling' needs a schema")
+            return super().with_structured_output(schema, include_raw=include_raw, **kwargs)
+        if kwargs:
+            raise ConfigError(sorted(kwargs)[0], "is not an argument of with_structured_output")
+        from langchain_core.output_parsers import JsonOutputParser, PydanticOutputParser
+        from langchain_core.runnables import RunnableMap, RunnablePassthrough
+        from pydantic import BaseModel
+
+        response_format = response_format_for(schema, method, strict)
+        bound = self.bind(
+            response_format=response_format,
+            ls_structured_output_format={
+                "kwargs": {"method": method, "strict": strict},
+                "schema": response_format.get("json_schema", {}).get("schema"),
+            },
+        )
+        parser: Runnable[Any, Any]
+        if isinstance(schema, type) and issubclass(schema, BaseModel):
+            parser = PydanticOutputParser(pydantic_object=schema)
+        else:
+            parser = JsonOutputParser()
+        if not include_raw:
+            return bound | parser
+        parsed = RunnablePassthrough.assign(
+            parsed=lambda x: parser.invoke(x["raw"]), parsing_error=lambda _: None
+        )
+        failed = RunnablePassthrough.assign(parsed=lambda _: None)
+        return RunnableMap(raw=bound) | parsed.with_fallbacks(
+            [failed], exception_key="parsing_error"
+        )
+
     # ------------------------------------------------------------------ token counts
     def _tokenizers(self) -> list[Any]:
         """Each model's own tokenizer, read offline (a spec string loads no weights and starts
@@ -817,6 +885,20 @@ class CollabChatModel(BaseChatModel):
         if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
             raise ConfigError("seed", f"must be an integer or None, got {seed!r}")
         max_tokens = kwargs.get("max_tokens", self.max_tokens)
+        if kwargs.get("max_completion_tokens") is not None:
+            if kwargs.get("max_tokens") not in (None, kwargs["max_completion_tokens"]):
+                raise ConfigError(
+                    "max_completion_tokens", "and max_tokens disagree; give one of them"
+                )
+            max_tokens = kwargs["max_completion_tokens"]
+        if kwargs.get("logprobs") or kwargs.get("top_logprobs"):
+            raise ConfigError(
+                "logprobs",
+                "the answer's token logprobs are not returned (two models write the text); "
+                "each step's logprob summary is in response_metadata['collab']['steps']",
+            )
+        if kwargs.get("strict") is not None and not isinstance(kwargs["strict"], bool):
+            raise ConfigError("strict", f"must be True, False or None, got {kwargs['strict']!r}")
         if max_tokens is None:
             max_tokens = defaults.ANSWER_MAX_TOKENS
         _checks.positive_int("max_tokens", max_tokens)
@@ -830,6 +912,7 @@ class CollabChatModel(BaseChatModel):
             "answer_max_tokens": max_tokens,
             "on_large_unavailable": self.on_large_unavailable,
             "breaker": self.circuit_breaker,
+            "response_format": check_response_format(kwargs.get("response_format")),
         }
         return _Call(
             messages=converted,

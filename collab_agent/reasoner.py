@@ -11,7 +11,7 @@ from __future__ import annotations
 import time
 import uuid
 from collections.abc import AsyncIterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
 import anyio
@@ -32,6 +32,7 @@ from collab_agent.policies.base import Policy
 from collab_agent.policies.trigreason import TrigReason
 from collab_agent.prompting import STEPWISE, ReasoningFormat, validate_messages
 from collab_agent.session import Session
+from collab_agent.structured import require_constraint
 from collab_agent.trace import Firing, Step, Trace
 
 
@@ -88,6 +89,9 @@ class Reasoner:
         deadline: ``time.monotonic()`` by which the whole call must end (``None``: no limit). In
             degrade mode a large call may use at most half the time left, so the small model
             still has time to write the step.
+        response_format: OpenAI's ``json_object`` / ``json_schema`` format: the answer is
+            always generated (never kept from the reasoning) under the backend's constrained
+            decoding; a backend without it raises `CapabilityError` here, before any call.
     """
 
     small: Backend
@@ -105,6 +109,7 @@ class Reasoner:
     release_on_finish: bool = True
     breaker: CircuitBreaker | None = field(default_factory=CircuitBreaker)
     deadline: float | None = None
+    response_format: Mapping[str, Any] | None = None
 
     def __post_init__(self) -> None:
         for name in ("budget", "max_steps", "step_max_tokens", "answer_max_tokens"):
@@ -120,6 +125,9 @@ class Reasoner:
         for role in ("small", "large"):
             if not callable(getattr(getattr(self, role), "generate", None)):
                 raise ConfigError(role, "must be a Backend with an async generate(request) method")
+        if self.response_format is not None:  # before any model runs, not at the answer
+            for role in ("small", "large"):
+                require_constraint(getattr(self, role), self.response_format, role)
         for trigger in self.policy.triggers:
             check = getattr(trigger, "check", None)
             if callable(check):  # a trigger that needs a capability says so now, not mid-run
@@ -316,7 +324,7 @@ class Reasoner:
             and not trace.answer_truncated  # cut off by the step's token limit: write it whole
             and not self.format.close  # a <think> model's answer follows in further paragraphs
         )
-        if keep:
+        if keep and self.response_format is None:  # a constrained answer is always generated
             return AnswerEvent(trace.answer, role, trace, raw_text=trace.answer)
         reasoning = self._prefix(trace)
         if trace.stop_reason == "answer" and self.format.close and trace.answer_author == role:
@@ -326,6 +334,8 @@ class Reasoner:
         request = session.request(
             prefix, stop=(), max_tokens=self.answer_max_tokens, purpose="answer"
         )
+        if self.response_format is not None:
+            request = replace(request, response_format=self.response_format)
         generation, role, why = await self._generate_request(session, role, request)
         if why is not None:
             trace.degraded_steps += 1

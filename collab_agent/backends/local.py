@@ -442,7 +442,16 @@ class TransformersBackend:
         return conversation_id in self._store
 
     async def generate(self, request: GenerateRequest) -> Generation:
-        """Continue ``request.reasoning`` until a stop string, end of turn or ``max_tokens``."""
+        """Continue ``request.reasoning`` until a stop string, end of turn or ``max_tokens``.
+
+        Raises:
+            CapabilityError: ``request.response_format`` is set: this backend has no
+                constrained decoding (no maintained grammar library is a dependency).
+        """
+        if request.response_format is not None:
+            from collab_agent.structured import missing_constraint
+
+            raise missing_constraint(self.name, request.response_format)
         return await self._in_worker(self._generate_sync, request)
 
     async def score(self, request: GenerateRequest, continuation: str) -> list[float]:

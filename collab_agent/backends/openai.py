@@ -715,6 +715,28 @@ class OpenAIBackend:
             body["stop"] = list(request.stop)
         return body
 
+    def constrains(self, response_format: Mapping[str, Any]) -> bool:
+        """Whether the server enforces ``response_format`` while decoding: llama.cpp (its
+        ``json_schema`` grammar), vLLM and SGLang (guided decoding) and hosted OpenAI-style
+        APIs (``response_format`` on chat); llama-cpp-python's completions do not."""
+        dialect = self.server.dialect if self.server else None
+        return dialect != "llama-cpp-python"
+
+    def _constrain(self, body: dict[str, Any], request: GenerateRequest, mode: str | None) -> None:
+        """Put ``request.response_format`` into the request body in the server's own terms."""
+        rf = request.response_format
+        if rf is None:
+            return
+        from collab_agent.structured import llamacpp_schema, missing_constraint
+
+        if not self.constrains(rf):
+            raise missing_constraint(self.name, rf)
+        dialect = self.server.dialect if self.server else None
+        if dialect == "llama.cpp":
+            body["json_schema"] = llamacpp_schema(rf)
+        else:
+            body["response_format"] = dict(rf)
+
     def _wants_logprobs(self, request: GenerateRequest) -> bool:
         """Logprobs are also asked for internally where they tell a stop string from EOS."""
         if request.logprobs or request.top_logprobs:
@@ -738,6 +760,7 @@ class OpenAIBackend:
         if mode == "completions":
             body = self._sampling(request)
             body["prompt"] = await self._prompt(request)
+            self._constrain(body, request, mode)
             if want_logprobs:
                 body["logprobs"] = max(1, request.top_logprobs)
             data = await self._post("/completions", body, "completion")
@@ -764,6 +787,7 @@ class OpenAIBackend:
                     body["continue_final_message"] = True
                     body["add_generation_prompt"] = False
             body["messages"] = messages
+            self._constrain(body, request, mode)
             if request.tools:
                 body["tools"] = [dict(t) for t in request.tools]
             if want_logprobs:
