@@ -55,10 +55,25 @@ def response_format_for(schema: Any, method: str, strict: bool | None) -> dict[s
         raise ConfigError("schema", "method='json_schema' needs a schema (or use 'json_mode')")
     body = schema_of(schema)
     name = str(body.get("title") or getattr(schema, "__name__", None) or "answer")
+    if strict:
+        body = closed(body)
     spec: dict[str, Any] = {"name": name, "schema": body}
     if strict is not None:
         spec["strict"] = bool(strict)
     return {"type": "json_schema", "json_schema": spec}
+
+
+def closed(schema: Any) -> Any:
+    """``schema`` with ``additionalProperties: false`` on every object, as OpenAI's strict mode
+    requires: a grammar built from it then admits no key the schema does not name."""
+    if isinstance(schema, Mapping):
+        out = {key: closed(value) for key, value in schema.items()}
+        if out.get("type") == "object" or "properties" in out:
+            out.setdefault("additionalProperties", False)
+        return out
+    if isinstance(schema, list):
+        return [closed(item) for item in schema]
+    return schema
 
 
 def check_response_format(value: Any) -> dict[str, Any] | None:
