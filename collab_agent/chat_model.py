@@ -65,6 +65,7 @@ from collab_agent.backends.specs import LARGE_BUNDLED, SMALL_BUNDLED
 from collab_agent.backends.tokens import backend_tokenizer, prompt_tokens, text_tokens
 from collab_agent.backends.toolcalls import parse_tool_calls
 from collab_agent.breaker import CircuitBreaker
+from collab_agent.callbacks import traced
 from collab_agent.errors import (
     CallTimeoutError,
     CapabilityError,
@@ -961,14 +962,20 @@ class CollabChatModel(BaseChatModel):
 
     # ------------------------------------------------------------------ events -> chunks
     async def _stream_events(
-        self, messages: list[BaseMessage], stop: list[str] | None, kwargs: Mapping[str, Any]
+        self,
+        messages: list[BaseMessage],
+        stop: list[str] | None,
+        kwargs: Mapping[str, Any],
+        run_manager: Any = None,
     ) -> AsyncIterator[ChatGenerationChunk]:
-        """The whole call as chunks: one per reasoning step, the answer, then the metadata."""
+        """The whole call as chunks: one per reasoning step, the answer, then the metadata.
+        With a ``run_manager``, every model call is a child run of this call's run."""
         call = self._prepare(messages, stop, kwargs)
         deadline = None if self.timeout is None else time.monotonic() + self.timeout
         small, large = await anyio.to_thread.run_sync(
             lambda: (self._backend("small"), self._backend("large"))
         )
+        small, large = traced(small, "small", run_manager), traced(large, "large", run_manager)
         reasoner = Reasoner(small=small, large=large, deadline=deadline, **call.reasoner_fields)
         events = reasoner.stream(
             call.messages, conversation_id=call.conversation_id, tools=call.tools
@@ -1106,7 +1113,9 @@ class CollabChatModel(BaseChatModel):
         **kwargs: Any,
     ) -> Iterator[ChatGenerationChunk]:
         # The base class fires on_llm_new_token for every chunk yielded here.
-        yield from _portal.iterate_sync(lambda: self._stream_events(messages, stop, kwargs))
+        yield from _portal.iterate_sync(
+            lambda: self._stream_events(messages, stop, kwargs, run_manager)
+        )
 
     async def _astream(
         self,
@@ -1116,7 +1125,7 @@ class CollabChatModel(BaseChatModel):
         **kwargs: Any,
     ) -> AsyncIterator[ChatGenerationChunk]:
         # The base class fires on_llm_new_token for every chunk yielded here.
-        async for chunk in self._stream_events(messages, stop, kwargs):
+        async for chunk in self._stream_events(messages, stop, kwargs, run_manager):
             yield chunk
 
     def _generate(
@@ -1127,7 +1136,9 @@ class CollabChatModel(BaseChatModel):
         **kwargs: Any,
     ) -> ChatResult:
         chunks: list[ChatGenerationChunk] = []
-        for chunk in _portal.iterate_sync(lambda: self._stream_events(messages, stop, kwargs)):
+        for chunk in _portal.iterate_sync(
+            lambda: self._stream_events(messages, stop, kwargs, run_manager)
+        ):
             if run_manager:
                 run_manager.on_llm_new_token(chunk.text, chunk=chunk)
             chunks.append(chunk)
@@ -1141,7 +1152,7 @@ class CollabChatModel(BaseChatModel):
         **kwargs: Any,
     ) -> ChatResult:
         chunks: list[ChatGenerationChunk] = []
-        async for chunk in self._stream_events(messages, stop, kwargs):
+        async for chunk in self._stream_events(messages, stop, kwargs, run_manager):
             if run_manager:
                 await run_manager.on_llm_new_token(chunk.text, chunk=chunk)
             chunks.append(chunk)
