@@ -57,3 +57,21 @@ async def test_with_structured_output_json_schema_and_json_mode_on_llamacpp(
         "What is 6 * 7? Answer in JSON."
     )
     assert isinstance(loose, dict)
+
+
+async def test_a_managed_llamacpp_backend_constrains_without_probing_the_server(
+    smol_server: LlamaCppServer,
+) -> None:
+    from collab_agent.backends.llamacpp import LlamaCppBackend
+
+    backend = LlamaCppBackend(str(smol_server.model_path), server=smol_server)
+    try:
+        model = CollabChatModel(
+            small=backend, large=backend, policy=SmallOnly(), reasoning_budget=8, max_tokens=32
+        )
+        parsed = await model.with_structured_output(
+            Answer, method="json_schema", strict=True
+        ).ainvoke("Tell me a joke about cats.")
+        assert isinstance(parsed, Answer)
+    finally:
+        await backend.aclose()

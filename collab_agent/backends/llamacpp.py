@@ -370,6 +370,7 @@ class LlamaCppBackend(OpenAIBackend):
             raise
         self.llama_server = server
         self._owns_server = own
+        self.known_dialect = "llama.cpp"  # with mode="completions" it is never probed
         self._model_source = (
             str(model) if str(model).startswith("bundled:") else str(server.model_path)
         )

@@ -421,6 +421,7 @@ class OpenAIBackend:
         self.name = name or f"{model}@{parts.hostname}{f':{parts.port}' if parts.port else ''}"
         self.server: ServerInfo | None = None
         self._tokenizer_source = tokenizer
+        self.known_dialect: str | None = None  # a subclass that starts its server knows it
         self.context_window: int | None = (
             None
             if context_window is None
@@ -719,8 +720,11 @@ class OpenAIBackend:
         """Whether the server enforces ``response_format`` while decoding: llama.cpp (its
         ``json_schema`` grammar), vLLM and SGLang (guided decoding) and hosted OpenAI-style
         APIs (``response_format`` on chat); llama-cpp-python's completions do not."""
-        dialect = self.server.dialect if self.server else None
-        return dialect != "llama-cpp-python"
+        return self._dialect() != "llama-cpp-python"
+
+    def _dialect(self) -> str | None:
+        """The server's dialect once probed, else what the backend knows of its server."""
+        return self.server.dialect if self.server else self.known_dialect
 
     def _constrain(self, body: dict[str, Any], request: GenerateRequest, mode: str | None) -> None:
         """Put ``request.response_format`` into the request body in the server's own terms."""
@@ -731,8 +735,7 @@ class OpenAIBackend:
 
         if not self.constrains(rf):
             raise missing_constraint(self.name, rf)
-        dialect = self.server.dialect if self.server else None
-        if dialect == "llama.cpp":
+        if self._dialect() == "llama.cpp":
             body["json_schema"] = llamacpp_schema(rf)
         else:
             body["response_format"] = dict(rf)
