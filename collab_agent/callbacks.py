@@ -22,21 +22,18 @@ from langchain_core.callbacks import (
     BaseCallbackManager,
     CallbackManager,
 )
-from langchain_core.messages import AIMessage, BaseMessage, HumanMessage, convert_to_messages
+from langchain_core.messages import AIMessage
 from langchain_core.outputs import ChatGeneration, LLMResult
 
 from collab_agent.backends.base import Backend, GenerateRequest, Generation
 
 
-def _messages(request: GenerateRequest) -> list[BaseMessage]:
-    """The request as LangChain messages; the partial reasoning it continues comes last."""
-    try:
-        messages = convert_to_messages([dict(m) for m in request.messages])
-    except Exception:  # a message LangChain cannot rebuild: show its text
-        messages = [HumanMessage(str(m.get("content", ""))) for m in request.messages]
+def _prompt(request: GenerateRequest) -> str:
+    """The request as text: each message as ``role: content``, then the reasoning it continues."""
+    lines = [f"{m.get('role', 'user')}: {m.get('content') or ''}" for m in request.messages]
     if request.reasoning:
-        messages.append(AIMessage(request.reasoning))
-    return messages
+        lines.append(f"assistant (continued): {request.reasoning}")
+    return "\n\n".join(lines)
 
 
 def _result(backend: Backend, generation: Generation) -> LLMResult:
@@ -84,7 +81,7 @@ class TracedBackend:
                 "purpose": request.purpose,
                 "ls_model_name": self.backend.name,
                 "ls_provider": "collab-agent",
-                "ls_model_type": "chat",
+                "ls_model_type": "llm",
                 "ls_temperature": request.sampling.temperature,
                 "ls_max_tokens": request.max_tokens,
             },
@@ -100,9 +97,9 @@ class TracedBackend:
             },
         }
         serialized = {"name": self.backend.name}
-        messages = [_messages(request)]
+        prompts = [_prompt(request)]
         if isinstance(manager, AsyncCallbackManager):
-            (run,) = await manager.on_chat_model_start(serialized, messages, **options)
+            (run,) = await manager.on_llm_start(serialized, prompts, **options)
             try:
                 generation = await self.backend.generate(request)
             except BaseException as error:
@@ -110,7 +107,7 @@ class TracedBackend:
                 raise
             await run.on_llm_end(_result(self.backend, generation))
             return generation
-        (sync_run,) = manager.on_chat_model_start(serialized, messages, **options)  # type: ignore[attr-defined]
+        (sync_run,) = manager.on_llm_start(serialized, prompts, **options)  # type: ignore[attr-defined]
         try:
             generation = await self.backend.generate(request)
         except BaseException as error:

@@ -50,7 +50,7 @@ from langchain_core.messages.utils import message_chunk_to_message
 from langchain_core.outputs import ChatGeneration, ChatGenerationChunk, ChatResult
 from langchain_core.runnables import Runnable
 from langchain_core.runnables.config import get_config_list
-from langchain_core.utils.function_calling import convert_to_openai_tool
+from langchain_core.utils.function_calling import convert_to_json_schema, convert_to_openai_tool
 from pydantic import Field, PrivateAttr, SecretStr, ValidationError, field_validator
 
 from collab_agent import _checks, _portal, defaults
@@ -798,7 +798,7 @@ class CollabChatModel(BaseChatModel):
             response_format=response_format,
             ls_structured_output_format={
                 "kwargs": {"method": method, "strict": strict},
-                "schema": response_format.get("json_schema", {}).get("schema"),
+                "schema": None if schema is None else convert_to_json_schema(schema),
             },
         )
         parser: Runnable[Any, Any]

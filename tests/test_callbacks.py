@@ -71,6 +71,24 @@ async def test_ainvoke_reports_them_to_an_async_tracer_too() -> None:
     assert children(root) == EXPECTED
 
 
+def test_the_chat_model_is_still_one_chat_model_run_for_handlers_that_count_them() -> None:
+    from langchain_core.callbacks import BaseCallbackHandler
+
+    class Count(BaseCallbackHandler):
+        def __init__(self) -> None:
+            self.chat, self.llm = 0, 0
+
+        def on_chat_model_start(self, *args: Any, **kwargs: Any) -> None:
+            self.chat += 1
+
+        def on_llm_start(self, *args: Any, **kwargs: Any) -> None:
+            self.llm += 1
+
+    counter = Count()
+    model().invoke("What is 6 * 7?", config={"callbacks": [counter]})
+    assert (counter.chat, counter.llm) == (1, 4)
+
+
 def test_a_failed_model_call_is_a_child_run_with_its_error() -> None:
     tracer = Capture()
     broken = CollabChatModel(
