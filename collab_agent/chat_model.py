@@ -791,7 +791,7 @@ class CollabChatModel(BaseChatModel):
             raise ConfigError(sorted(kwargs)[0], "is not an argument of with_structured_output")
         from langchain_core.output_parsers import JsonOutputParser, PydanticOutputParser
         from langchain_core.runnables import RunnableMap, RunnablePassthrough
-        from pydantic import BaseModel
+        from langchain_core.utils.pydantic import is_basemodel_subclass
 
         response_format = response_format_for(schema, method, strict)
         bound = self.bind(
@@ -802,7 +802,7 @@ class CollabChatModel(BaseChatModel):
             },
         )
         parser: Runnable[Any, Any]
-        if isinstance(schema, type) and issubclass(schema, BaseModel):
+        if is_basemodel_subclass(schema):  # pydantic 2, or pydantic.v1
             parser = PydanticOutputParser(pydantic_object=schema)
         else:
             parser = JsonOutputParser()

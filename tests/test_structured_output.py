@@ -92,3 +92,13 @@ def test_options_that_mean_nothing_here_say_so() -> None:
         model.invoke("6*7?", logprobs=True)
     with pytest.raises(ConfigError, match="max_completion_tokens: and max_tokens disagree"):
         model.invoke("6*7?", max_tokens=5, max_completion_tokens=7)
+
+
+def test_a_pydantic_v1_schema_is_parsed_into_its_class() -> None:
+    from pydantic import v1
+
+    class Old(v1.BaseModel):
+        product: int
+
+    model, _ = scripted("Final answer: 42", '{"product": 42}')
+    assert model.with_structured_output(Old, method="json_schema").invoke("6*7?") == Old(product=42)
