@@ -1,4 +1,11 @@
-"""collab-agent: a small reasoning model thinks, a large one steps in when a trigger fires."""
+"""collab-agent: a small reasoning model thinks, a large one steps in when a trigger fires.
+
+Everything a user needs is importable from here. Names that pull in langchain, torch or
+transformers are exported on first use (``import collab_agent`` loads none of them); the
+``TYPE_CHECKING`` imports below give type checkers their real types.
+"""
+
+from typing import TYPE_CHECKING
 
 from collab_agent.backends.base import (
     GREEDY,
@@ -8,6 +15,7 @@ from collab_agent.backends.base import (
     Role,
     Sampling,
 )
+from collab_agent.backends.specs import PRESETS, load_backend
 from collab_agent.errors import (
     BackendError,
     BackendUnavailableError,
@@ -18,34 +26,70 @@ from collab_agent.errors import (
     InvalidMessagesError,
     ModelNotInstalledError,
 )
+from collab_agent.policies import (
+    BaseTrigger,
+    CognitiveOffload,
+    Handoff,
+    InterventionRequest,
+    LargeOnly,
+    Policy,
+    Reject,
+    SmallOnly,
+    SpecReason,
+    StrategicPriming,
+    Trigger,
+    TrigReason,
+)
+from collab_agent.testing import ScriptedBackend, ScriptedStep
 from collab_agent.trace import Firing, Step, Trace, Usage
+
+if TYPE_CHECKING:
+    from collab_agent.backends.local import TransformersBackend
+    from collab_agent.backends.openai import OpenAIBackend
+    from collab_agent.breaker import CircuitBreaker
+    from collab_agent.cache import SmallKV
+    from collab_agent.chat_model import CollabChatModel
+    from collab_agent.reasoner import Reasoner
 
 __all__ = [
     "GREEDY",
+    "PRESETS",
     "Backend",
     "BackendError",
     "BackendUnavailableError",
+    "BaseTrigger",
     "CallTimeoutError",
     "CapabilityError",
     "CircuitBreaker",
+    "CognitiveOffload",
     "CollabChatModel",
     "CollabError",
     "ConfigError",
     "Firing",
     "GenerateRequest",
     "Generation",
+    "Handoff",
+    "InterventionRequest",
     "InvalidMessagesError",
+    "LargeOnly",
     "ModelNotInstalledError",
     "OpenAIBackend",
+    "Policy",
     "Reasoner",
+    "Reject",
     "Role",
     "Sampling",
+    "ScriptedBackend",
+    "ScriptedStep",
     "SmallKV",
+    "SmallOnly",
     "SpecReason",
     "Step",
+    "StrategicPriming",
     "Trace",
     "TransformersBackend",
     "TrigReason",
+    "Trigger",
     "Usage",
     "load_backend",
 ]
@@ -57,12 +101,10 @@ _LAZY = {
     "CircuitBreaker": "collab_agent.breaker",
     "TransformersBackend": "collab_agent.backends.local",
     "OpenAIBackend": "collab_agent.backends.openai",
-    "load_backend": "collab_agent.backends.specs",
-    "TrigReason": "collab_agent.policies",
-    "SpecReason": "collab_agent.policies.specreason",
     "SmallKV": "collab_agent.cache",
 }
-"""Exported on first use, so ``import collab_agent`` loads neither langchain nor torch."""
+"""Exported on first use, so ``import collab_agent`` loads neither langchain nor torch; each
+name is also imported under ``TYPE_CHECKING`` above."""
 
 
 def __getattr__(name: str) -> object:

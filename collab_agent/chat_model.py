@@ -50,10 +50,10 @@ from langchain_core.messages.utils import message_chunk_to_message
 from langchain_core.outputs import ChatGeneration, ChatGenerationChunk, ChatResult
 from langchain_core.runnables import Runnable
 from langchain_core.runnables.config import get_config_list
-from langchain_core.utils.function_calling import convert_to_openai_tool
+from langchain_core.utils.function_calling import convert_to_json_schema, convert_to_openai_tool
 from pydantic import Field, PrivateAttr, SecretStr, ValidationError, field_validator
 
-from collab_agent import _checks, _portal
+from collab_agent import _checks, _portal, defaults
 from collab_agent.backends.base import (
     Backend,
     GenerateRequest,
@@ -62,13 +62,22 @@ from collab_agent.backends.base import (
     release_conversation,
 )
 from collab_agent.backends.specs import LARGE_BUNDLED, SMALL_BUNDLED
+from collab_agent.backends.tokens import backend_tokenizer, prompt_tokens, text_tokens
 from collab_agent.backends.toolcalls import parse_tool_calls
 from collab_agent.breaker import CircuitBreaker
-from collab_agent.errors import CallTimeoutError, CollabError, ConfigError, InvalidMessagesError
+from collab_agent.callbacks import traced
+from collab_agent.errors import (
+    CallTimeoutError,
+    CapabilityError,
+    CollabError,
+    ConfigError,
+    InvalidMessagesError,
+)
 from collab_agent.limits import map_limited
 from collab_agent.policies.base import Policy
 from collab_agent.prompting import FORMATS, STEPWISE_INSTRUCTION, ReasoningFormat
 from collab_agent.reasoner import AnswerEvent, Reasoner, StepEvent
+from collab_agent.structured import METHODS, check_response_format, response_format_for
 from collab_agent.trace import Trace
 
 __all__ = ["CollabChatModel"]
@@ -129,8 +138,16 @@ _CALL_OPTIONS = {
     "conversation_id",
     "stream",
     "ls_structured_output_format",
+    "response_format",
+    "max_completion_tokens",
+    "strict",
+    "logprobs",
+    "top_logprobs",
 }
-"""Keyword arguments a call (``invoke(..., **kwargs)`` or ``bind(...)``) may carry."""
+"""Keyword arguments a call (``invoke(..., **kwargs)`` or ``bind(...)``) may carry: ours and
+those of `ChatOpenAI` that mean something here (``max_completion_tokens`` is ``max_tokens``;
+``strict`` is accepted, as every tool call is checked against its schema anyway;
+``response_format`` constrains the answer's decoding; ``logprobs`` only when false)."""
 
 
 # ============================================================================ LangChain -> dicts
@@ -414,18 +431,18 @@ class CollabChatModel(BaseChatModel):
     policy: Any = Field(default=None, validate_default=True)
     """Who writes each step: a `Policy` (``TrigReason()``, ``SmallOnly()``, ``LargeOnly()``, a
     custom one) or a registry name (``"trigreason"``, ``"small-only"``; ``"module:factory"`` with
-    ``allow_code_policies=True``). ``None`` means ``TrigReason()`` with the paper's settings (20
-    priming steps)."""
+    ``allow_code_policies=True``). ``None`` means ``TrigReason()`` (the paper's thresholds,
+    `collab_agent.defaults` priming)."""
 
     reasoning_format: Any = Field(default="stepwise", validate_default=True)
     """How reasoning is laid out: ``"stepwise"`` (instruct models: blank-line steps and a
     ``Final answer:`` line), ``"think"`` (``<think>`` models) or a `ReasoningFormat`."""
 
-    temperature: float = 0.6
-    """Sampling temperature of every step and the answer (paper: 0.6); 0 is greedy."""
+    temperature: float = defaults.TEMPERATURE
+    """Sampling temperature of every step and the answer; 0 (default) is greedy (paper: 0.6)."""
 
-    top_p: float = 0.95
-    """Nucleus sampling mass (paper: 0.95)."""
+    top_p: float = defaults.TOP_P
+    """Nucleus sampling mass when the temperature is above 0 (paper: 0.95)."""
 
     seed: int | None = None
     """Sampling seed, for backends that honour one."""
@@ -433,13 +450,15 @@ class CollabChatModel(BaseChatModel):
     max_tokens: int | None = None
     """Most tokens of the answer (``None``: 1024). Reasoning has its own ``reasoning_budget``."""
 
-    reasoning_budget: int = 8192
-    """Most reasoning tokens of accepted steps (paper: 8192)."""
+    reasoning_budget: int | None = None
+    """Most reasoning tokens of accepted steps (paper: 8192). ``None``: 1024, capped to what
+    each model's context leaves after the prompt and the answer; an explicit budget that cannot
+    fit raises `ContextLengthError` before any model runs."""
 
-    max_steps: int = 256
+    max_steps: int = defaults.MAX_STEPS
     """Most reasoning steps."""
 
-    step_max_tokens: int = 512
+    step_max_tokens: int = defaults.STEP_MAX_TOKENS
     """Most tokens of one reasoning step."""
 
     stop: list[str] | None = None
@@ -738,6 +757,98 @@ class CollabChatModel(BaseChatModel):
         choice = _tool_choice(tool_choice, formatted)
         return super().bind(tools=formatted, tool_choice=choice.as_kwarg(), **kwargs)
 
+    def with_structured_output(  # type: ignore[override]
+        self,
+        schema: Any = None,
+        *,
+        method: Literal["function_calling", "json_schema", "json_mode"] = "function_calling",
+        include_raw: bool = False,
+        strict: bool | None = None,
+        **kwargs: Any,
+    ) -> Runnable[LanguageModelInput, Any]:
+        """The answer as ``schema`` (a pydantic object, else a dict), as `ChatOpenAI` does.
+
+        Args:
+            schema: a pydantic class, a TypedDict or a JSON schema (``None`` with json_mode).
+            method: ``"function_calling"`` (a forced tool call, parsed), ``"json_schema"``
+                (the answer decoded under the schema by the engine's constrained decoding)
+                or ``"json_mode"`` (decoded as any JSON object).
+            include_raw: return ``{"raw", "parsed", "parsing_error"}`` instead.
+            strict: accepted; tool calls are always checked against their schema.
+
+        Raises:
+            ConfigError: an unknown method, or json_schema without a schema.
+            CapabilityError: (at the call) json_schema / json_mode on a model without
+                constrained decoding (a local transformers backend); never silently a tool call.
+        """
+        if method not in METHODS:
+            raise ConfigError("method", f"must be one of {list(METHODS)}, got {method!r}")
+        if method == "function_calling":
+            if schema is None:
+                raise ConfigError("schema", "method='function_calling' needs a schema")
+            return super().with_structured_output(schema, include_raw=include_raw, **kwargs)
+        if kwargs:
+            raise ConfigError(sorted(kwargs)[0], "is not an argument of with_structured_output")
+        from langchain_core.output_parsers import JsonOutputParser, PydanticOutputParser
+        from langchain_core.runnables import RunnableMap, RunnablePassthrough
+        from langchain_core.utils.pydantic import is_basemodel_subclass
+
+        response_format = response_format_for(schema, method, strict)
+        bound = self.bind(
+            response_format=response_format,
+            ls_structured_output_format={
+                "kwargs": {"method": method, "strict": strict},
+                "schema": None if schema is None else convert_to_json_schema(schema),
+            },
+        )
+        parser: Runnable[Any, Any]
+        if is_basemodel_subclass(schema):  # pydantic 2, or pydantic.v1
+            parser = PydanticOutputParser(pydantic_object=schema)
+        else:
+            parser = JsonOutputParser()
+        if not include_raw:
+            return bound | parser
+        parsed = RunnablePassthrough.assign(
+            parsed=lambda x: parser.invoke(x["raw"]), parsing_error=lambda _: None
+        )
+        failed = RunnablePassthrough.assign(parsed=lambda _: None)
+        return RunnableMap(raw=bound) | parsed.with_fallbacks(
+            [failed], exception_key="parsing_error"
+        )
+
+    # ------------------------------------------------------------------ token counts
+    def _tokenizers(self) -> list[Any]:
+        """Each model's own tokenizer, read offline (a spec string loads no weights and starts
+        no server); one per distinct tokenizer object."""
+        found: dict[int, Any] = {}
+        for role in ("small", "large"):
+            tokenizer = backend_tokenizer(getattr(self, role))
+            if tokenizer is None:
+                raise CapabilityError(
+                    f"{role}: {_label(getattr(self, role))} knows no tokenizer here; give a "
+                    "spec string, a TransformersBackend, or an OpenAIBackend with tokenizer="
+                )
+            found.setdefault(id(tokenizer), tokenizer)
+        return list(found.values())
+
+    def get_token_ids(self, text: str) -> list[int]:
+        """Token ids of ``text`` by the small model's own tokenizer (offline, no model runs)."""
+        return text_tokens(self._tokenizers()[0], text)
+
+    def get_num_tokens(self, text: str) -> int:
+        """Tokens of ``text``: the larger count of the two models' own tokenizers."""
+        return max(len(text_tokens(t, text)) for t in self._tokenizers())
+
+    def get_num_tokens_from_messages(
+        self, messages: list[BaseMessage], tools: Sequence[Any] | None = None
+    ) -> int:
+        """Tokens of the prompt the models read before reasoning: the messages (and tools) with
+        the reasoning instruction, rendered by each model's chat template with a generation
+        prompt; the larger count of the two models' tokenizers."""
+        converted = self.reasoning_format.messages(_convert_messages(messages))
+        formatted = _convert_tools(tools) if tools else None
+        return max(prompt_tokens(t, converted, formatted) for t in self._tokenizers())
+
     # ------------------------------------------------------------------ fields -> reasoner
     def _policy(self) -> Policy:
         if self.policy is not None:
@@ -775,8 +886,22 @@ class CollabChatModel(BaseChatModel):
         if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
             raise ConfigError("seed", f"must be an integer or None, got {seed!r}")
         max_tokens = kwargs.get("max_tokens", self.max_tokens)
+        if kwargs.get("max_completion_tokens") is not None:
+            if kwargs.get("max_tokens") not in (None, kwargs["max_completion_tokens"]):
+                raise ConfigError(
+                    "max_completion_tokens", "and max_tokens disagree; give one of them"
+                )
+            max_tokens = kwargs["max_completion_tokens"]
+        if kwargs.get("logprobs") or kwargs.get("top_logprobs"):
+            raise ConfigError(
+                "logprobs",
+                "the answer's token logprobs are not returned (two models write the text); "
+                "each step's logprob summary is in response_metadata['collab']['steps']",
+            )
+        if kwargs.get("strict") is not None and not isinstance(kwargs["strict"], bool):
+            raise ConfigError("strict", f"must be True, False or None, got {kwargs['strict']!r}")
         if max_tokens is None:
-            max_tokens = 1024
+            max_tokens = defaults.ANSWER_MAX_TOKENS
         _checks.positive_int("max_tokens", max_tokens)
         reasoner_fields: dict[str, Any] = {
             "policy": policy if policy is not None else self._policy(),
@@ -788,6 +913,7 @@ class CollabChatModel(BaseChatModel):
             "answer_max_tokens": max_tokens,
             "on_large_unavailable": self.on_large_unavailable,
             "breaker": self.circuit_breaker,
+            "response_format": check_response_format(kwargs.get("response_format")),
         }
         return _Call(
             messages=converted,
@@ -836,14 +962,20 @@ class CollabChatModel(BaseChatModel):
 
     # ------------------------------------------------------------------ events -> chunks
     async def _stream_events(
-        self, messages: list[BaseMessage], stop: list[str] | None, kwargs: Mapping[str, Any]
+        self,
+        messages: list[BaseMessage],
+        stop: list[str] | None,
+        kwargs: Mapping[str, Any],
+        run_manager: Any = None,
     ) -> AsyncIterator[ChatGenerationChunk]:
-        """The whole call as chunks: one per reasoning step, the answer, then the metadata."""
+        """The whole call as chunks: one per reasoning step, the answer, then the metadata.
+        With a ``run_manager``, every model call is a child run of this call's run."""
         call = self._prepare(messages, stop, kwargs)
         deadline = None if self.timeout is None else time.monotonic() + self.timeout
         small, large = await anyio.to_thread.run_sync(
             lambda: (self._backend("small"), self._backend("large"))
         )
+        small, large = traced(small, "small", run_manager), traced(large, "large", run_manager)
         reasoner = Reasoner(small=small, large=large, deadline=deadline, **call.reasoner_fields)
         events = reasoner.stream(
             call.messages, conversation_id=call.conversation_id, tools=call.tools
@@ -981,7 +1113,9 @@ class CollabChatModel(BaseChatModel):
         **kwargs: Any,
     ) -> Iterator[ChatGenerationChunk]:
         # The base class fires on_llm_new_token for every chunk yielded here.
-        yield from _portal.iterate_sync(lambda: self._stream_events(messages, stop, kwargs))
+        yield from _portal.iterate_sync(
+            lambda: self._stream_events(messages, stop, kwargs, run_manager)
+        )
 
     async def _astream(
         self,
@@ -991,7 +1125,7 @@ class CollabChatModel(BaseChatModel):
         **kwargs: Any,
     ) -> AsyncIterator[ChatGenerationChunk]:
         # The base class fires on_llm_new_token for every chunk yielded here.
-        async for chunk in self._stream_events(messages, stop, kwargs):
+        async for chunk in self._stream_events(messages, stop, kwargs, run_manager):
             yield chunk
 
     def _generate(
@@ -1002,7 +1136,9 @@ class CollabChatModel(BaseChatModel):
         **kwargs: Any,
     ) -> ChatResult:
         chunks: list[ChatGenerationChunk] = []
-        for chunk in _portal.iterate_sync(lambda: self._stream_events(messages, stop, kwargs)):
+        for chunk in _portal.iterate_sync(
+            lambda: self._stream_events(messages, stop, kwargs, run_manager)
+        ):
             if run_manager:
                 run_manager.on_llm_new_token(chunk.text, chunk=chunk)
             chunks.append(chunk)
@@ -1016,7 +1152,7 @@ class CollabChatModel(BaseChatModel):
         **kwargs: Any,
     ) -> ChatResult:
         chunks: list[ChatGenerationChunk] = []
-        async for chunk in self._stream_events(messages, stop, kwargs):
+        async for chunk in self._stream_events(messages, stop, kwargs, run_manager):
             if run_manager:
                 await run_manager.on_llm_new_token(chunk.text, chunk=chunk)
             chunks.append(chunk)

@@ -19,6 +19,7 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
+from collab_agent import defaults
 from collab_agent.cli_options import LargeOption, ModelsOption, SmallOption, ThreadsOption
 from collab_agent.errors import CollabError
 
@@ -86,10 +87,13 @@ def run(
         typer.Option(
             help="TrigReason's priming steps (paper: 20; these short-step instruct models need 1-2)."
         ),
-    ] = 1,
-    temperature: Annotated[float, typer.Option(help="0 is greedy.")] = 0.0,
+    ] = defaults.PRIMING_STEPS,
+    temperature: Annotated[float, typer.Option(help="0 is greedy.")] = defaults.TEMPERATURE,
     seed: Annotated[int | None, typer.Option(help="Sampling seed.")] = None,
-    budget: Annotated[int, typer.Option(help="Most reasoning tokens.")] = 1024,
+    budget: Annotated[
+        int | None,
+        typer.Option(help="Most reasoning tokens (default: 1024, capped to the context)."),
+    ] = None,
     think: Annotated[
         bool, typer.Option(help="The models reason inside <think> ... </think>.")
     ] = False,
@@ -120,7 +124,7 @@ def run(
         chosen,
         format=THINK if think else STEPWISE,
         sampling=Sampling(
-            temperature=temperature, top_p=1.0 if temperature == 0 else 0.95, seed=seed
+            temperature=temperature, top_p=1.0 if temperature == 0 else defaults.TOP_P, seed=seed
         ),
         budget=budget,
     )

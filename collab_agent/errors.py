@@ -15,6 +15,10 @@ class ConfigError(CollabError, ValueError):
         super().__init__(f"{argument}: {problem}")
 
 
+class ContextLengthError(ConfigError):
+    """A call's prompt, reasoning budget and answer cannot fit a model's context window."""
+
+
 class InvalidMessagesError(CollabError, ValueError):
     """The conversation handed to the reasoner cannot be answered as it is."""
 

@@ -11,12 +11,12 @@ from __future__ import annotations
 import time
 import uuid
 from collections.abc import AsyncIterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
 import anyio
 
-from collab_agent import _checks
+from collab_agent import _checks, defaults
 from collab_agent.backends.base import (
     Backend,
     GenerateRequest,
@@ -26,11 +26,13 @@ from collab_agent.backends.base import (
     release_conversation,
 )
 from collab_agent.breaker import CircuitBreaker
+from collab_agent.context import fit_budget
 from collab_agent.errors import BackendUnavailableError, ConfigError
 from collab_agent.policies.base import Policy
 from collab_agent.policies.trigreason import TrigReason
 from collab_agent.prompting import STEPWISE, ReasoningFormat, validate_messages
 from collab_agent.session import Session
+from collab_agent.structured import require_constraint
 from collab_agent.trace import Firing, Step, Trace
 
 
@@ -67,8 +69,12 @@ class Reasoner:
         large: the large reasoning model (LRM).
         policy: who writes each step (default: `TrigReason()` with the paper's settings).
         format: how reasoning is laid out (`STEPWISE` for instruct models, `THINK` for ``<think>``).
-        sampling: sampling of every call (paper: temperature 0.6, top-p 0.95).
-        budget: most reasoning tokens of accepted steps (paper: 8192).
+        sampling: sampling of every call (default: `collab_agent.defaults`, greedy; paper:
+            temperature 0.6, top-p 0.95).
+        budget: most reasoning tokens of accepted steps (paper: 8192). ``None`` (default):
+            `defaults.REASONING_BUDGET`, capped to what each model's context leaves after the
+            prompt and the answer; an explicit budget that cannot fit raises
+            `ContextLengthError` before any model runs.
         max_steps: most reasoning steps.
         step_max_tokens: most tokens of one step; a longer step continues in the next.
         answer_max_tokens: most tokens of the answer.
@@ -83,25 +89,32 @@ class Reasoner:
         deadline: ``time.monotonic()`` by which the whole call must end (``None``: no limit). In
             degrade mode a large call may use at most half the time left, so the small model
             still has time to write the step.
+        response_format: OpenAI's ``json_object`` / ``json_schema`` format: the answer is
+            always generated (never kept from the reasoning) under the backend's constrained
+            decoding; a backend without it raises `CapabilityError` here, before any call.
     """
 
     small: Backend
     large: Backend
     policy: Policy = field(default_factory=TrigReason)
     format: ReasoningFormat = STEPWISE
-    sampling: Sampling = field(default_factory=Sampling)
-    budget: int = 8192
-    max_steps: int = 256
-    step_max_tokens: int = 512
-    answer_max_tokens: int = 1024
+    sampling: Sampling = field(
+        default_factory=lambda: Sampling(defaults.TEMPERATURE, defaults.TOP_P)
+    )
+    budget: int | None = None
+    max_steps: int = defaults.MAX_STEPS
+    step_max_tokens: int = defaults.STEP_MAX_TOKENS
+    answer_max_tokens: int = defaults.ANSWER_MAX_TOKENS
     on_large_unavailable: Literal["fail", "degrade"] | None = None
     release_on_finish: bool = True
     breaker: CircuitBreaker | None = field(default_factory=CircuitBreaker)
     deadline: float | None = None
+    response_format: Mapping[str, Any] | None = None
 
     def __post_init__(self) -> None:
         for name in ("budget", "max_steps", "step_max_tokens", "answer_max_tokens"):
-            _checks.positive_int(name, getattr(self, name))
+            if name != "budget" or self.budget is not None:
+                _checks.positive_int(name, getattr(self, name))
         if self.on_large_unavailable is None:
             self.on_large_unavailable = getattr(self.large, "on_unavailable", "fail")
         if self.on_large_unavailable not in ("fail", "degrade"):
@@ -112,6 +125,9 @@ class Reasoner:
         for role in ("small", "large"):
             if not callable(getattr(getattr(self, role), "generate", None)):
                 raise ConfigError(role, "must be a Backend with an async generate(request) method")
+        if self.response_format is not None:  # before any model runs, not at the answer
+            for role in ("small", "large"):
+                require_constraint(getattr(self, role), self.response_format, role)
         for trigger in self.policy.triggers:
             check = getattr(trigger, "check", None)
             if callable(check):  # a trigger that needs a capability says so now, not mid-run
@@ -141,6 +157,15 @@ class Reasoner:
         """Yield a `StepEvent` per step, then one `AnswerEvent`. Cancelling the consumer
         cancels the call in flight; closing the iterator frees the conversation's caches."""
         conversation = validate_messages(messages)
+        budget = await anyio.to_thread.run_sync(
+            lambda: fit_budget(
+                {"small": self.small, "large": self.large},
+                self.format.messages(conversation),
+                tools,
+                budget=self.budget,
+                answer_max_tokens=self.answer_max_tokens,
+            )
+        )
         trace = Trace(conversation_id=conversation_id or uuid.uuid4().hex, policy=self.policy.name)
         session = Session.open(
             self.small, self.large, trace, conversation, self.format, self.sampling, tools
@@ -149,7 +174,7 @@ class Reasoner:
         try:
             handoff_left, handoff_trigger = 0, None
             while trace.stop_reason is None:
-                remaining = self.budget - trace.reasoning_tokens
+                remaining = budget - trace.reasoning_tokens
                 if len(trace.steps) >= self.max_steps:
                     trace.stop_reason = "max_steps"
                     break
@@ -299,7 +324,7 @@ class Reasoner:
             and not trace.answer_truncated  # cut off by the step's token limit: write it whole
             and not self.format.close  # a <think> model's answer follows in further paragraphs
         )
-        if keep:
+        if keep and self.response_format is None:  # a constrained answer is always generated
             return AnswerEvent(trace.answer, role, trace, raw_text=trace.answer)
         reasoning = self._prefix(trace)
         if trace.stop_reason == "answer" and self.format.close and trace.answer_author == role:
@@ -309,6 +334,8 @@ class Reasoner:
         request = session.request(
             prefix, stop=(), max_tokens=self.answer_max_tokens, purpose="answer"
         )
+        if self.response_format is not None:
+            request = replace(request, response_format=self.response_format)
         generation, role, why = await self._generate_request(session, role, request)
         if why is not None:
             trace.degraded_steps += 1

@@ -81,6 +81,11 @@ class ScriptedBackend:
     def remaining(self) -> int:
         return len(self.script) - len(self.requests)
 
+    def constrains(self, response_format: Any) -> bool:
+        """A script stands in for a constraining engine: it returns the scripted text for any
+        ``response_format`` (script JSON to test structured output)."""
+        return True
+
     async def generate(self, request: GenerateRequest) -> Generation:
         index = len(self.requests)
         self.requests.append(request)

@@ -5,6 +5,7 @@ Streams with ``stream_mode="messages"``: reasoning steps, the tool call, the too
 the answer, as they happen. Runs offline on the bundled models:
 
     python examples/agent.py "How many euros is 250 US dollars?"
+    python examples/agent.py --models tiny   # random-weight tiny models, as the tests run it
 """
 
 from __future__ import annotations
@@ -15,9 +16,7 @@ from langchain.agents import create_agent
 from langchain_core.messages import AIMessageChunk, HumanMessage, ToolMessage
 from langchain_core.tools import tool
 
-from collab_agent.backends.specs import PRESETS
-from collab_agent.chat_model import CollabChatModel
-from collab_agent.policies import TrigReason
+from collab_agent import PRESETS, CollabChatModel, TrigReason
 
 RATES = {("USD", "EUR"): 0.92, ("EUR", "USD"): 1.09, ("USD", "GBP"): 0.79, ("GBP", "USD"): 1.27}
 
@@ -34,17 +33,24 @@ def convert_currency(amount: float, source: str, target: str) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("question", nargs="?", default="How many euros is 250 US dollars?")
-    parser.add_argument("--small", default=PRESETS["llamacpp"][0], help="small model spec")
-    parser.add_argument("--large", default=PRESETS["llamacpp"][1], help="large model spec")
+    parser.add_argument(
+        "--models", choices=sorted(PRESETS), default="llamacpp", help="model pair (tiny: tests)"
+    )
+    parser.add_argument("--small", help="small model spec (default: the --models pair's)")
+    parser.add_argument("--large", help="large model spec (default: the --models pair's)")
+    parser.add_argument("--budget", type=int, default=256, help="most reasoning tokens")
+    parser.add_argument("--max-tokens", type=int, default=128, help="most answer tokens")
     args = parser.parse_args()
+    args.small = args.small or PRESETS[args.models][0]
+    args.large = args.large or PRESETS[args.models][1]
 
     model = CollabChatModel(
         small=args.small,
         large=args.large,
         policy=TrigReason(priming_steps=1),
         temperature=0,
-        reasoning_budget=256,
-        max_tokens=128,
+        reasoning_budget=args.budget,
+        max_tokens=args.max_tokens,
     )
     agent = create_agent(model, tools=[convert_currency])
 

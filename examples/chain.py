@@ -5,6 +5,7 @@ trigger fires. The chain's output is the answer; the reasoning and the per-step 
 on the AIMessage. Runs offline on the bundled models:
 
     python examples/chain.py "A train travels 60 km in 45 minutes. What is its speed in km/h?"
+    python examples/chain.py --models tiny   # random-weight tiny models, as the tests run it
 """
 
 from __future__ import annotations
@@ -14,25 +15,30 @@ import argparse
 from langchain_core.output_parsers import StrOutputParser
 from langchain_core.prompts import ChatPromptTemplate
 
-from collab_agent.backends.specs import PRESETS
-from collab_agent.chat_model import CollabChatModel
-from collab_agent.policies import TrigReason
+from collab_agent import PRESETS, CollabChatModel, TrigReason
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("question", nargs="?", default="What is 17 * 23 - 45?")
-    parser.add_argument("--small", default=PRESETS["llamacpp"][0], help="small model spec")
-    parser.add_argument("--large", default=PRESETS["llamacpp"][1], help="large model spec")
+    parser.add_argument(
+        "--models", choices=sorted(PRESETS), default="llamacpp", help="model pair (tiny: tests)"
+    )
+    parser.add_argument("--small", help="small model spec (default: the --models pair's)")
+    parser.add_argument("--large", help="large model spec (default: the --models pair's)")
+    parser.add_argument("--budget", type=int, default=512, help="most reasoning tokens")
+    parser.add_argument("--max-tokens", type=int, default=128, help="most answer tokens")
     args = parser.parse_args()
+    args.small = args.small or PRESETS[args.models][0]
+    args.large = args.large or PRESETS[args.models][1]
 
     model = CollabChatModel(
         small=args.small,
         large=args.large,
         policy=TrigReason(priming_steps=2),  # the paper primes 20 steps; short problems need few
         temperature=0,
-        reasoning_budget=512,
-        max_tokens=128,
+        reasoning_budget=args.budget,
+        max_tokens=args.max_tokens,
     )
     prompt = ChatPromptTemplate.from_messages(
         [("system", "You are a careful math tutor."), ("human", "{question}")]

@@ -7,6 +7,7 @@ may reject a small-model step so the large model rewrites it from the same prefi
 ("... = 391"), composed with TrigReason's own triggers. Runs offline on the bundled models:
 
     python examples/custom_trigger.py
+    python examples/custom_trigger.py --models tiny   # random-weight tiny models, as the tests run it
 """
 
 from __future__ import annotations
@@ -15,16 +16,17 @@ import argparse
 import re
 from dataclasses import dataclass
 
-from collab_agent.backends.specs import PRESETS
-from collab_agent.chat_model import CollabChatModel
-from collab_agent.policies import (
+from collab_agent import (
+    PRESETS,
     BaseTrigger,
+    CollabChatModel,
     InterventionRequest,
     Policy,
     Reject,
+    Step,
     StrategicPriming,
+    Trace,
 )
-from collab_agent.trace import Step, Trace
 
 
 @dataclass
@@ -50,16 +52,28 @@ def main() -> None:
     parser.add_argument(
         "question", nargs="?", default="A shop sells 17 boxes of 23 pens. How many pens?"
     )
-    parser.add_argument("--small", default=PRESETS["llamacpp"][0], help="small model spec")
-    parser.add_argument("--large", default=PRESETS["llamacpp"][1], help="large model spec")
+    parser.add_argument(
+        "--models", choices=sorted(PRESETS), default="llamacpp", help="model pair (tiny: tests)"
+    )
+    parser.add_argument("--small", help="small model spec (default: the --models pair's)")
+    parser.add_argument("--large", help="large model spec (default: the --models pair's)")
+    parser.add_argument("--budget", type=int, default=384, help="most reasoning tokens")
+    parser.add_argument("--max-tokens", type=int, default=1024, help="most answer tokens")
     args = parser.parse_args()
+    args.small = args.small or PRESETS[args.models][0]
+    args.large = args.large or PRESETS[args.models][1]
 
     policy = Policy(
         triggers=(StrategicPriming(steps=1), ArithmeticCheck(), InterventionRequest()),
         name="trigreason+arithmetic",
     )
     model = CollabChatModel(
-        small=args.small, large=args.large, policy=policy, temperature=0, reasoning_budget=384
+        small=args.small,
+        large=args.large,
+        policy=policy,
+        temperature=0,
+        reasoning_budget=args.budget,
+        max_tokens=args.max_tokens,
     )
     result = model.invoke(args.question)
     collab = result.response_metadata["collab"]

@@ -230,3 +230,30 @@ class TestCollabChatModelBundled(tool_tests_marked(WEAK_PAIR), _Flags, ChatModel
     @property
     def chat_model_params(self) -> dict[str, Any]:
         return bundled_params()
+
+
+STRUCTURED_TESTS = ("test_structured_output", "test_json_mode", "test_structured_few_shot")
+
+
+@pytest.mark.slow
+@pytest.mark.server
+class TestCollabChatModelBundledJsonSchema(_Flags, ChatModelIntegrationTests):  # type: ignore[misc]
+    """The structured-output and JSON-mode tests with ``method="json_schema"`` on llama.cpp,
+    which constrains the answer's decoding: no xfail (the rest of the suite runs above)."""
+
+    @property
+    def chat_model_params(self) -> dict[str, Any]:
+        return bundled_params()
+
+    @property
+    def structured_output_kwargs(self) -> dict[str, Any]:
+        return {"method": "json_schema"}
+
+    @property
+    def supports_json_mode(self) -> bool:
+        return True
+
+    @pytest.fixture(autouse=True)
+    def _only_structured(self, request: pytest.FixtureRequest) -> None:
+        if not request.node.name.startswith(STRUCTURED_TESTS):
+            pytest.skip("run by TestCollabChatModelBundled; this class checks json_schema")

@@ -70,6 +70,9 @@ class GenerateRequest:
         tools: tools in OpenAI format, rendered into the prompt (or sent natively).
         purpose: why the call is made (``"step"``, ``"answer"``, ``"judge"``, ``"score"``), for
             accounting and for backends that route answers through a chat endpoint.
+        response_format: OpenAI's ``{"type": "json_object"}`` or ``{"type": "json_schema",
+            "json_schema": {"name", "schema"}}``: the generation must be enforced to match it
+            (constrained decoding); a backend that cannot raises `CapabilityError`.
     """
 
     conversation_id: str
@@ -82,6 +85,7 @@ class GenerateRequest:
     top_logprobs: int = 0
     tools: Sequence[Mapping[str, Any]] | None = None
     purpose: str = "step"
+    response_format: Mapping[str, Any] | None = None
 
     def __post_init__(self) -> None:
         if not self.messages:
@@ -149,6 +153,21 @@ class ReleasableBackend(Backend, Protocol):
 
     async def release(self, conversation_id: str) -> None:
         """Forget the conversation's cached state; a later request starts afresh."""
+        ...
+
+
+@runtime_checkable
+class TokenizedBackend(Backend, Protocol):
+    """A backend that knows its tokenizer and context window without calling the model: token
+    counts (``get_num_tokens``) and the context check before a call read them, offline."""
+
+    @property
+    def context_window(self) -> int | None:
+        """Most tokens of prompt plus generation the model takes (``None``: unknown)."""
+        ...
+
+    def local_tokenizer(self) -> Any:
+        """The model's Hugging Face tokenizer, loaded offline (``None``: none known here)."""
         ...
 
 

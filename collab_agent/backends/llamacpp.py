@@ -370,6 +370,21 @@ class LlamaCppBackend(OpenAIBackend):
             raise
         self.llama_server = server
         self._owns_server = own
+        self.known_dialect = "llama.cpp"  # with mode="completions" it is never probed
+        self._model_source = (
+            str(model) if str(model).startswith("bundled:") else str(server.model_path)
+        )
+        if self.context_window is None:
+            self.context_window = server.ctx_size  # per slot: what one conversation may use
+
+    def local_tokenizer(self) -> Any:
+        """The ``tokenizer=`` given, else the tokenizer inside the GGUF file (offline)."""
+        given = super().local_tokenizer()
+        if given is not None:
+            return given
+        from collab_agent.backends.tokens import gguf_tokenizer
+
+        return gguf_tokenizer(self._model_source)
 
     async def aclose(self) -> None:
         """Close the HTTP pool and stop the server (when this backend started it)."""

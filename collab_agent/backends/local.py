@@ -431,7 +431,16 @@ class TransformersBackend:
         return conversation_id in self._store
 
     async def generate(self, request: GenerateRequest) -> Generation:
-        """Continue ``request.reasoning`` until a stop string, end of turn or ``max_tokens``."""
+        """Continue ``request.reasoning`` until a stop string, end of turn or ``max_tokens``.
+
+        Raises:
+            CapabilityError: ``request.response_format`` is set: this backend has no
+                constrained decoding (no maintained grammar library is a dependency).
+        """
+        if request.response_format is not None:
+            from collab_agent.structured import missing_constraint
+
+            raise missing_constraint(self.name, request.response_format)
         return await self._in_worker(self._generate_sync, request)
 
     async def score(self, request: GenerateRequest, continuation: str) -> list[float]:
@@ -519,6 +528,16 @@ class TransformersBackend:
         logits = out.logits[0, -keep:].float()
         entry.next_logits = logits[-1]
         return logits
+
+    @property
+    def context_window(self) -> int | None:
+        """The model's ``max_position_embeddings`` (``None`` when its config has none)."""
+        limit = getattr(self.model.config, "max_position_embeddings", None)
+        return int(limit) if limit is not None else None
+
+    def local_tokenizer(self) -> PreTrainedTokenizerBase:
+        """The tokenizer this backend renders prompts with."""
+        return self.tokenizer
 
     def _checkout(self, request: GenerateRequest, prompt: Sequence[int], at_most: int | None):
         """The conversation's cache cropped for ``prompt``, and how many tokens it reuses."""

@@ -356,6 +356,8 @@ class OpenAIBackend:
         price: API price per million tokens; each `Generation` carries its cost.
         name: shown in traces (default ``"MODEL@HOST:PORT"``).
         default_headers: extra HTTP headers for every request.
+        context_window: the model's context in tokens, when known: calls whose prompt plus
+            reasoning budget cannot fit are refused before any request (``None``: unchecked).
     """
 
     def __init__(
@@ -375,6 +377,7 @@ class OpenAIBackend:
         price: Price | None = None,
         name: str | None = None,
         default_headers: Mapping[str, str] | None = None,
+        context_window: int | None = None,
     ) -> None:
         if not isinstance(model, str) or not model:
             raise ConfigError("model", f"must be a non-empty model id, got {model!r}")
@@ -418,6 +421,12 @@ class OpenAIBackend:
         self.name = name or f"{model}@{parts.hostname}{f':{parts.port}' if parts.port else ''}"
         self.server: ServerInfo | None = None
         self._tokenizer_source = tokenizer
+        self.known_dialect: str | None = None  # a subclass that starts its server knows it
+        self.context_window: int | None = (
+            None
+            if context_window is None
+            else _checks.positive_int("context_window", context_window)
+        )
         self._tokenizer: Any = None if isinstance(tokenizer, str) else tokenizer
         self._resolved_mode: str | None = None if mode == "auto" else mode
         self._templates: dict[str, str] = {}  # rendered server templates, by request
@@ -642,6 +651,13 @@ class OpenAIBackend:
         return self._resolved_mode
 
     # ------------------------------------------------------------------ prompts
+    def local_tokenizer(self) -> Any:
+        """The tokenizer given as ``tokenizer=`` (loaded offline), else ``None``: the server's
+        own tokenizer is not read here."""
+        if self._tokenizer is None and self._tokenizer_source in (None, "server"):
+            return None
+        return self._local_tokenizer()
+
     def _local_tokenizer(self) -> Any:
         if self._tokenizer is None:
             source = self._tokenizer_source
@@ -700,6 +716,30 @@ class OpenAIBackend:
             body["stop"] = list(request.stop)
         return body
 
+    def constrains(self, response_format: Mapping[str, Any]) -> bool:
+        """Whether the server enforces ``response_format`` while decoding: llama.cpp (its
+        ``json_schema`` grammar), vLLM and SGLang (guided decoding) and hosted OpenAI-style
+        APIs (``response_format`` on chat); llama-cpp-python's completions do not."""
+        return self._dialect() != "llama-cpp-python"
+
+    def _dialect(self) -> str | None:
+        """The server's dialect once probed, else what the backend knows of its server."""
+        return self.server.dialect if self.server else self.known_dialect
+
+    def _constrain(self, body: dict[str, Any], request: GenerateRequest, mode: str | None) -> None:
+        """Put ``request.response_format`` into the request body in the server's own terms."""
+        rf = request.response_format
+        if rf is None:
+            return
+        from collab_agent.structured import llamacpp_schema, missing_constraint
+
+        if not self.constrains(rf):
+            raise missing_constraint(self.name, rf)
+        if self._dialect() == "llama.cpp":
+            body["json_schema"] = llamacpp_schema(rf)
+        else:
+            body["response_format"] = dict(rf)
+
     def _wants_logprobs(self, request: GenerateRequest) -> bool:
         """Logprobs are also asked for internally where they tell a stop string from EOS."""
         if request.logprobs or request.top_logprobs:
@@ -723,6 +763,7 @@ class OpenAIBackend:
         if mode == "completions":
             body = self._sampling(request)
             body["prompt"] = await self._prompt(request)
+            self._constrain(body, request, mode)
             if want_logprobs:
                 body["logprobs"] = max(1, request.top_logprobs)
             data = await self._post("/completions", body, "completion")
@@ -749,6 +790,7 @@ class OpenAIBackend:
                     body["continue_final_message"] = True
                     body["add_generation_prompt"] = False
             body["messages"] = messages
+            self._constrain(body, request, mode)
             if request.tools:
                 body["tools"] = [dict(t) for t in request.tools]
             if want_logprobs:

@@ -12,6 +12,7 @@ from typing import Annotated, Any
 
 import typer
 
+from collab_agent import defaults
 from collab_agent.cli_options import (
     JsonOption,
     LargeOption,
@@ -19,6 +20,7 @@ from collab_agent.cli_options import (
     SmallOption,
     ThreadsOption,
 )
+from collab_agent.errors import ConfigError
 
 DEFAULT_POLICIES = "small-only,large-only,specreason,trigreason"
 
@@ -60,7 +62,10 @@ def eval_command(
     concurrency: Annotated[int, typer.Option(help="Most runs at once.")] = 1,
     out: Annotated[
         Path | None,
-        typer.Option(help="Output folder (records.jsonl, summary.json, plot); resumable."),
+        typer.Option(
+            help="Output folder (records.jsonl, summary.json, plot); resumable. Default: a new "
+            "runs/eval-DATA-TIMESTAMP folder (runs/ is ignored by git)."
+        ),
     ] = None,
     fresh: Annotated[
         bool, typer.Option("--fresh", help="Discard earlier results in --out instead of resuming.")
@@ -68,10 +73,17 @@ def eval_command(
     models: ModelsOption = None,
     small: SmallOption = None,
     large: LargeOption = None,
-    temperature: Annotated[float, typer.Option(help="0 is greedy.")] = 0.0,
-    top_p: Annotated[float, typer.Option(help="Nucleus sampling when temperature > 0.")] = 0.95,
+    temperature: Annotated[float, typer.Option(help="0 is greedy.")] = defaults.TEMPERATURE,
+    top_p: Annotated[
+        float, typer.Option(help="Nucleus sampling when temperature > 0.")
+    ] = defaults.TOP_P,
     seed: Annotated[int | None, typer.Option(help="Base seed; sample i uses seed + i.")] = None,
-    budget: Annotated[int, typer.Option(help="Most reasoning tokens per problem.")] = 1024,
+    budget: Annotated[
+        int | None,
+        typer.Option(
+            help="Most reasoning tokens per problem (default: 1024, capped to the context)."
+        ),
+    ] = None,
     max_steps: Annotated[int, typer.Option(help="Most reasoning steps per problem.")] = 48,
     step_max_tokens: Annotated[int, typer.Option(help="Most tokens of one step.")] = 256,
     answer_max_tokens: Annotated[int, typer.Option(help="Most tokens of the answer.")] = 48,
@@ -80,7 +92,7 @@ def eval_command(
         typer.Option(
             help="TrigReason's priming steps (paper: 20; these short-step instruct models need 1-2)."
         ),
-    ] = 1,
+    ] = defaults.PRIMING_STEPS,
     rho: Annotated[
         float | None, typer.Option(help="TrigReason's cognitive-offload rho (default 0.85).")
     ] = None,
@@ -122,7 +134,9 @@ def eval_command(
     if rho is not None:
         trig["rho"] = rho
     options = {"trigreason": trig, "specreason": {"threshold": threshold, "score": score}}
-    out_dir = out if out is not None else Path("collab-eval") / data_path.stem
+    if out is None and report_only:
+        raise ConfigError("--out", "--report-only summarises an earlier run: give its folder")
+    out_dir = out if out is not None else default_out(data_path.stem)
     from collab_agent.evaluation.sweep import expand_sweeps, parse_sweep
 
     swept = expand_sweeps([parse_sweep(s) for s in sweep or ()], options)
@@ -150,6 +164,9 @@ def eval_command(
 
     from collab_agent.backends.specs import resolve_pair
     from collab_agent.cli import load_pair
+    from collab_agent.evaluation.runner import resolve_policies
+
+    resolve_policies([*names, *swept.values()], options)  # a bad name fails before any load
 
     small_spec, large_spec = resolve_pair(models, small, large)
     small_backend, large_backend = load_pair(
@@ -202,6 +219,13 @@ def eval_command(
     print(markdown_table(report.summary))
     _print_oracle(out_dir)
     stderr.print(f"records, summary and plot in {out_dir} ({PLOT_FILE}); {report.ran} run(s) now")
+
+
+def default_out(data: str) -> Path:
+    """A new folder under ``runs/`` for one evaluation: ``runs/eval-DATA-YYYYmmdd-HHMMSS``."""
+    import time
+
+    return Path("runs") / f"eval-{data}-{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}"
 
 
 def _print_oracle(out_dir: Path) -> None:

@@ -15,8 +15,10 @@ after the last ``Final answer:`` / ``The answer is``, else the last number.
 
 from __future__ import annotations
 
+import logging
 import math
 import re
+import threading
 from dataclasses import dataclass
 from fractions import Fraction
 from typing import Literal
@@ -384,7 +386,29 @@ def grade(predicted: str | None, reference: str, *, kind: AnswerKind = "auto") -
         return Grade(False, None, ref_norm, "none")
     pred_norm = normalize_latex(answer)
     how = _equal_math(pred_norm, ref_norm)
+    if how is None and math_verify_equal(answer, reference):
+        how = "math-verify"  # what the rules above miss: sets, intervals, equations, ...
     return Grade(how is not None, pred_norm, ref_norm, how or "none")
+
+
+def math_verify_equal(answer: str, reference: str) -> bool:
+    """Whether math-verify (Hugging Face's maintained verifier) parses both LaTeX answers and
+    finds them equal. False when it is not installed, parses nothing, or finds them different:
+    then this module's own rules decide (units, text answers, element lists)."""
+    try:
+        from math_verify import parse, verify
+    except ImportError:
+        return False
+    # Its timeouts use SIGALRM, which only the main thread may set; elsewhere run without one.
+    timeout = 5 if threading.current_thread() is threading.main_thread() else None
+    if timeout is None:
+        logging.getLogger("math_verify").setLevel(logging.ERROR)  # "timeout is disabled"
+    try:
+        gold = parse(f"${reference}$", parsing_timeout=timeout)  # type: ignore[arg-type]
+        pred = parse(f"${answer}$", parsing_timeout=timeout)  # type: ignore[arg-type]
+        return bool(gold and pred and verify(gold, pred, timeout_seconds=timeout))
+    except Exception:  # a parse or comparison failure means "not shown equal"
+        return False
 
 
 def is_correct(predicted: str | None, reference: str, *, kind: AnswerKind = "auto") -> bool:

@@ -397,10 +397,11 @@ def plot_summary(summary: Mapping[str, Mapping[str, Any]], path: str | Path) -> 
     ax.set_xlim(-5, 105)
     ax.set_ylim(-5, 105)
     ax.grid(True, alpha=0.3)
-    ax.legend(fontsize=8, loc="lower left")
+    # Outside the axes, right of the data: inside, it hid the points in a corner.
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0.0)
     ax.set_title("Accuracy against offload to the small model")
     fig.tight_layout()
     path = Path(path)
-    fig.savefig(path)
+    fig.savefig(path, bbox_inches="tight")
     plt.close(fig)
     return path

@@ -278,7 +278,7 @@ async def evaluate(
     sampling: Sampling = GREEDY,
     seed: int | None = None,
     format: ReasoningFormat = STEPWISE,
-    budget: int = 2048,
+    budget: int | None = None,
     max_steps: int = 64,
     step_max_tokens: int = 256,
     answer_max_tokens: int = 64,

@@ -14,7 +14,7 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from collab_agent import _checks
+from collab_agent import _checks, defaults
 from collab_agent.errors import ConfigError
 from collab_agent.policies.base import BaseTrigger, Handoff, Policy, Reject
 from collab_agent.prompting import normalise_step
@@ -46,10 +46,11 @@ class StrategicPriming(BaseTrigger):
     which set the direction of the whole solution.
 
     Attributes:
-        steps: how many opening steps the large model writes (paper: 20). 0 disables priming.
+        steps: how many opening steps the large model writes (default
+            `defaults.PRIMING_STEPS`, 1; paper: 20). 0 disables priming.
     """
 
-    steps: int = 20
+    steps: int = defaults.PRIMING_STEPS
     name: str = "strategic_priming"
 
     def __post_init__(self) -> None:
@@ -173,7 +174,7 @@ class InterventionRequest(BaseTrigger):
 
 def TrigReason(
     *,
-    priming_steps: int = 20,
+    priming_steps: int = defaults.PRIMING_STEPS,
     tau: float = 1.05,
     rho: float = 0.85,
     words: Sequence[str] = HESITATION_WORDS,
@@ -183,8 +184,9 @@ def TrigReason(
     answer_by: str | None = None,
     name: str = "trigreason",
 ) -> Policy:
-    """TrigReason with the paper's defaults: strategic priming, then cognitive offload and
-    intervention request, the small model writing every other step."""
+    """TrigReason: strategic priming, then cognitive offload and intervention request, the
+    small model writing every other step. The paper's thresholds (tau 1.05, rho 0.85); priming
+    from `collab_agent.defaults` (1 step for short-step instruct models; the paper primes 20)."""
     return Policy(
         triggers=(
             StrategicPriming(steps=priming_steps),
