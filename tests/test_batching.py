@@ -409,6 +409,8 @@ def test_bench_batch_prints_the_fixed_json_keys() -> None:
     assert figures["ceiling_tokens_per_s"] == [
         max(pair) for pair in zip(*figures["ceiling_by_dtype"].values(), strict=True)
     ]
+    assert len(figures["ceiling_decode_tokens_per_s"]) == 2
+    assert all(x > 0 for x in figures["ceiling_decode_tokens_per_s"])
     assert figures["llamacpp_tokens_per_s"] == [None, None]  # no GGUF for a tiny model
     assert figures["speedup_16_vs_1"] == pytest.approx(mid[1] / mid[0], rel=1e-2)
     assert figures["vs_ceiling_16"] == pytest.approx(

@@ -7,8 +7,10 @@ Rows, each at every concurrency ``c`` (default 1, 4, 16):
   ``max_concurrency=c`` (what a chat model's ``abatch`` does) to a `BatchedTransformersBackend`
   (continuous batching; on CPU bf16 alone and float32 from two rows unless ``--dtype``);
 - the ceiling: a plain transformers forward loop of the same model at batch ``c`` on the same
-  prompt (prefill, then ``--max-tokens`` greedy decode steps timed; no scheduling, no sampling,
-  no text), in bf16 and in float32; the best of the two is ``ceiling_tokens_per_s``;
+  prompt, doing the same work as ours (the prefill, then greedy decode steps until each row has
+  ``--max-tokens`` tokens, all timed; no scheduling, no sampling, no text), in bf16 and in
+  float32; the best of the two is ``ceiling_tokens_per_s``. The decode steps alone (prefill not
+  timed) are ``ceiling_decode_tokens_per_s``, what a long generation tends to;
 - llama.cpp: the managed llama.cpp server (`LlamaCppBackend`) on the model's GGUF with ``c``
   ``n_parallel`` slots started for the top level, the same requests (bundled models only).
 
@@ -19,7 +21,7 @@ rounds, with min and max for ours.
 JSON keys: ``concurrency``, ``tokens_per_s`` (median), ``tokens_per_s_min``,
 ``tokens_per_s_max``, ``ceiling_tokens_per_s``, ``llamacpp_tokens_per_s`` (``None`` per level
 where not measured), ``speedup_16_vs_1``, ``vs_ceiling_16`` (ours over the ceiling at 16);
-also ``ceiling_by_dtype``, ``rounds``, ``peak_batch_size``, ``peak_rss_bytes``, ``model``,
+also ``ceiling_by_dtype``, ``ceiling_decode_tokens_per_s``, ``rounds``, ``peak_batch_size``, ``peak_rss_bytes``, ``model``,
 ``dtype``, ``max_tokens``, ``threads``.
 """
 
@@ -86,9 +88,14 @@ async def _throughput(backend: Any, requests: list[Any], concurrency: int) -> fl
     return sum(r.completion_tokens for r in results) / seconds
 
 
-def forward_loop_tokens_per_s(model: Any, prompt: list[int], batch: int, steps: int) -> float:
-    """The plain transformers ceiling: ``batch`` copies of ``prompt`` prefilled, then ``steps``
-    greedy decode steps of the whole batch timed (tokens per second over the decode)."""
+def forward_loop_tokens_per_s(
+    model: Any, prompt: list[int], batch: int, steps: int, *, prefill: bool = True
+) -> float:
+    """The plain transformers ceiling: ``batch`` copies of ``prompt`` prefilled, then greedy
+    decode steps of the whole batch until each row has ``steps`` tokens. With ``prefill`` (the
+    default) the prefill is timed too, so the loop does the same work as a generation of
+    ``steps`` tokens (the first comes from the prefill's logits); without, only the decode steps
+    are timed (tokens per second over ``steps`` decode steps)."""
     import inspect
 
     import torch
@@ -99,10 +106,12 @@ def forward_loop_tokens_per_s(model: Any, prompt: list[int], batch: int, steps: 
     with torch.inference_mode():
         cache = {arg: DynamicCache(config=model.config)}
         ids = torch.tensor([prompt] * batch, device=model.device)
+        started = time.perf_counter()
         out = model(input_ids=ids, use_cache=True, logits_to_keep=1, **cache)
         token = out.logits[:, -1].argmax(-1, keepdim=True)
-        started = time.perf_counter()
-        for _ in range(steps):
+        if not prefill:
+            started = time.perf_counter()
+        for _ in range(steps - 1 if prefill else steps):
             out = model(input_ids=token, use_cache=True, logits_to_keep=1, **cache)
             token = out.logits[:, -1].argmax(-1, keepdim=True)
         return batch * steps / (time.perf_counter() - started)
@@ -186,6 +195,9 @@ def run_bench(
         ceiling: dict[str, dict[int, list[float]]] = {
             name: {c: [] for c in concurrency} for name in ceiling_models
         }
+        decode: dict[str, dict[int, list[float]]] = {
+            name: {c: [] for c in concurrency} for name in ceiling_models
+        }
         llama: dict[int, list[float]] = {c: [] for c in concurrency}
         try:
             await _throughput(backend, _requests(2, 4, "warmup"), 2)
@@ -201,6 +213,9 @@ def run_bench(
                     for name, model in ceiling_models.items():
                         best = forward_loop_tokens_per_s(model, prompt, c, max_tokens)
                         ceiling[name][c].append(best)
+                        decode[name][c].append(
+                            forward_loop_tokens_per_s(model, prompt, c, max_tokens, prefill=False)
+                        )
                         line += f", loop {name} {best:6.1f}"
                     if server is not None:
                         rate = await _throughput(server, _requests(count, max_tokens, tag), c)
@@ -218,6 +233,9 @@ def run_bench(
             "tokens_per_s_max": [round(max(ours[c]), 3) for c in concurrency],
             "ceiling_tokens_per_s": [max(col) for col in zip(*by_dtype.values(), strict=True)],
             "ceiling_by_dtype": by_dtype,
+            "ceiling_decode_tokens_per_s": [
+                max(_median(per[c]) for per in decode.values()) for c in concurrency
+            ],
             "llamacpp_tokens_per_s": [_median(llama[c]) if llama[c] else None for c in concurrency],
             "rounds": rounds,
             "peak_batch_size": backend.peak_batch_size,

@@ -15,6 +15,7 @@ from typing import Annotated, Any
 import typer
 from rich.console import Console
 
+from collab_agent import defaults
 from collab_agent.cli_options import LargeOption, ModelsOption, SmallOption, ThreadsOption
 from collab_agent.policies.base import Policy
 from collab_agent.serve.config import LOOPBACK_HOSTS, ServeConfig
@@ -124,8 +125,12 @@ def serve_command(
     on_large_unavailable: Annotated[
         str, typer.Option(help="fail (answer 503) or degrade (the small model writes).")
     ] = "fail",
-    temperature: Annotated[float, typer.Option(help="Default when a request sets none.")] = 0.6,
-    reasoning_budget: Annotated[int, typer.Option(help="Most reasoning tokens a request.")] = 2048,
+    temperature: Annotated[
+        float, typer.Option(help="Default when a request sets none.")
+    ] = defaults.TEMPERATURE,
+    reasoning_budget: Annotated[
+        int, typer.Option(help="Most reasoning tokens a request.")
+    ] = defaults.REASONING_BUDGET,
     priming: Annotated[int, typer.Option(help="TrigReason's priming steps.")] = 1,
     threads: ThreadsOption = None,
     api_key_env: Annotated[

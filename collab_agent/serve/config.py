@@ -6,7 +6,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Literal
 
-from collab_agent import _checks
+from collab_agent import _checks, defaults
 from collab_agent.errors import ConfigError
 from collab_agent.policies.base import Policy
 
@@ -46,8 +46,8 @@ class ServeConfig:
     max_body_bytes: int = 1 << 20
     retry_after_s: int = 1
     grace_s: float = 30.0
-    temperature: float = 0.6
-    reasoning_budget: int = 2048
+    temperature: float = defaults.TEMPERATURE
+    reasoning_budget: int = defaults.REASONING_BUDGET
     timeout_s: float | None = 600.0
     on_large_unavailable: Literal["fail", "degrade"] | None = None
     health_ttl_s: float = 5.0
