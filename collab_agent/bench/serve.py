@@ -19,6 +19,7 @@ import json
 import statistics
 import sys
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Annotated, Any
 
@@ -54,69 +55,13 @@ def _percentile(values: list[float], q: float) -> float | None:
     return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
 
 
-async def _http_phase(base_url: str, clients: int, seconds: float, body: dict[str, Any]) -> Phase:
-    """``clients`` streaming clients, each sending requests until ``seconds`` have passed."""
-    import anyio
-    import httpx
-
-    phase = Phase()
-    deadline = time.monotonic() + seconds
-    limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
-    async with httpx.AsyncClient(timeout=httpx.Timeout(600.0), limits=limits) as client:
-
-        async def worker(index: int) -> None:
-            n = 0
-            while time.monotonic() < deadline:
-                question = QUESTIONS[(index + n) % len(QUESTIONS)]
-                n += 1
-                request = {**body, "messages": [{"role": "user", "content": question}]}
-                started = time.perf_counter()
-                first, tokens, done = None, 0, False
-                try:
-                    async with client.stream(
-                        "POST", f"{base_url}/chat/completions", json=request
-                    ) as response:
-                        if response.status_code != 200:
-                            await response.aread()
-                            phase.errors += 1
-                            continue
-                        async for line in response.aiter_lines():
-                            if not line.startswith("data:"):
-                                continue
-                            data = line[5:].strip()
-                            if data == "[DONE]":
-                                done = True
-                                break
-                            chunk = json.loads(data)
-                            if "error" in chunk:
-                                break
-                            delta = chunk["choices"][0]["delta"] if chunk["choices"] else {}
-                            if first is None and (
-                                delta.get("reasoning_content") or delta.get("content")
-                            ):
-                                first = time.perf_counter() - started
-                            if chunk.get("usage"):
-                                tokens = chunk["usage"]["completion_tokens"]
-                except httpx.HTTPError:
-                    done = False
-                if not done:
-                    phase.errors += 1
-                    continue
-                phase.latencies.append(time.perf_counter() - started)
-                if first is not None:
-                    phase.ttfts.append(first)
-                phase.tokens += tokens
-
-        started = time.perf_counter()
-        async with anyio.create_task_group() as group:
-            for i in range(clients):
-                group.start_soon(worker, i)
-        phase.seconds = time.perf_counter() - started
-    return phase
+Ask = Callable[[str, Callable[[], None]], Awaitable[int | None]]
+"""One request: send ``question``, call the second argument at the first text, return the
+generated tokens, or ``None`` for an error."""
 
 
-async def _in_process_phase(model: Any, clients: int, seconds: float, options: dict) -> Phase:
-    """The same requests through `CollabChatModel.astream`, ``clients`` at once."""
+async def _phase(clients: int, seconds: float, ask: Ask) -> Phase:
+    """``clients`` callers, each asking one question after another until ``seconds`` have passed."""
     import anyio
 
     phase = Phase()
@@ -128,21 +73,18 @@ async def _in_process_phase(model: Any, clients: int, seconds: float, options: d
             question = QUESTIONS[(index + n) % len(QUESTIONS)]
             n += 1
             started = time.perf_counter()
-            first, tokens = None, 0
-            try:
-                async for chunk in model.astream(question, **options):
-                    if first is None and (
-                        chunk.content or chunk.additional_kwargs.get("reasoning_content")
-                    ):
-                        first = time.perf_counter() - started
-                    if chunk.usage_metadata:
-                        tokens = chunk.usage_metadata["output_tokens"]
-            except Exception:  # counted, like an HTTP error
+            first: list[float] = []
+
+            def on_text(started: float = started, first: list[float] = first) -> None:
+                if not first:
+                    first.append(time.perf_counter() - started)
+
+            tokens = await ask(question, on_text)
+            if tokens is None:
                 phase.errors += 1
                 continue
             phase.latencies.append(time.perf_counter() - started)
-            if first is not None:
-                phase.ttfts.append(first)
+            phase.ttfts.extend(first)
             phase.tokens += tokens
 
     started = time.perf_counter()
@@ -151,6 +93,62 @@ async def _in_process_phase(model: Any, clients: int, seconds: float, options: d
             group.start_soon(worker, i)
     phase.seconds = time.perf_counter() - started
     return phase
+
+
+async def _http_phase(base_url: str, clients: int, seconds: float, body: dict[str, Any]) -> Phase:
+    """``clients`` streaming clients, each sending requests until ``seconds`` have passed."""
+    import httpx
+
+    limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
+    async with httpx.AsyncClient(timeout=httpx.Timeout(600.0), limits=limits) as client:
+
+        async def ask(question: str, on_text: Callable[[], None]) -> int | None:
+            request = {**body, "messages": [{"role": "user", "content": question}]}
+            tokens = 0
+            try:
+                async with client.stream(
+                    "POST", f"{base_url}/chat/completions", json=request
+                ) as response:
+                    if response.status_code != 200:
+                        await response.aread()
+                        return None
+                    async for line in response.aiter_lines():
+                        if not line.startswith("data:"):
+                            continue
+                        data = line[5:].strip()
+                        if data == "[DONE]":
+                            return tokens
+                        chunk = json.loads(data)
+                        if "error" in chunk:
+                            return None
+                        delta = chunk["choices"][0]["delta"] if chunk["choices"] else {}
+                        if delta.get("reasoning_content") or delta.get("content"):
+                            on_text()
+                        if chunk.get("usage"):
+                            tokens = chunk["usage"]["completion_tokens"]
+            except httpx.HTTPError:
+                return None
+            return None  # the stream ended without [DONE]
+
+        return await _phase(clients, seconds, ask)
+
+
+async def _in_process_phase(model: Any, clients: int, seconds: float, options: dict) -> Phase:
+    """The same requests through `CollabChatModel.astream`, ``clients`` at once."""
+
+    async def ask(question: str, on_text: Callable[[], None]) -> int | None:
+        tokens = 0
+        try:
+            async for chunk in model.astream(question, **options):
+                if chunk.content or chunk.additional_kwargs.get("reasoning_content"):
+                    on_text()
+                if chunk.usage_metadata:
+                    tokens = chunk.usage_metadata["output_tokens"]
+        except Exception:  # counted, like an HTTP error
+            return None
+        return tokens
+
+    return await _phase(clients, seconds, ask)
 
 
 def _free_port() -> int:
