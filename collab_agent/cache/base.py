@@ -547,13 +547,13 @@ class KVLayer(CacheLayerMixin):
         plan = self.cache.plan_for(self)
         if plan is None:
             return
-        n = self.length
         scores = self.cache.method.token_scores(self.cache, self).float()
-        held = _occupied(self.positions, n)
-        idx = torch.arange(n, device=self.device)
-        recent = idx >= (n - plan.recent.to(self.device))[:, None, None]
-        scores = scores.masked_fill(recent, float("inf")).masked_fill(~held, float("-inf"))
-        keep = _top_mask(scores, plan.keep.to(self.device))
+        keep = _kept(
+            scores,
+            plan.recent.to(self.device),
+            plan.keep.to(self.device),
+            _occupied(self.positions, self.length),
+        )
         stays = keep.gather(2, self.positions.clamp(min=0)) & (self.positions >= 0)
         self.positions = torch.where(stays, self.positions, torch.full_like(self.positions, -1))
 
@@ -598,18 +598,15 @@ class KVLayer(CacheLayerMixin):
         # this call's tokens are always kept (a query must see itself), even over the budget
         n_recent = plan.recent.clamp(min=q_new).to(self.device)
         n_keep = torch.maximum(plan.keep.to(self.device), n_recent)
-        idx = torch.arange(n, device=self.device)
-        recent = idx >= (n - n_recent)[:, None, None]
         # a token evicted for good (not reversible) stays out even inside the recent window,
         # which can reach back over evicted tokens after a crop
-        scores = scores.masked_fill(recent, float("inf")).masked_fill(~alive, float("-inf"))
-        keep_mask = _top_mask(scores, n_keep)
+        keep_mask = _kept(scores, n_recent, n_keep, alive)
         if not self.compressed:
             self._gather_initial(keep_mask, k_new, v_new, old)
         else:
             self._refresh(keep_mask, k_new, v_new, old)
         if method.has_marginal:
-            rest = scores.masked_fill(keep_mask, float("-inf"))
+            rest = scores.masked_fill(keep_mask | ~alive, float("-inf"))
             marginal_mask = _top_mask(rest, plan.marginal.to(self.device)) & alive
             self._refresh_marginal(marginal_mask, v_new, old)
 
@@ -735,6 +732,18 @@ def _occupied(positions: torch.Tensor, length: int) -> torch.Tensor:
     out = torch.zeros(b, h, length + 1, dtype=torch.bool, device=positions.device)
     out.scatter_(2, positions + 1, True)
     return out[..., 1:]
+
+
+def _kept(
+    scores: torch.Tensor, n_recent: torch.Tensor, n_keep: torch.Tensor, alive: torch.Tensor
+) -> torch.Tensor:
+    """``(B, H, L)`` mask of the tokens kept: the last ``n_recent[b]`` always, then the best
+    scores up to ``n_keep[b]`` in all, never a token outside ``alive``."""
+    n = scores.shape[-1]
+    idx = torch.arange(n, device=scores.device)
+    recent = idx >= (n - n_recent)[:, None, None]
+    scores = scores.masked_fill(recent, float("inf")).masked_fill(~alive, float("-inf"))
+    return _top_mask(scores, n_keep)
 
 
 def _top_mask(scores: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
