@@ -9,8 +9,8 @@ Rows, each at every concurrency ``c`` (default 1, 4, 16):
 - the ceiling: a plain transformers forward loop of the same model at batch ``c`` on the same
   prompt, doing the same work as ours (the prefill, then greedy decode steps until each row has
   ``--max-tokens`` tokens, all timed; no scheduling, no sampling, no text), in bf16 and in
-  float32; the best of the two is ``ceiling_tokens_per_s``. The decode steps alone (prefill not
-  timed) are ``ceiling_decode_tokens_per_s``, what a long generation tends to;
+  float32; the best of the two is ``ceiling_tokens_per_s``. The same run's decode steps alone
+  (prefill not timed) are ``ceiling_decode_tokens_per_s``, what a long generation tends to;
 - llama.cpp: the managed llama.cpp server (`LlamaCppBackend`) on the model's GGUF with ``c``
   ``n_parallel`` slots started for the top level, the same requests (bundled models only).
 
@@ -89,13 +89,16 @@ async def _throughput(backend: Any, requests: list[Any], concurrency: int) -> fl
 
 
 def forward_loop_tokens_per_s(
-    model: Any, prompt: list[int], batch: int, steps: int, *, prefill: bool = True
-) -> float:
-    """The plain transformers ceiling: ``batch`` copies of ``prompt`` prefilled, then greedy
-    decode steps of the whole batch until each row has ``steps`` tokens. With ``prefill`` (the
-    default) the prefill is timed too, so the loop does the same work as a generation of
-    ``steps`` tokens (the first comes from the prefill's logits); without, only the decode steps
-    are timed (tokens per second over ``steps`` decode steps)."""
+    model: Any, prompt: list[int], batch: int, steps: int
+) -> tuple[float, float]:
+    """The plain transformers ceiling, from one run: ``batch`` copies of ``prompt`` prefilled,
+    then greedy decode steps of the whole batch until each row has ``steps`` tokens (the first
+    comes from the prefill's logits).
+
+    Returns (tokens per second with the prefill timed too, the same work as a generation of
+    ``steps`` tokens; tokens per second of the decode steps alone, the prefill's rate when
+    ``steps`` is 1).
+    """
     import inspect
 
     import torch
@@ -109,12 +112,14 @@ def forward_loop_tokens_per_s(
         started = time.perf_counter()
         out = model(input_ids=ids, use_cache=True, logits_to_keep=1, **cache)
         token = out.logits[:, -1].argmax(-1, keepdim=True)
-        if not prefill:
-            started = time.perf_counter()
-        for _ in range(steps - 1 if prefill else steps):
+        prefilled = time.perf_counter()
+        for _ in range(steps - 1):
             out = model(input_ids=token, use_cache=True, logits_to_keep=1, **cache)
             token = out.logits[:, -1].argmax(-1, keepdim=True)
-        return batch * steps / (time.perf_counter() - started)
+        ended = time.perf_counter()
+    same_work = batch * steps / (ended - started)
+    decode = batch * (steps - 1) / (ended - prefilled) if steps > 1 else same_work
+    return same_work, decode
 
 
 def _median(values: list[float]) -> float:
@@ -211,11 +216,9 @@ def run_bench(
                     ours[c].append(rate)
                     line = f"  round {index + 1} c={c:>3}: ours {rate:6.1f}"
                     for name, model in ceiling_models.items():
-                        best = forward_loop_tokens_per_s(model, prompt, c, max_tokens)
+                        best, decoding = forward_loop_tokens_per_s(model, prompt, c, max_tokens)
                         ceiling[name][c].append(best)
-                        decode[name][c].append(
-                            forward_loop_tokens_per_s(model, prompt, c, max_tokens, prefill=False)
-                        )
+                        decode[name][c].append(decoding)
                         line += f", loop {name} {best:6.1f}"
                     if server is not None:
                         rate = await _throughput(server, _requests(count, max_tokens, tag), c)
