@@ -57,9 +57,11 @@ def make_cache(name: str, small: Any, budget: float) -> Any:
 
 
 class Meter:
-    """Counts on the two models: SRM forward tokens, LRM one-token forward seconds."""
+    """Counts on the two models: SRM forward tokens, LRM one-token forward seconds (nothing
+    while ``paused``: another method's problem is running)."""
 
     def __init__(self, small_model: Any, large_model: Any) -> None:
+        self.paused = False
         self.srm_tokens = 0
         self.decode_s = 0.0
         self.decode_steps = 0
@@ -77,12 +79,13 @@ class Meter:
 
     def _count_srm(self, module: Any, args: Any, kwargs: Any) -> None:
         ids = self._ids(args, kwargs)
-        if ids is not None:
+        if ids is not None and not self.paused:
             self.srm_tokens += int(ids.shape[-1])
 
     def _start(self, module: Any, args: Any, kwargs: Any) -> None:
         ids = self._ids(args, kwargs)
-        self._started = time.perf_counter() if ids is not None and ids.shape[-1] == 1 else 0.0
+        one_token = ids is not None and ids.shape[-1] == 1
+        self._started = time.perf_counter() if one_token and not self.paused else 0.0
 
     def _stop(self, module: Any, args: Any, kwargs: Any, output: Any) -> None:
         if self._started:
@@ -95,84 +98,114 @@ class Meter:
             handle.remove()
 
 
-async def run_method(
-    name: str,
-    small: Any,
-    large_model: Any,
-    tokenizer: Any,
-    problems: list[Problem],
-    budget: float,
-    reasoner_options: dict[str, Any],
-) -> dict[str, Any]:
-    """TrigReason over ``problems`` with the LRM's cache of method ``name``; raw figures."""
-    from collab_agent.backends.local import TransformersBackend, common_prefix_length
-    from collab_agent.evaluation.grading import extract_answer, is_correct
-    from collab_agent.policies import TrigReason
-    from collab_agent.reasoner import Reasoner
+class MethodRun:
+    """TrigReason with the LRM's cache of method ``name``: one problem at a time, raw figures."""
 
-    method = make_cache(name, small, budget)
-    large = TransformersBackend(large_model, tokenizer, name=f"large-{name}", cache=method)
-    meter = Meter(small.model, large_model)
-    held: dict[str, list[int]] = {}
-    peaks: dict[str, tuple[int, int]] = {}
-    rollbacks = 0
+    def __init__(
+        self,
+        name: str,
+        small: Any,
+        large_model: Any,
+        tokenizer: Any,
+        budget: float,
+        reasoner_options: dict[str, Any],
+    ) -> None:
+        from collab_agent.backends.local import TransformersBackend
+        from collab_agent.policies import TrigReason
+        from collab_agent.reasoner import Reasoner
 
-    def observe(request: Any, prompt: list[int], sampled: list[int]) -> None:
-        nonlocal rollbacks
+        self.name = name
+        self.method = make_cache(name, small, budget)
+        self.large = TransformersBackend(
+            large_model, tokenizer, name=f"large-{name}", cache=self.method
+        )
+        self.meter = Meter(small.model, large_model)
+        self.held: dict[str, list[int]] = {}
+        self.peaks: dict[str, tuple[int, int]] = {}
+        self.rollbacks = 0
+        self.answers: list[str | None] = []
+        self.correct: list[bool] = []
+        self.errors = 0
+        self.large.on_generation = self._observe
+        self.reasoner = Reasoner(small, self.large, TrigReason(priming_steps=1), **reasoner_options)
+        self._detached = False
+        # each method hooks the large model only while its problem runs, so the others' hooks
+        # (SmallKV's pre-hook, the meter's timers) never fire on its calls
+        self._pause()
+
+    def _observe(self, request: Any, prompt: list[int], sampled: list[int]) -> None:
+        from collab_agent.backends.local import common_prefix_length
+
         cid = request.conversation_id
-        before = held.get(cid, [])
+        before = self.held.get(cid, [])
         if common_prefix_length(before, prompt) < len(before):
-            rollbacks += 1
-        held[cid] = prompt + sampled[:-1]
-        entry = large._store._entries.get(cid)
+            self.rollbacks += 1
+        self.held[cid] = prompt + sampled[:-1]
+        entry = self.large._store._entries.get(cid)
         if entry is not None:
             kv = entry.kv
             device = kv.device_bytes() if hasattr(kv, "device_bytes") else entry.nbytes
             full = kv.full_bytes() if hasattr(kv, "full_bytes") else entry.nbytes
-            old = peaks.get(cid, (0, 0))
+            old = self.peaks.get(cid, (0, 0))
             if device > old[0]:
-                peaks[cid] = (device, max(full, old[1]))
+                self.peaks[cid] = (device, max(full, old[1]))
 
-    large.on_generation = observe
-    answers: list[str | None] = []
-    correct: list[bool] = []
-    errors = 0
-    try:
-        reasoner = Reasoner(small, large, TrigReason(priming_steps=1), **reasoner_options)
-        for i, problem in enumerate(problems):
-            started = time.perf_counter()
-            try:
-                trace = await reasoner.run(
-                    [{"role": "user", "content": problem.question}],
-                    conversation_id=f"{name}-{problem.id}",
-                )
-                answer = extract_answer(trace.answer)
-            except Exception as exc:  # count it and go on: a crash is a figure here
-                errors += 1
-                answer = None
-                log(f"[kv-collab] {name} problem {i}: {type(exc).__name__}: {exc}")
-            ok = answer is not None and is_correct(answer, problem.answer)
-            answers.append(answer)
-            correct.append(ok)
-            log(
-                f"[kv-collab] {name} {problem.id}: {'right' if ok else 'wrong'} "
-                f"({answer!r} vs {problem.answer}), {time.perf_counter() - started:.0f} s"
+    def _pause(self) -> None:
+        self.meter.paused = True
+        if self.method is not None and hasattr(self.method, "detach"):
+            self.method.detach()
+
+    def _resume(self, large_model: Any) -> None:
+        self.meter.paused = False
+        if self.method is not None and hasattr(self.method, "attach"):
+            self.method.attach(large_model)
+
+    async def solve(self, problem: Problem, large_model: Any) -> bool:
+        """One problem; a crash is counted and logged, not raised (it is a figure here)."""
+        from collab_agent.evaluation.grading import extract_answer, is_correct
+
+        started = time.perf_counter()
+        self._resume(large_model)
+        try:
+            trace = await self.reasoner.run(
+                [{"role": "user", "content": problem.question}],
+                conversation_id=f"{self.name}-{problem.id}",
             )
-    finally:
-        meter.close()
-        if method is not None and hasattr(method, "detach"):
-            method.detach()
-    device = sum(d for d, _ in peaks.values())
-    full = sum(f for _, f in peaks.values())
-    return {
-        "answers": answers,
-        "correct": sum(correct),
-        "kv_bytes": device / full if full else 1.0,
-        "decode_s_per_token": meter.decode_s / meter.decode_steps if meter.decode_steps else 0.0,
-        "srm_forward_tokens": meter.srm_tokens,
-        "rollbacks": rollbacks,
-        "errors": errors,
-    }
+            answer = extract_answer(trace.answer)
+        except Exception as exc:
+            self.errors += 1
+            answer = None
+            log(f"[kv-collab] {self.name} {problem.id}: {type(exc).__name__}: {exc}")
+        finally:
+            self._pause()
+        ok = answer is not None and is_correct(answer, problem.answer)
+        self.answers.append(answer)
+        self.correct.append(ok)
+        log(
+            f"[kv-collab] {self.name} {problem.id}: {'right' if ok else 'wrong'} "
+            f"({answer!r} vs {problem.answer}), {time.perf_counter() - started:.0f} s"
+        )
+        return ok
+
+    def figures(self) -> dict[str, Any]:
+        device = sum(d for d, _ in self.peaks.values())
+        full = sum(f for _, f in self.peaks.values())
+        meter = self.meter
+        return {
+            "answers": self.answers,
+            "correct": sum(self.correct),
+            "kv_bytes": device / full if full else 1.0,
+            "decode_s_per_token": meter.decode_s / meter.decode_steps
+            if meter.decode_steps
+            else 0.0,
+            "srm_forward_tokens": meter.srm_tokens,
+            "rollbacks": self.rollbacks,
+            "errors": self.errors,
+        }
+
+    def close(self) -> None:
+        self.meter.close()
+        self._pause()
 
 
 async def run_kv_collab(
@@ -184,13 +217,25 @@ async def run_kv_collab(
     methods: tuple[str, ...],
     reasoner_options: dict[str, Any],
 ) -> dict[str, Any]:
-    """The benchmark on loaded models; returns the JSON object `bench kv-collab` prints."""
-    raw = {
-        name: await run_method(
-            name, small, large_model, tokenizer, problems, budget, reasoner_options
-        )
-        for name in ("full", *[m for m in methods if m != "full"])
-    }
+    """The benchmark on loaded models; returns the JSON object `bench kv-collab` prints.
+
+    Every problem runs under every method before the next problem starts, so a change in the
+    machine's load falls on all methods alike (the decode-time ratios are then fair), and a run
+    stopped early still compares the methods on the same problems."""
+    names = ("full", *[m for m in methods if m != "full"])
+    runs = [MethodRun(n, small, large_model, tokenizer, budget, reasoner_options) for n in names]
+    try:
+        for problem in problems:
+            for run in runs:
+                await run.solve(problem, large_model)
+            so_far = {
+                run.name: {k: v for k, v in run.figures().items() if k != "answers"} for run in runs
+            }
+            log(f"[kv-collab] after {problem.id}: {json.dumps(so_far)}")
+    finally:
+        for run in runs:
+            run.close()
+    raw = {run.name: run.figures() for run in runs}
     full = raw["full"]
     result: dict[str, Any] = {"problems": len(problems), "budget": budget, "methods": {}}
     for name, cell in raw.items():
