@@ -1,4 +1,4 @@
-"""Calibration per model pair (issue 9): on a synthetic pair it reaches its target share, picks
+"""Calibration per model pair: on a synthetic pair it reaches its target share, picks
 the signal that knows when the small model is wrong, and writes a policy file that loads back."""
 
 from __future__ import annotations

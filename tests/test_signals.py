@@ -1,4 +1,4 @@
-"""The triggers beyond the paper (issue 9): large-model surprise, small-model uncertainty and
+"""The triggers beyond the paper: large-model surprise, small-model uncertainty and
 n-gram repetition, each driven by ScriptedBackend, and LargeSurprise on the tiny real pair."""
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """`collab-agent bench kv`: SmallKV against H2O, SnapKV and StreamingLLM at equal KV budgets.
 
-Protocol (issue 6): each context is a chat prompt of exactly ``--context-tokens`` tokens
+Protocol: each context is a chat prompt of exactly ``--context-tokens`` tokens
 (MATH-500 problems with their worked solutions as few-shot examples, then a new problem). The
 full-cache LRM writes its greedy continuation (``--tokens``) one token at a time; every method
 then reads the same prompt and is teacher-forced along that continuation one token at a time

@@ -1,6 +1,6 @@
 """`collab-agent bench kv-gsm8k`: the large model's GSM8K answers with each KV cache at one budget.
 
-Issue 6's accuracy check: each problem is a chat prompt of exactly ``--prompt-tokens`` tokens
+The accuracy check: each problem is a chat prompt of exactly ``--prompt-tokens`` tokens
 (worked GSM8K solutions from other problems as few-shot examples, cut at the front to fit, then
 the problem), so the budget has a long prompt to compress and the prompts run as rows of one
 batch. The large model answers greedily with the full cache and with every method's cache at

@@ -1,4 +1,4 @@
-"""kvpress's presses on `bench kv`'s contexts: the peer rows of its table (issue 6).
+"""kvpress's presses on `bench kv`'s contexts: the peer rows of its table.
 
 kvpress (NVIDIA, https://github.com/NVIDIA/kvpress) pins ``transformers<5.3``, so this file runs
 under a separate interpreter that has it and imports only the standard library, torch,

@@ -148,7 +148,7 @@ def _session(trace: Trace, who: str) -> Session:
 
 @dataclass
 class LargeSurprise(StepSignal):
-    """Large-model surprise (beyond TrigReason, issue 9): reject a small-model step that the
+    """Large-model surprise (beyond TrigReason): reject a small-model step that the
     large model finds unlikely, and let the large model rewrite it.
 
     The step's text (and the step delimiter after it) is scored under the LRM with one prefill
@@ -241,7 +241,7 @@ def _score_usage(
 
 @dataclass
 class SmallUncertainty(StepSignal):
-    """Small-model uncertainty (beyond TrigReason, issue 9): reject a small-model step whose own
+    """Small-model uncertainty (beyond TrigReason): reject a small-model step whose own
     token logprobs are low, the opposite reading of cognitive offload (Sec. 3.3), at no extra
     cost. Needs the SRM's chosen-token logprobs; a step without them is kept.
 
@@ -295,7 +295,7 @@ def repeated_share(text: str, earlier: Sequence[str], n: int) -> float | None:
 
 @dataclass
 class Repetition(StepSignal):
-    """Repetition (beyond TrigReason, issue 9): reject a small-model step that mostly repeats
+    """Repetition (beyond TrigReason): reject a small-model step that mostly repeats
     earlier steps, measured as the share of its character n-grams already written. Replaces the
     English hesitation lexicon of the intervention request (Sec. 3.4) as a loop detector: it
     needs no word list and works in any script.
