@@ -32,8 +32,9 @@ if TYPE_CHECKING:
     from collab_agent.evaluation.datasets import Problem
 
 METHODS = ("full", "smallkv", "h2o", "snapkv", "streaming")
-VARIANTS = ("smallkv_paper", "smallkv_recent")
-"""Extra rows on request: `SmallKV.PAPER`, and the defaults with half the allowance recent."""
+VARIANTS = ("smallkv_paper", "smallkv_recent", "smallkv_accumulated")
+"""Extra rows on request: `SmallKV.PAPER`; the defaults with half the allowance recent; the
+defaults ranking by the SRM's attention accumulated over every query instead of a window."""
 
 
 def log(message: str) -> None:
@@ -52,6 +53,8 @@ def make_cache(name: str, small: Any, budget: float) -> Any:
         return SmallKV(assistant=small, budget=budget, **SmallKV.PAPER)
     if name == "smallkv_recent":  # half the allowance a recent window, as H2O's
         return SmallKV(assistant=small, budget=budget, budget_of="context", split=(1, 1, 0))
+    if name == "smallkv_accumulated":
+        return SmallKV(assistant=small, budget=budget, budget_of="context", score="accumulated")
     makers = {"h2o": H2O, "snapkv": SnapKV, "streaming": StreamingLLM}
     return makers[name](budget=budget, budget_of="context")
 

@@ -797,15 +797,17 @@ def _refresh_slots(
     k_in, v_in = layer._source(in_tok, k_new if len(stores) == 2 else None, v_new, old)
     out = []
     sources = [k_in, v_in] if len(stores) == 2 else [v_in]
+    # in place: the slot stores belong to this layer alone (`clone` deep-copies them), and an
+    # out-of-place scatter copied every slot on every decode step
     for store, src in zip(stores, sources, strict=True):
         assert src is not None
         d = store.shape[-1]
         idx = slot[..., None].expand(b, h, m, d)
         cur = store.gather(2, idx)
-        store = store.scatter(2, idx, torch.where(in_ok[..., None], src.to(store.dtype), cur))
+        store.scatter_(2, idx, torch.where(in_ok[..., None], src.to(store.dtype), cur))
         out.append(store)
     cur_pos = positions.gather(2, slot)
-    positions = positions.scatter(2, slot, torch.where(in_ok, in_tok, cur_pos))
+    positions.scatter_(2, slot, torch.where(in_ok, in_tok, cur_pos))
     return (positions, *out)
 
 
