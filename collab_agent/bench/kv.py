@@ -33,7 +33,8 @@ from collab_agent.cli_options import JsonOption
 if TYPE_CHECKING:
     import torch
 
-DATA = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "math500.jsonl"
+DATA_NAME = "math500.jsonl"
+"""The contexts' file in the data folder (`collab_agent.evaluation.datasets.data_dir`)."""
 METHOD_NAMES = ("smallkv", "h2o", "snapkv", "streaming", "expected")
 SMALLKV_SETTINGS: dict[str, tuple[bool, dict[str, Any]]] = {
     "smallkv": (False, {}),
@@ -403,7 +404,10 @@ def register(bench: typer.Typer) -> None:
         methods: Annotated[str, typer.Option(help="Comma-separated methods.")] = ",".join(
             METHOD_NAMES
         ),
-        data: Annotated[Path, typer.Option(help="MATH-500 JSONL for the contexts.")] = DATA,
+        data: Annotated[
+            Path | None,
+            typer.Option(help="MATH-500 JSONL for the contexts (default: the data folder's)."),
+        ] = None,
         peer_kvpress: Annotated[
             str | None,
             typer.Option(
@@ -417,6 +421,7 @@ def register(bench: typer.Typer) -> None:
         import torch
 
         from collab_agent.errors import ConfigError
+        from collab_agent.evaluation.datasets import data_dir
 
         try:
             budget_list = [float(b) for b in budgets.split(",") if b.strip()]
@@ -432,7 +437,9 @@ def register(bench: typer.Typer) -> None:
         torch.manual_seed(0)
         with torch.inference_mode():
             small, large, tokenizer = load_models(models)
-            ctx = build_contexts(tokenizer, contexts, context_tokens, data)
+            ctx = build_contexts(
+                tokenizer, contexts, context_tokens, data or data_dir() / DATA_NAME
+            )
             result = run_kv_bench(
                 small, large, ctx, tokens, budget_list, method_list, peer_python=peer_kvpress
             )
