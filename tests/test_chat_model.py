@@ -81,8 +81,12 @@ def test_invoke_returns_answer_with_reasoning_and_the_collaboration_trace() -> N
     assert small.calls == 3 and large.calls == 1
 
 
-def test_stream_yields_each_step_as_reasoning_before_any_answer_text() -> None:
-    model, _, _ = pair(["Step two.", "Step three.", "Final answer: 5"], ["Step one."])
+def test_step_granularity_yields_each_step_as_reasoning_before_any_answer_text() -> None:
+    model, _, _ = pair(
+        ["Step two.", "Step three.", "Final answer: 5"],
+        ["Step one."],
+        stream_granularity="step",
+    )
     chunks = list(model.stream("What is 2 + 3?"))
 
     reasoning = [c.additional_kwargs.get("reasoning_content") for c in chunks]
@@ -99,7 +103,7 @@ def test_stream_yields_each_step_as_reasoning_before_any_answer_text() -> None:
 
 
 async def test_astream_and_ainvoke_match_the_sync_calls() -> None:
-    model, _, _ = pair(["Step two.", "Final answer: 5"], ["Step one."])
+    model, _, _ = pair(["Step two.", "Final answer: 5"], ["Step one."], stream_granularity="step")
     chunks = [c async for c in model.astream("What is 2 + 3?")]
     assert [c.additional_kwargs.get("reasoning_content") for c in chunks[:2]] == [
         "Step one.",
