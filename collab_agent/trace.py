@@ -95,6 +95,8 @@ class Trace:
 
     conversation_id: str
     policy: str = ""
+    splitter: str = ""
+    """The step splitter's name (``"blank-line"``, ``"line"``): how the steps were cut."""
     steps: list[Step] = field(default_factory=list)
     answer: str = ""
     answer_author: Role | None = None
@@ -153,6 +155,7 @@ class Trace:
         """Compact figures for logs and ``response_metadata['collab']``."""
         return {
             "policy": self.policy,
+            "splitter": self.splitter,
             "steps": [
                 {
                     "index": s.index,

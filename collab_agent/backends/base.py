@@ -8,7 +8,7 @@ that is an optimisation invisible to the caller.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol, runtime_checkable
 
@@ -145,6 +145,31 @@ class Backend(Protocol):
     async def generate(self, request: GenerateRequest) -> Generation:
         """Continue ``request.reasoning`` for ``request.messages``."""
         ...
+
+
+@runtime_checkable
+class StreamingBackend(Backend, Protocol):
+    """A backend that can hand out text as it is decoded."""
+
+    def stream(self, request: GenerateRequest) -> AsyncIterator[str | Generation]:
+        """Yield text deltas as tokens are decoded (never any of the stop string), then the
+        whole `Generation`, whose ``text`` is the deltas joined."""
+        ...
+
+
+async def stream_generation(
+    backend: Backend, request: GenerateRequest
+) -> AsyncIterator[str | Generation]:
+    """Text deltas then the `Generation`: token by token from a `StreamingBackend`, otherwise
+    the whole text as one delta once ``generate`` returns."""
+    if isinstance(backend, StreamingBackend):
+        async for item in backend.stream(request):
+            yield item
+        return
+    generation = await backend.generate(request)
+    if generation.text:
+        yield generation.text
+    yield generation
 
 
 @runtime_checkable

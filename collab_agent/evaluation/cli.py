@@ -18,6 +18,7 @@ from collab_agent.cli_options import (
     LargeOption,
     ModelsOption,
     SmallOption,
+    SplitterOption,
     ThreadsOption,
 )
 from collab_agent.errors import ConfigError
@@ -104,6 +105,7 @@ def eval_command(
         bool, typer.Option(help="The models reason inside <think> ... </think>.")
     ] = False,
     threads: ThreadsOption = None,
+    splitter: SplitterOption = None,
     timeout: Annotated[
         float | None, typer.Option(help="Seconds one run may take before it is recorded failed.")
     ] = None,
@@ -126,8 +128,10 @@ def eval_command(
     from collab_agent.evaluation.report import markdown_table, summary_table
     from collab_agent.evaluation.runner import PLOT_FILE, evaluate
     from collab_agent.prompting import STEPWISE, THINK
+    from collab_agent.splitting import resolve_splitter
 
     stderr = Console(stderr=True)
+    step_splitter = resolve_splitter(splitter, "--splitter") if splitter else None
     data_path = resolve_dataset(data)
     names = [p.strip() for p in (policy or DEFAULT_POLICIES).split(",") if p.strip()]
     trig: dict[str, Any] = {"priming_steps": priming}
@@ -188,6 +192,7 @@ def eval_command(
                 sampling=sampling,
                 seed=seed,
                 format=THINK if think else STEPWISE,
+                splitter=step_splitter,
                 budget=budget,
                 max_steps=max_steps,
                 step_max_tokens=step_max_tokens,

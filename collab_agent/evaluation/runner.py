@@ -31,6 +31,7 @@ from collab_agent.policies.base import Policy
 from collab_agent.policies.trigreason import confident_share
 from collab_agent.prompting import STEPWISE, ReasoningFormat
 from collab_agent.reasoner import Reasoner
+from collab_agent.splitting import StepSplitter, choose_splitter
 from collab_agent.trace import Trace
 
 RECORDS_FILE = "records.jsonl"
@@ -278,6 +279,7 @@ async def evaluate(
     sampling: Sampling = GREEDY,
     seed: int | None = None,
     format: ReasoningFormat = STEPWISE,
+    splitter: StepSplitter | str | None = None,
     budget: int | None = None,
     max_steps: int = 64,
     step_max_tokens: int = 256,
@@ -306,6 +308,7 @@ async def evaluate(
             seed ``seed + i``.
         seed: base seed of the samples.
         format: the reasoning format (`STEPWISE` or `THINK`).
+        splitter: where a step ends, as in `Reasoner` (``None``: the pair's default).
         budget, max_steps, step_max_tokens, answer_max_tokens: as in `Reasoner`.
         policy_options: keyword arguments per policy name given to its factory
             (``{"trigreason": {"priming_steps": 1}}``).
@@ -331,11 +334,15 @@ async def evaluate(
     if not problems:
         raise ConfigError("data", "holds no problems")
     resolved = resolve_policies(policies, policy_options or {})
+    step_splitter = choose_splitter(
+        splitter, small.name, large.name, format.splitter, think=bool(format.close)
+    )
     out_dir = Path(out) if out is not None else None
     config = {
         "small": small.name,
         "large": large.name,
         "format": format.name,
+        "splitter": step_splitter.name,
         "sampling": asdict(sampling),
         "seed": seed,
         "budget": budget,
@@ -367,6 +374,7 @@ async def evaluate(
             large,
             policy,
             format=format,
+            splitter=step_splitter,
             sampling=Sampling(sampling.temperature, sampling.top_p, sample_seed),
             budget=budget,
             max_steps=max_steps,

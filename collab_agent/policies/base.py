@@ -120,6 +120,15 @@ class Policy:
                 return decision
         return None
 
+    @property
+    def can_reject(self) -> bool:
+        """Whether any trigger may reject a small-model step (a `BaseTrigger` that keeps the
+        default ``after_step`` cannot), so a small step may be shown before it is judged."""
+        return any(
+            getattr(type(t), "after_step", None) is not BaseTrigger.after_step
+            for t in self.triggers
+        )
+
     async def after_step(self, trace: Trace, step: Step) -> Reject | None:
         """The first rejection any trigger makes of a small-model step, if any."""
         for trigger in self.triggers:
