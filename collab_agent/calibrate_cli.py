@@ -98,7 +98,6 @@ def calibrate_command(
     from rich.console import Console
     from rich.table import Table
 
-    from collab_agent.backends.base import Sampling
     from collab_agent.backends.specs import resolve_pair
     from collab_agent.calibration import (
         calibrate,
@@ -111,6 +110,7 @@ def calibrate_command(
     from collab_agent.policies.base import Policy
     from collab_agent.prompting import STEPWISE, THINK
     from collab_agent.reasoner import Reasoner
+    from collab_agent.types import Sampling
 
     stderr = Console(stderr=True)
     data_path = resolve_dataset(data)

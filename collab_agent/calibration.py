@@ -47,11 +47,12 @@ from collab_agent.policies.trigreason import (
 )
 
 if TYPE_CHECKING:
-    from collab_agent.backends.base import Backend, Sampling
+    from collab_agent.backends.base import Backend
     from collab_agent.evaluation.datasets import Problem
     from collab_agent.prompting import ReasoningFormat
     from collab_agent.reasoner import Reasoner
     from collab_agent.trace import Step, Trace
+    from collab_agent.types import Sampling
 
 POLICY_FILE_FORMAT = "collab-agent-policy"
 POLICY_FILE_VERSION = 1
@@ -620,11 +621,12 @@ async def replay_signals(
     a session like the reasoner's (so a local large model reuses its cache from step to step;
     without ``large`` such a signal raises `CapabilityError`). ``small`` is only a stand-in for
     the session (no built-in candidate calls it)."""
-    from collab_agent.backends.base import GREEDY, release_conversation
+    from collab_agent.backends.base import release_conversation
     from collab_agent.limits import map_limited
     from collab_agent.prompting import STEPWISE
     from collab_agent.session import Session
     from collab_agent.trace import Trace
+    from collab_agent.types import GREEDY
 
     _checks.positive_int("concurrency", concurrency)
     records: dict[str, list[StepRecord]] = {}

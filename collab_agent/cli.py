@@ -114,11 +114,11 @@ def run(
 ) -> None:
     """Answer one question, streaming each step with who wrote it and why."""
     started = time.perf_counter()
-    from collab_agent.backends.base import Sampling
     from collab_agent.policies.registry import resolve_policy
     from collab_agent.prompting import STEPWISE, THINK
     from collab_agent.reasoner import Reasoner
     from collab_agent.splitting import resolve_splitter
+    from collab_agent.types import Sampling
 
     options: dict[str, Any] = {"priming_steps": priming} if policy == "trigreason" else {}
     chosen = resolve_policy(policy, allow_code=True, **options)  # the user's own choice

@@ -20,9 +20,9 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from collab_agent.backends.base import Message
 from collab_agent.errors import InvalidMessagesError
 from collab_agent.splitting import BLANK_LINE, StepSplitter
+from collab_agent.types import Message
 
 STEP_DELIMITER = BLANK_LINE.delimiter
 

@@ -16,8 +16,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from collab_agent.backends.base import Generation
 from collab_agent.errors import ConfigError
+from collab_agent.types import Generation
 
 
 @dataclass(frozen=True)

@@ -10,7 +10,7 @@ from collections import Counter
 from dataclasses import asdict, dataclass, field, fields
 from typing import TYPE_CHECKING, Any, Literal
 
-from collab_agent.backends.base import Generation, Role
+from collab_agent.types import Generation, Role
 
 if TYPE_CHECKING:
     from collab_agent.session import Session

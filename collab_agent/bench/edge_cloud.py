@@ -167,10 +167,9 @@ def register(bench: typer.Typer) -> None:
         """LRM-only vs SpecReason vs TrigReason with the LRM behind a simulated link."""
         import anyio
 
-        from collab_agent.backends.base import Sampling
-        from collab_agent.backends.network import Price
         from collab_agent.backends.specs import load_backend, resolve_pair
         from collab_agent.bench.prefix_reuse import load_problems
+        from collab_agent.types import Price, Sampling
 
         names = [p.strip() for p in policies.split(",") if p.strip()]
         if "specreason" in names:

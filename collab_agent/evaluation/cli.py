@@ -123,12 +123,12 @@ def eval_command(
     import anyio
     from rich.console import Console
 
-    from collab_agent.backends.base import Sampling
     from collab_agent.evaluation.datasets import resolve_dataset
     from collab_agent.evaluation.report import markdown_table, summary_table
     from collab_agent.evaluation.runner import PLOT_FILE, evaluate
     from collab_agent.prompting import STEPWISE, THINK
     from collab_agent.splitting import resolve_splitter
+    from collab_agent.types import Sampling
 
     stderr = Console(stderr=True)
     step_splitter = resolve_splitter(splitter, "--splitter") if splitter else None

@@ -23,7 +23,7 @@ from typing import Any
 import anyio
 
 from collab_agent import _checks
-from collab_agent.backends.base import GREEDY, Backend, Sampling
+from collab_agent.backends.base import Backend
 from collab_agent.errors import ConfigError
 from collab_agent.evaluation.datasets import Problem, load_dataset
 from collab_agent.evaluation.grading import grade
@@ -33,6 +33,7 @@ from collab_agent.prompting import STEPWISE, ReasoningFormat
 from collab_agent.reasoner import Reasoner
 from collab_agent.splitting import StepSplitter, choose_splitter
 from collab_agent.trace import Trace
+from collab_agent.types import GREEDY, Sampling
 
 RECORDS_FILE = "records.jsonl"
 TRACES_FILE = "traces.jsonl"

@@ -17,8 +17,8 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 from collab_agent import _checks
-from collab_agent.backends.base import Role
 from collab_agent.errors import ConfigError
+from collab_agent.types import Role
 
 if TYPE_CHECKING:
     from collab_agent.trace import Step, Trace
