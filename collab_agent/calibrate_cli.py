@@ -235,7 +235,7 @@ def _replay(
     from collab_agent.backends.specs import load_backend
     from collab_agent.calibration import replay_signals
     from collab_agent.errors import ConfigError
-    from collab_agent.evaluation.runner import read_records, read_traces
+    from collab_agent.evaluation.records import read_records, read_traces
 
     outcomes = {(r.policy, r.problem_id, r.sample): r.correct for r in read_records(folder)}
     recorded = read_traces(folder)

@@ -238,8 +238,8 @@ def _print_oracle(out_dir: Path) -> None:
     least likely token (`report.cascade_router`), when both single models ran."""
     from rich.console import Console
 
+    from collab_agent.evaluation.records import read_records, read_traces
     from collab_agent.evaluation.report import cascade_router, oracle_router
-    from collab_agent.evaluation.runner import read_records, read_traces
 
     records = read_records(out_dir)
     bound = oracle_router(records)
