@@ -9,6 +9,7 @@ from typing import Annotated, Any
 
 import typer
 
+from collab_agent.backends.base import close_backends
 from collab_agent.cli_options import (
     JsonOption,
     LargeOption,
@@ -169,10 +170,7 @@ def calibrate_command(
                 on_problem=progress,
             )
         finally:
-            for backend in (small_backend, large_backend):
-                close = getattr(backend, "aclose", None)
-                if close is not None:
-                    await close()
+            await close_backends(small_backend, large_backend)
 
     setting = {
         "small_spec": small_spec,
@@ -257,9 +255,7 @@ def _replay(
         try:
             return await replay_signals(runs, candidates, large=large, concurrency=concurrency)
         finally:
-            close = getattr(large, "aclose", None)
-            if close is not None:
-                await close()
+            await close_backends(large)
 
     setting = {"traces": str(folder), "large_spec": large_spec if needs_large else None}
     _write_signal_report(anyio.run(main), setting, out, as_json)

@@ -20,6 +20,7 @@ from rich.table import Table
 from rich.text import Text
 
 from collab_agent import defaults
+from collab_agent.backends.base import close_backends
 from collab_agent.cli_options import (
     LargeOption,
     ModelsOption,
@@ -153,10 +154,7 @@ def run(
                         Text(f"\nAnswer ({event.author}): ", style="bold") + Text(event.text)
                     )
         finally:
-            for backend in (small_backend, large_backend):
-                close = getattr(backend, "aclose", None)
-                if close is not None:
-                    await close()
+            await close_backends(small_backend, large_backend)
         return trace
 
     trace = anyio.run(main)

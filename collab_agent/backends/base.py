@@ -31,6 +31,7 @@ __all__ = [
     "MAX_TEMPERATURE",
     "MAX_TOP_LOGPROBS",
     "Backend",
+    "ClosableBackend",
     "GenerateRequest",
     "Generation",
     "Message",
@@ -40,6 +41,7 @@ __all__ = [
     "StopReason",
     "StreamingBackend",
     "TokenizedBackend",
+    "close_backends",
     "release_conversation",
     "stream_generation",
 ]
@@ -109,3 +111,23 @@ async def release_conversation(backend: Backend, conversation_id: str) -> None:
     """Free a conversation's state on ``backend`` when it keeps any."""
     if isinstance(backend, ReleasableBackend):
         await backend.release(conversation_id)
+
+
+@runtime_checkable
+class ClosableBackend(Protocol):
+    """A backend that holds resources (an HTTP client, a server process, a model) to close."""
+
+    async def aclose(self) -> None:
+        """Free the backend's resources; it is not used afterwards."""
+        ...
+
+
+async def close_backends(*backends: object) -> None:
+    """Close each backend that can be closed, once (the same object given twice is closed once);
+    ``None`` and backends with nothing to close are skipped. For the end of a command."""
+    seen: set[int] = set()
+    for backend in backends:
+        if id(backend) in seen or not isinstance(backend, ClosableBackend):
+            continue
+        seen.add(id(backend))
+        await backend.aclose()

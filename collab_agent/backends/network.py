@@ -15,7 +15,13 @@ import json
 from dataclasses import dataclass, field, replace
 
 from collab_agent import _checks
-from collab_agent.backends.base import Backend, GenerateRequest, Generation, release_conversation
+from collab_agent.backends.base import (
+    Backend,
+    GenerateRequest,
+    Generation,
+    close_backends,
+    release_conversation,
+)
 from collab_agent.errors import ConfigError
 from collab_agent.types import Price
 
@@ -104,6 +110,4 @@ class SimulatedLink:
 
     async def aclose(self) -> None:
         """Close the wrapped backend when it has ``aclose``."""
-        close = getattr(self.backend, "aclose", None)
-        if close is not None:
-            await close()
+        await close_backends(self.backend)

@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
+from collab_agent.backends.base import close_backends
 from collab_agent.cli_options import JsonOption, LargeOption, SmallOption
 
 if TYPE_CHECKING:
@@ -213,10 +214,7 @@ def register(bench: typer.Typer) -> None:
                     policy_options={"trigreason": {"priming_steps": priming}},
                 )
             finally:
-                for backend in backends:
-                    close = getattr(backend, "aclose", None)
-                    if close is not None:
-                        await close()
+                await close_backends(*backends)
 
         results = anyio.run(main)
         if as_json:

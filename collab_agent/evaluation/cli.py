@@ -13,6 +13,7 @@ from typing import Annotated, Any
 import typer
 
 from collab_agent import defaults
+from collab_agent.backends.base import close_backends
 from collab_agent.cli_options import (
     JsonOption,
     LargeOption,
@@ -208,10 +209,7 @@ def eval_command(
                 },
             )
         finally:
-            for backend in (small_backend, large_backend):
-                close = getattr(backend, "aclose", None)
-                if close is not None:
-                    await close()
+            await close_backends(small_backend, large_backend)
 
     report = anyio.run(main)
     if as_json:
