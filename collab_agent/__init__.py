@@ -7,14 +7,7 @@ transformers are exported on first use (``import collab_agent`` loads none of th
 
 from typing import TYPE_CHECKING
 
-from collab_agent.backends.base import (
-    GREEDY,
-    Backend,
-    GenerateRequest,
-    Generation,
-    Role,
-    Sampling,
-)
+from collab_agent.backends.base import Backend
 from collab_agent.backends.specs import PRESETS, load_backend
 from collab_agent.errors import (
     BackendError,
@@ -42,6 +35,7 @@ from collab_agent.policies import (
 )
 from collab_agent.testing import ScriptedBackend, ScriptedStep
 from collab_agent.trace import Firing, Step, Trace, Usage
+from collab_agent.types import GREEDY, GenerateRequest, Generation, Role, Sampling
 
 if TYPE_CHECKING:
     from collab_agent.backends.local import TransformersBackend

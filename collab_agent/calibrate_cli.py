@@ -9,6 +9,7 @@ from typing import Annotated, Any
 
 import typer
 
+from collab_agent.backends.base import close_backends
 from collab_agent.cli_options import (
     JsonOption,
     LargeOption,
@@ -98,7 +99,6 @@ def calibrate_command(
     from rich.console import Console
     from rich.table import Table
 
-    from collab_agent.backends.base import Sampling
     from collab_agent.backends.specs import resolve_pair
     from collab_agent.calibration import (
         calibrate,
@@ -111,6 +111,7 @@ def calibrate_command(
     from collab_agent.policies.base import Policy
     from collab_agent.prompting import STEPWISE, THINK
     from collab_agent.reasoner import Reasoner
+    from collab_agent.types import Sampling
 
     stderr = Console(stderr=True)
     data_path = resolve_dataset(data)
@@ -169,10 +170,7 @@ def calibrate_command(
                 on_problem=progress,
             )
         finally:
-            for backend in (small_backend, large_backend):
-                close = getattr(backend, "aclose", None)
-                if close is not None:
-                    await close()
+            await close_backends(small_backend, large_backend)
 
     setting = {
         "small_spec": small_spec,
@@ -235,7 +233,7 @@ def _replay(
     from collab_agent.backends.specs import load_backend
     from collab_agent.calibration import replay_signals
     from collab_agent.errors import ConfigError
-    from collab_agent.evaluation.runner import read_records, read_traces
+    from collab_agent.evaluation.records import read_records, read_traces
 
     outcomes = {(r.policy, r.problem_id, r.sample): r.correct for r in read_records(folder)}
     recorded = read_traces(folder)
@@ -257,9 +255,7 @@ def _replay(
         try:
             return await replay_signals(runs, candidates, large=large, concurrency=concurrency)
         finally:
-            close = getattr(large, "aclose", None)
-            if close is not None:
-                await close()
+            await close_backends(large)
 
     setting = {"traces": str(folder), "large_spec": large_spec if needs_large else None}
     _write_signal_report(anyio.run(main), setting, out, as_json)

@@ -1,4 +1,4 @@
-"""Calibration per model pair, and the policy file that stores its result.
+"""Calibration per model pair: the thresholds of a trigger-based policy chosen from a dev set.
 
 The thresholds of trigger-based collaboration depend on the pair: TrigReason tunes ``rho`` per
 small model (0.85 for R1-Distill-1.5B, 0.75 for Qwen3-0.6B, Sec. 4). `calibrate` chooses them from
@@ -13,7 +13,8 @@ a dev set instead of by hand:
    that reaches the target is kept.
 3. *choose*: the most accurate candidate that reaches the target (ties: higher share) becomes the
    policy, written as a JSON policy file that ``collab-agent run/eval --policy FILE.json`` and
-   ``CollabChatModel`` load with `load_policy_file`.
+   ``CollabChatModel`` load with `load_policy_file` (`collab_agent.policies.files`, re-exported
+   here).
 
 The small-model token share is aggregated over the data set: small-model reasoning tokens over
 all reasoning tokens of accepted steps, summed over problems.
@@ -22,14 +23,10 @@ all reasoning tokens of accepted steps, summed over problems.
 from __future__ import annotations
 
 import dataclasses
-import importlib
-import json
 import math
-import os
 import uuid
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import anyio
@@ -37,182 +34,32 @@ import anyio
 from collab_agent import _checks
 from collab_agent.errors import CapabilityError, ConfigError
 from collab_agent.policies.base import BaseTrigger, Policy, Reject, Trigger
+from collab_agent.policies.files import (
+    POLICY_FILE_FORMAT,
+    POLICY_FILE_VERSION,
+    load_policy_file,
+    policy_from_dict,
+    policy_to_dict,
+    save_policy_file,
+    trigger_from_dict,
+    trigger_to_dict,
+    trigger_types,
+)
 from collab_agent.policies.fixed import LargeOnly
 from collab_agent.policies.signals import LargeSurprise, Repetition, SmallUncertainty, StepSignal
 from collab_agent.policies.trigreason import (
     CognitiveOffload,
-    InterventionRequest,
     StrategicPriming,
     confident_share,
 )
 
 if TYPE_CHECKING:
-    from collab_agent.backends.base import Backend, Sampling
+    from collab_agent.backends.base import Backend
     from collab_agent.evaluation.datasets import Problem
     from collab_agent.prompting import ReasoningFormat
     from collab_agent.reasoner import Reasoner
     from collab_agent.trace import Step, Trace
-
-POLICY_FILE_FORMAT = "collab-agent-policy"
-POLICY_FILE_VERSION = 1
-
-
-# =============================================================================== policy files
-def trigger_types() -> dict[str, type]:
-    """Trigger classes a policy file names by their ``name`` (``"large_surprise"``...); any
-    other dataclass trigger is named ``"module:Class"``."""
-    types: dict[str, type] = {
-        cls.name: cls
-        for cls in (
-            StrategicPriming,
-            CognitiveOffload,
-            InterventionRequest,
-            LargeSurprise,
-            SmallUncertainty,
-            Repetition,
-        )
-    }
-    try:
-        from collab_agent.policies.specreason import StepJudge
-
-        types[StepJudge.name] = StepJudge
-    except ImportError:  # pragma: no cover - SpecReason is optional here
-        pass
-    return types
-
-
-def _jsonable(value: Any) -> bool:
-    if value is None or isinstance(value, (str, bool, int, float)):
-        return True
-    if isinstance(value, (list, tuple)):
-        return all(_jsonable(v) for v in value)
-    return False
-
-
-def trigger_to_dict(trigger: Trigger) -> dict[str, Any]:
-    """A trigger as a JSON object: ``{"type": NAME, **fields}``. The trigger must be a
-    dataclass; its init fields that are shown in its repr and hold JSON values are kept."""
-    if not dataclasses.is_dataclass(trigger) or isinstance(trigger, type):
-        raise ConfigError(
-            "policy", f"trigger {trigger.name!r} is not a dataclass and cannot be saved to a file"
-        )
-    cls = type(trigger)
-    known = trigger_types()
-    kind = (
-        trigger.name if known.get(trigger.name) is cls else f"{cls.__module__}:{cls.__qualname__}"
-    )
-    out: dict[str, Any] = {"type": kind}
-    for f in dataclasses.fields(trigger):
-        if not f.init or not f.repr or f.name.startswith("_"):
-            continue
-        value = getattr(trigger, f.name)
-        if f.name == "name" and value == cls.name:
-            continue
-        if _jsonable(value):
-            out[f.name] = list(value) if isinstance(value, tuple) else value
-    return out
-
-
-def trigger_from_dict(data: Mapping[str, Any], where: str = "triggers[0]") -> Trigger:
-    """The trigger a policy file's entry describes (see `trigger_to_dict`)."""
-    if not isinstance(data, Mapping) or not isinstance(data.get("type"), str):
-        raise ConfigError(where, f"must be an object with a 'type' string, got {data!r}")
-    kind = data["type"]
-    options = {k: v for k, v in data.items() if k != "type"}
-    known = trigger_types()
-    if kind in known:
-        cls: Any = known[kind]
-    elif ":" in kind:
-        module_name, _, attribute = kind.partition(":")
-        try:
-            cls = getattr(importlib.import_module(module_name), attribute)
-        except (ImportError, AttributeError) as error:
-            raise ConfigError(where, f"cannot find trigger class {kind!r}: {error}") from error
-    else:
-        raise ConfigError(
-            where, f"unknown trigger type {kind!r}; known: {sorted(known)} or module:Class"
-        )
-    try:
-        trigger = cls(**options)
-    except TypeError as error:
-        raise ConfigError(where, f"bad fields for {kind!r}: {error}") from error
-    if not isinstance(trigger, Trigger):
-        raise ConfigError(where, f"{kind!r} is not a trigger")
-    return trigger
-
-
-def policy_to_dict(policy: Policy, calibration: Mapping[str, Any] | None = None) -> dict[str, Any]:
-    """A policy as the JSON object of a policy file (``calibration`` kept as written)."""
-    out: dict[str, Any] = {
-        "format": POLICY_FILE_FORMAT,
-        "version": POLICY_FILE_VERSION,
-        "name": policy.name,
-        "default_author": policy.default_author,
-        "answer_by": policy.answer_by,
-        "triggers": [trigger_to_dict(t) for t in policy.triggers],
-    }
-    if calibration is not None:
-        out["calibration"] = dict(calibration)
-    return out
-
-
-def policy_from_dict(data: Mapping[str, Any], source: str = "policy") -> Policy:
-    """The policy a policy file's JSON object describes."""
-    if not isinstance(data, Mapping) or data.get("format") != POLICY_FILE_FORMAT:
-        raise ConfigError(
-            source, f'is not a collab-agent policy file (needs "format": "{POLICY_FILE_FORMAT}")'
-        )
-    version = data.get("version")
-    if version != POLICY_FILE_VERSION:
-        raise ConfigError(
-            source,
-            f"has version {version!r}; this collab-agent reads version {POLICY_FILE_VERSION}",
-        )
-    triggers = data.get("triggers", [])
-    if not isinstance(triggers, list):
-        raise ConfigError(f"{source}: triggers", "must be a list of trigger objects")
-    return Policy(
-        triggers=tuple(
-            trigger_from_dict(t, f"{source}: triggers[{i}]") for i, t in enumerate(triggers)
-        ),
-        name=str(data.get("name") or "calibrated"),
-        default_author=data.get("default_author", "small"),
-        answer_by=data.get("answer_by"),
-    )
-
-
-def save_policy_file(
-    policy: Policy, path: str | os.PathLike[str], calibration: Mapping[str, Any] | None = None
-) -> Path:
-    """Write ``policy`` (and the calibration that produced it) as a JSON policy file."""
-    target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    target.write_text(
-        json.dumps(policy_to_dict(policy, calibration), indent=2) + "\n", encoding="utf-8"
-    )
-    return target
-
-
-def load_policy_file(path: str | os.PathLike[str]) -> Policy:
-    """The policy stored in a JSON policy file (written by ``collab-agent calibrate``).
-
-    Raises:
-        ConfigError: the file is missing, is not JSON, or does not describe a policy; the
-            message names the file.
-    """
-    source = str(path)
-    try:
-        text = Path(path).read_text(encoding="utf-8")
-    except OSError as error:
-        raise ConfigError("policy", f"cannot read policy file {source!r}: {error}") from error
-    try:
-        data = json.loads(text)
-    except json.JSONDecodeError as error:
-        raise ConfigError(
-            "policy", f"{source!r} is not valid JSON ({error.msg} at line {error.lineno})"
-        ) from error
-    return policy_from_dict(data, source)
-
+    from collab_agent.types import Sampling
 
 # =============================================================================== candidates
 Measure = Callable[["Trace", "Step"], Awaitable["float | None"]]
@@ -262,26 +109,30 @@ def cognitive_offload_candidate(tau: float = 1.05) -> Candidate:
         return confident_share(step.logprobs, tau) if step.logprobs else None
 
     return Candidate(
-        "cognitive_offload",
+        CognitiveOffload.name,
         measure,
         lambda t: CognitiveOffload(tau=tau, rho=min(1.0, max(1e-6, float(t)))),
         bounds=(1e-6, 1.0),
     )
 
 
-CANDIDATES: dict[str, Callable[[], Candidate]] = {
-    "large_surprise": lambda: signal_candidate(LargeSurprise()),
-    "small_uncertainty": lambda: signal_candidate(SmallUncertainty()),
-    "small_min_prob": lambda: signal_candidate(
-        SmallUncertainty(statistic="max_nll"), name="small_min_prob"
-    ),
-    "escalation": lambda: signal_candidate(
+_CANDIDATE_FACTORIES: tuple[Callable[[], Candidate], ...] = (
+    lambda: signal_candidate(LargeSurprise()),
+    lambda: signal_candidate(SmallUncertainty()),
+    lambda: signal_candidate(SmallUncertainty(statistic="max_nll"), name="small_min_prob"),
+    lambda: signal_candidate(
         SmallUncertainty(statistic="max_nll", escalate=True), name="escalation"
     ),
-    "repetition": lambda: signal_candidate(Repetition()),
-    "cognitive_offload": cognitive_offload_candidate,
+    lambda: signal_candidate(Repetition()),
+    cognitive_offload_candidate,
+)
+
+CANDIDATES: dict[str, Callable[[], Candidate]] = {
+    factory().name: factory for factory in _CANDIDATE_FACTORIES
 }
-"""The candidates ``collab-agent calibrate --signals`` chooses from, by name."""
+"""The candidates ``collab-agent calibrate --signals`` chooses from, by name: a trigger's
+registered name (`collab_agent.policies.triggers.TRIGGERS`), or the name of a variant of one
+(``small_min_prob``, ``escalation``)."""
 
 
 def candidates_by_name(names: Sequence[str]) -> list[Candidate]:
@@ -620,11 +471,12 @@ async def replay_signals(
     a session like the reasoner's (so a local large model reuses its cache from step to step;
     without ``large`` such a signal raises `CapabilityError`). ``small`` is only a stand-in for
     the session (no built-in candidate calls it)."""
-    from collab_agent.backends.base import GREEDY, release_conversation
+    from collab_agent.backends.base import release_conversation
     from collab_agent.limits import map_limited
     from collab_agent.prompting import STEPWISE
     from collab_agent.session import Session
     from collab_agent.trace import Trace
+    from collab_agent.types import GREEDY
 
     _checks.positive_int("concurrency", concurrency)
     records: dict[str, list[StepRecord]] = {}
@@ -851,6 +703,8 @@ async def calibrate(
 
 __all__ = [
     "CANDIDATES",
+    "POLICY_FILE_FORMAT",
+    "POLICY_FILE_VERSION",
     "CalibrationResult",
     "Candidate",
     "CandidateResult",
@@ -876,4 +730,5 @@ __all__ = [
     "threshold_options",
     "trigger_from_dict",
     "trigger_to_dict",
+    "trigger_types",
 ]

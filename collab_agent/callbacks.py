@@ -1,6 +1,6 @@
 """Each model call of a collaboration as a child run in LangChain callbacks.
 
-`TracedBackend` wraps a backend for one chat-model call: every `generate` is reported to the
+`TracedBackend` wraps a backend for one chat-model call: every `generate` or `stream` is reported to the
 call's callback manager as a chat-model run (``on_chat_model_start`` / ``on_llm_end`` /
 ``on_llm_error``) under the collaboration's own run, named ``"small: MODEL"`` or
 ``"large: MODEL"`` and tagged with the role and the purpose (step, answer, judge), so LangSmith,
@@ -13,7 +13,8 @@ the calls are not child runs (the collaboration is still in ``response_metadata`
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import inspect
+from collections.abc import AsyncIterator, Mapping
 from typing import Any
 
 from langchain_core.callbacks import (
@@ -25,7 +26,7 @@ from langchain_core.callbacks import (
 from langchain_core.messages import AIMessage
 from langchain_core.outputs import ChatGeneration, LLMResult
 
-from collab_agent.backends.base import Backend, GenerateRequest, Generation
+from collab_agent.backends.base import Backend, GenerateRequest, Generation, stream_generation
 
 
 def _prompt(request: GenerateRequest) -> str:
@@ -73,6 +74,32 @@ class TracedBackend:
 
     async def generate(self, request: GenerateRequest) -> Generation:
         """The wrapped backend's generation, reported as a child chat-model run."""
+        run = await self._start(request)
+        try:
+            generation = await self.backend.generate(request)
+        except BaseException as error:
+            await _call(run.on_llm_error, error)
+            raise
+        await _call(run.on_llm_end, _result(self.backend, generation))
+        return generation
+
+    async def stream(self, request: GenerateRequest) -> AsyncIterator[str | Generation]:
+        """The wrapped backend's deltas then generation (`stream_generation`), reported as a
+        child run with each delta as a new token."""
+        run = await self._start(request)
+        try:
+            async for item in stream_generation(self.backend, request):
+                if isinstance(item, Generation):
+                    await _call(run.on_llm_end, _result(self.backend, item))
+                else:
+                    await _call(run.on_llm_new_token, item)
+                yield item
+        except BaseException as error:
+            await _call(run.on_llm_error, error)
+            raise
+
+    async def _start(self, request: GenerateRequest) -> Any:
+        """Start the child run of one call; its run manager (sync or async)."""
         manager = self.manager.copy()
         manager.add_tags([f"collab:{self.role}", f"purpose:{request.purpose}"], inherit=False)
         manager.add_metadata(
@@ -97,24 +124,14 @@ class TracedBackend:
             },
         }
         serialized = {"name": self.backend.name}
-        prompts = [_prompt(request)]
-        if isinstance(manager, AsyncCallbackManager):
-            (run,) = await manager.on_llm_start(serialized, prompts, **options)
-            try:
-                generation = await self.backend.generate(request)
-            except BaseException as error:
-                await run.on_llm_error(error)
-                raise
-            await run.on_llm_end(_result(self.backend, generation))
-            return generation
-        (sync_run,) = manager.on_llm_start(serialized, prompts, **options)  # type: ignore[attr-defined]
-        try:
-            generation = await self.backend.generate(request)
-        except BaseException as error:
-            sync_run.on_llm_error(error)
-            raise
-        sync_run.on_llm_end(_result(self.backend, generation))
-        return generation
+        (run,) = await _call(manager.on_llm_start, serialized, [_prompt(request)], **options)  # type: ignore[attr-defined]
+        return run
+
+
+async def _call(method: Any, *args: Any, **kwargs: Any) -> Any:
+    """``method(...)``, awaited when it is an async callback manager's."""
+    result = method(*args, **kwargs)
+    return await result if inspect.isawaitable(result) else result
 
 
 def traced(backend: Backend, role: str, run_manager: Any) -> Backend:

@@ -5,9 +5,12 @@ dicts (text only: image, audio, file and video blocks are refused before any mod
 calls included; `_prepare` checks the call's options and bound tools and builds the `Reasoner`
 (TrigReason Sec. 3) from the model's fields.
 
-**Output (reasoner -> LangChain).** `_stream_events` yields one `AIMessageChunk` per reasoning
-step, the step's text in ``additional_kwargs["reasoning_content"]`` (so ``content_blocks`` shows a
-reasoning block), then the answer as text (with ``tool_call_chunks`` when it calls tools), then a
+**Output (reasoner -> LangChain).** `_stream_events` yields the reasoning in
+``additional_kwargs["reasoning_content"]`` (so ``content_blocks`` shows a reasoning block): with
+``stream_granularity="token"`` (default) token by token for large-model steps and small-model
+steps the policy cannot reject, and a step the policy may reject once it is accepted; with
+``"step"`` one chunk per step. Then the answer as text (token by token at ``"token"`` when no
+tools are bound and no stop strings cut it) (with ``tool_call_chunks`` when it calls tools), then a
 last chunk with ``usage_metadata`` (``output_token_details.reasoning``) and ``response_metadata``
 (``model_name``, ``finish_reason`` and ``collab``: `Trace.summary`, the per-step record of who
 wrote what and why). ``invoke`` aggregates the same chunks.
@@ -76,7 +79,9 @@ from collab_agent.errors import (
 from collab_agent.limits import map_limited
 from collab_agent.policies.base import Policy
 from collab_agent.prompting import FORMATS, STEPWISE_INSTRUCTION, ReasoningFormat
-from collab_agent.reasoner import AnswerEvent, Reasoner, StepEvent
+from collab_agent.reasoner import AnswerEvent, Reasoner, StepEvent, TokenEvent
+from collab_agent.splitting import resolve_splitter
+from collab_agent.streaming import AnswerReveal
 from collab_agent.structured import METHODS, check_response_format, response_format_for
 from collab_agent.trace import Trace
 
@@ -438,6 +443,18 @@ class CollabChatModel(BaseChatModel):
     """How reasoning is laid out: ``"stepwise"`` (instruct models: blank-line steps and a
     ``Final answer:`` line), ``"think"`` (``<think>`` models) or a `ReasoningFormat`."""
 
+    splitter: Any = None
+    """Where a reasoning step ends: ``"line"`` (a line break, shorter lines merged: instruct
+    models), ``"blank-line"`` (the papers' split: ``<think>`` models), a `StepSplitter`, or
+    ``None``: the one the bundled model metadata gives the pair (line for the bundled instruct
+    models, with ``"stepwise"``), else the reasoning format's (blank line).
+    Recorded in ``response_metadata["collab"]["splitter"]``."""
+
+    stream_granularity: Literal["token", "step"] = "token"
+    """``"token"``: ``stream`` / ``astream`` yield text as it is decoded (the answer; large-model
+    steps; small-model steps when the policy cannot reject them, otherwise once accepted, so a
+    rejected step is never shown). ``"step"``: one chunk per reasoning step, the answer whole."""
+
     temperature: float = defaults.TEMPERATURE
     """Sampling temperature of every step and the answer; 0 (default) is greedy (paper: 0.6)."""
 
@@ -662,6 +679,11 @@ class CollabChatModel(BaseChatModel):
             "reasoning_format",
             f"must be one of {sorted(FORMATS)} or a ReasoningFormat, got {value!r}",
         )
+
+    @field_validator("splitter")
+    @classmethod
+    def _check_splitter(cls, value: Any) -> Any:
+        return None if value is None else resolve_splitter(value)
 
     @field_validator("temperature", "top_p", "seed", "reasoning_budget", "max_steps")
     @classmethod
@@ -906,6 +928,8 @@ class CollabChatModel(BaseChatModel):
         reasoner_fields: dict[str, Any] = {
             "policy": policy if policy is not None else self._policy(),
             "format": reasoning_format,
+            "splitter": self.splitter,
+            "stream_tokens": self.stream_granularity == "token",
             "sampling": Sampling(temperature=temperature, top_p=top_p, seed=seed),
             "budget": self.reasoning_budget,
             "max_steps": self.max_steps,
@@ -981,21 +1005,32 @@ class CollabChatModel(BaseChatModel):
             call.messages, conversation_id=call.conversation_id, tools=call.tools
         )
         answer: AnswerEvent | None = None
+        answer_tokens = not call.tools and not call.stop  # else the answer is parsed first
+        shown_answer = AnswerReveal()
+        streaming_step = -1
         try:
             while answer is None:
                 with anyio.move_on_after(_left(deadline)) as scope:
                     event = await events.__anext__()
                 if scope.cancelled_caught:
                     raise self._timed_out()
-                if isinstance(event, StepEvent):
-                    text = event.step.text
-                    if event.step.index > 0:
+                if isinstance(event, TokenEvent):
+                    if event.part == "answer":
+                        if answer_tokens and (new := shown_answer.feed(event.text)):
+                            yield _chunk(content=new)
+                        continue
+                    text = event.text
+                    if event.step_index != streaming_step:
+                        streaming_step = event.step_index
+                        if event.step_index > 0:
+                            text = reasoner.format.delimiter + text
+                    yield _chunk(reasoning=text)
+                elif isinstance(event, StepEvent):
+                    text = event.step.text[len(event.streamed) :]
+                    if not event.streamed and event.step.index > 0:
                         text = reasoner.format.delimiter + text
-                    yield ChatGenerationChunk(
-                        message=AIMessageChunk(
-                            content="", additional_kwargs={"reasoning_content": text}
-                        )
-                    )
+                    if text or not event.streamed:
+                        yield _chunk(reasoning=text)
                 else:
                     answer = event
         finally:
@@ -1006,6 +1041,8 @@ class CollabChatModel(BaseChatModel):
         if scope.cancelled_caught:
             raise self._timed_out()
         content = _cut_at_stop(parsed.content, call.stop)
+        if shown_answer.shown and content.startswith(shown_answer.shown):
+            content = content[len(shown_answer.shown) :]
         yield ChatGenerationChunk(
             message=AIMessageChunk(
                 content=content,
@@ -1160,6 +1197,12 @@ class CollabChatModel(BaseChatModel):
 
 
 # ============================================================================ helpers
+def _chunk(*, content: str = "", reasoning: str | None = None) -> ChatGenerationChunk:
+    """A chunk of answer text or (``reasoning``) of reasoning content."""
+    kwargs = {} if reasoning is None else {"reasoning_content": reasoning}
+    return ChatGenerationChunk(message=AIMessageChunk(content=content, additional_kwargs=kwargs))
+
+
 def _aggregate(chunks: Sequence[ChatGenerationChunk]) -> ChatResult:
     """One `ChatResult` from the chunks of a call."""
     merged = chunks[0]

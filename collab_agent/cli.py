@@ -20,7 +20,14 @@ from rich.table import Table
 from rich.text import Text
 
 from collab_agent import defaults
-from collab_agent.cli_options import LargeOption, ModelsOption, SmallOption, ThreadsOption
+from collab_agent.backends.base import close_backends
+from collab_agent.cli_options import (
+    LargeOption,
+    ModelsOption,
+    SmallOption,
+    SplitterOption,
+    ThreadsOption,
+)
 from collab_agent.errors import CollabError
 
 app = typer.Typer(
@@ -101,19 +108,22 @@ def run(
         str, typer.Option(help="Environment variable holding the key of openai: specs.")
     ] = "OPENAI_API_KEY",
     threads: ThreadsOption = None,
+    splitter: SplitterOption = None,
     as_json: Annotated[
         bool, typer.Option("--json", help="Print the trace as JSON, nothing else.")
     ] = False,
 ) -> None:
     """Answer one question, streaming each step with who wrote it and why."""
     started = time.perf_counter()
-    from collab_agent.backends.base import Sampling
     from collab_agent.policies.registry import resolve_policy
     from collab_agent.prompting import STEPWISE, THINK
     from collab_agent.reasoner import Reasoner
+    from collab_agent.splitting import resolve_splitter
+    from collab_agent.types import Sampling
 
     options: dict[str, Any] = {"priming_steps": priming} if policy == "trigreason" else {}
     chosen = resolve_policy(policy, allow_code=True, **options)  # the user's own choice
+    step_splitter = resolve_splitter(splitter, "--splitter") if splitter else None
     small_backend, large_backend = load_pair(
         models, small, large, api_key_env=api_key_env, threads=threads
     )
@@ -123,6 +133,7 @@ def run(
         large_backend,
         chosen,
         format=THINK if think else STEPWISE,
+        splitter=step_splitter,
         sampling=Sampling(
             temperature=temperature, top_p=1.0 if temperature == 0 else defaults.TOP_P, seed=seed
         ),
@@ -143,10 +154,7 @@ def run(
                         Text(f"\nAnswer ({event.author}): ", style="bold") + Text(event.text)
                     )
         finally:
-            for backend in (small_backend, large_backend):
-                close = getattr(backend, "aclose", None)
-                if close is not None:
-                    await close()
+            await close_backends(small_backend, large_backend)
         return trace
 
     trace = anyio.run(main)

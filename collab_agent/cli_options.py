@@ -27,3 +27,11 @@ ThreadsOption = Annotated[
         "when two models share a small CPU.",
     ),
 ]
+SplitterOption = Annotated[
+    str | None,
+    typer.Option(
+        "--splitter",
+        help="Where a reasoning step ends: line (a line break; short lines merge) or blank-line "
+        "(the papers'). Default: line for the bundled instruct pair, blank-line otherwise.",
+    ),
+]

@@ -8,7 +8,9 @@ Two formats cover the models we meet:
 - `THINK` for reasoning models (R1-Distill, Qwen3): the assistant text opens with ``<think>``;
   reasoning ends at ``</think>``, and the answer follows it.
 
-TrigReason and SpecReason both split reasoning into steps at a blank line (``"\\n\\n"``).
+The step splitter is part of the format: TrigReason and SpecReason split reasoning into steps at
+a blank line (``"\\n\\n"``, `BLANK_LINE`, both formats' default); a pair of instruct models that
+write no blank line gets `LINE` instead (`collab_agent.splitting.splitter_for_pair`).
 """
 
 from __future__ import annotations
@@ -18,10 +20,11 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from collab_agent.backends.base import Message
 from collab_agent.errors import InvalidMessagesError
+from collab_agent.splitting import BLANK_LINE, StepSplitter
+from collab_agent.types import Message
 
-STEP_DELIMITER = "\n\n"
+STEP_DELIMITER = BLANK_LINE.delimiter
 
 STEPWISE_INSTRUCTION = (
     "Think step by step. Write your reasoning as short steps separated by a blank line. "
@@ -44,7 +47,8 @@ class ReasoningFormat:
         answer_markers: markers (matched case-insensitively) that start the answer.
         answer_lead: text placed after the reasoning to make a model write the answer when
             reasoning stopped without one (budget, step cap, end of turn).
-        delimiter: the step delimiter.
+        splitter: where a step ends (`BLANK_LINE` or `LINE`); its ``delimiter`` is the stop
+            string of every step.
     """
 
     name: str
@@ -53,7 +57,12 @@ class ReasoningFormat:
     close: str = ""
     answer_markers: tuple[str, ...] = ()
     answer_lead: str = "Final answer:"
-    delimiter: str = STEP_DELIMITER
+    splitter: StepSplitter = BLANK_LINE
+
+    @property
+    def delimiter(self) -> str:
+        """The stop string that ends a step (the splitter's)."""
+        return self.splitter.delimiter
 
     # ------------------------------------------------------------------ requests
     def messages(self, conversation: Sequence[Message]) -> list[dict[str, Any]]:

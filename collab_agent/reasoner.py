@@ -2,7 +2,8 @@
 
 Each step: the policy says who writes (``before_step``), that model continues the reasoning up to
 the step delimiter, the policy may reject a small-model step (``after_step``) so the large model
-rewrites it from the same prefix. Reasoning ends at an answer marker, the model's end of turn, the
+rewrites it from the same prefix. Where a step ends is the format's splitter (a too-short step is
+continued by the same model and merged). Reasoning ends at an answer marker, the model's end of turn, the
 token budget or the step cap; then the answering model writes the answer. One event per step.
 """
 
@@ -32,8 +33,27 @@ from collab_agent.policies.base import Policy
 from collab_agent.policies.trigreason import TrigReason
 from collab_agent.prompting import STEPWISE, ReasoningFormat, validate_messages
 from collab_agent.session import Session
+from collab_agent.splitting import StepSplitter, choose_splitter, merge
+from collab_agent.streaming import StepReveal
 from collab_agent.structured import require_constraint
 from collab_agent.trace import Firing, Step, Trace
+
+
+@dataclass(frozen=True)
+class TokenEvent:
+    """Text being decoded that may be shown now (only with ``Reasoner(stream_tokens=True)``).
+
+    Reasoning deltas of one step joined are a prefix of that step's final text (its
+    `StepEvent.streamed`); answer deltas are raw (the answer is stripped at the end). A small
+    step that the policy may reject is never streamed, only its accepted `StepEvent`.
+    """
+
+    text: str
+    part: Literal["reasoning", "answer"]
+    step_index: int
+    author: Role
+    trace: Trace
+    kind: Literal["token"] = "token"
 
 
 @dataclass(frozen=True)
@@ -42,6 +62,8 @@ class StepEvent:
 
     step: Step
     trace: Trace
+    streamed: str = ""
+    """The start of ``step.text`` already sent as `TokenEvent` deltas."""
     kind: Literal["step"] = "step"
 
 
@@ -57,7 +79,7 @@ class AnswerEvent:
     kind: Literal["answer"] = "answer"
 
 
-Event = StepEvent | AnswerEvent
+Event = StepEvent | AnswerEvent | TokenEvent
 
 
 @dataclass
@@ -69,6 +91,10 @@ class Reasoner:
         large: the large reasoning model (LRM).
         policy: who writes each step (default: `TrigReason()` with the paper's settings).
         format: how reasoning is laid out (`STEPWISE` for instruct models, `THINK` for ``<think>``).
+        splitter: where a step ends (``"blank-line"``, ``"line"`` or a `StepSplitter`); replaces
+            the format's own. ``None``: the one the bundled model metadata gives the pair (line
+            for the bundled instruct models) unless the format is ``<think>``, else the
+            format's (blank line).
         sampling: sampling of every call (default: `collab_agent.defaults`, greedy; paper:
             temperature 0.6, top-p 0.95).
         budget: most reasoning tokens of accepted steps (paper: 8192). ``None`` (default):
@@ -82,6 +108,9 @@ class Reasoner:
             retries; ``"degrade"`` lets the small model write the step and marks it degraded.
             ``None`` (default) takes the large backend's own ``on_unavailable`` setting, else
             ``"fail"``.
+        stream_tokens: also yield `TokenEvent` deltas as steps and the answer are decoded
+            (large steps, small steps the policy cannot reject, the answer); in degrade mode
+            large calls are not streamed.
         release_on_finish: free each backend's cached state for the conversation at the end.
         breaker: in degrade mode, the circuit breaker of the large model: after its threshold of
             consecutive unavailable errors, large steps degrade at once for its cool-down (share
@@ -98,6 +127,7 @@ class Reasoner:
     large: Backend
     policy: Policy = field(default_factory=TrigReason)
     format: ReasoningFormat = STEPWISE
+    splitter: StepSplitter | str | None = None
     sampling: Sampling = field(
         default_factory=lambda: Sampling(defaults.TEMPERATURE, defaults.TOP_P)
     )
@@ -110,8 +140,20 @@ class Reasoner:
     breaker: CircuitBreaker | None = field(default_factory=CircuitBreaker)
     deadline: float | None = None
     response_format: Mapping[str, Any] | None = None
+    stream_tokens: bool = False
 
     def __post_init__(self) -> None:
+        self.format = replace(
+            self.format,
+            splitter=choose_splitter(
+                self.splitter,
+                str(getattr(self.small, "name", "")),
+                str(getattr(self.large, "name", "")),
+                self.format.splitter,
+                think=bool(self.format.close),
+            ),
+        )
+        self.splitter = self.format.splitter
         for name in ("budget", "max_steps", "step_max_tokens", "answer_max_tokens"):
             if name != "budget" or self.budget is not None:
                 _checks.positive_int(name, getattr(self, name))
@@ -166,7 +208,11 @@ class Reasoner:
                 answer_max_tokens=self.answer_max_tokens,
             )
         )
-        trace = Trace(conversation_id=conversation_id or uuid.uuid4().hex, policy=self.policy.name)
+        trace = Trace(
+            conversation_id=conversation_id or uuid.uuid4().hex,
+            policy=self.policy.name,
+            splitter=self.format.splitter.name,
+        )
         session = Session.open(
             self.small, self.large, trace, conversation, self.format, self.sampling, tools
         )
@@ -193,15 +239,23 @@ class Reasoner:
                 if handoff_left > 0:
                     author, trigger = "large", handoff_trigger
                     handoff_left -= 1
-                step = await self._step(
-                    session, author, trigger, min(remaining, self.step_max_tokens)
-                )
+                written = _Written()
+                async for token in self._step(
+                    session, author, trigger, min(remaining, self.step_max_tokens), written
+                ):
+                    yield token
+                step = written.step
                 trace.seconds = time.perf_counter() - started
                 if self._finish_step(trace, step):
-                    yield StepEvent(step, trace)
+                    streamed = written.shown if step.text.startswith(written.shown) else ""
+                    yield StepEvent(step, trace, streamed)
                 elif step.degraded:  # it held only the answer: the answer says it was degraded
                     trace.answer_degraded_reason = step.degraded_reason
-            answer = await self._answer(session)
+            written = _Written()
+            async for token in self._answer(session, written):
+                yield token
+            assert written.answer is not None
+            answer = written.answer
             trace.seconds = time.perf_counter() - started
             yield answer
         finally:
@@ -217,39 +271,103 @@ class Reasoner:
 
     # ------------------------------------------------------------------ one step
     async def _step(
-        self, session: Session, author: Role, trigger: str | None, max_tokens: int
-    ) -> Step:
-        """Write one step with ``author``; a small-model step may be rejected and rewritten."""
+        self, session: Session, author: Role, trigger: str | None, max_tokens: int, out: _Written
+    ) -> AsyncIterator[TokenEvent]:
+        """Write one step with ``author`` into ``out.step``; a small-model step may be rejected
+        and rewritten. Yields the deltas that may be shown (large steps, unrejectable small)."""
         trace = session.trace
         index = len(trace.steps)
         prefix = self._prefix(trace)
         started = time.perf_counter()
-        generation, author, why = await self._generate(session, author, prefix, max_tokens)
-        step = _make_step(index, author, trigger, generation, why)
+        show = self.stream_tokens and (author == "large" or not self.policy.can_reject)
+        async for token in self._write(session, author, prefix, max_tokens, out, show, index):
+            yield token
+        assert out.generation is not None
+        author, why = out.author, out.why
+        step = _make_step(index, author, trigger, out.generation, why)
         if author == "small" and why is None:
             reject = await self.policy.after_step(trace, step)
             if reject is not None:
                 trace.firings.append(Firing(index, reject.trigger, "reject", reject.detail))
-                request = session.request(prefix, max_tokens=max_tokens, logprobs=True)
-                rewrite, why = await self._large(session, request)
-                if rewrite is not None:
+                rewrite = _Written()
+                async for token in self._write(
+                    session,
+                    "large",
+                    prefix,
+                    max_tokens,
+                    rewrite,
+                    self.stream_tokens,
+                    index,
+                    fallback=False,
+                ):
+                    yield token
+                if rewrite.generation is not None:
                     rejected = step
-                    step = _make_step(index, "large", reject.trigger, rewrite, None)
+                    step = _make_step(index, "large", reject.trigger, rewrite.generation, None)
                     step.rejected_text, step.rejected_tokens = rejected.text, rejected.tokens
+                    out.shown = rewrite.shown
                 else:  # the large model was unreachable: keep the small model's step
-                    step.degraded, step.degraded_reason = True, why
+                    step.degraded, step.degraded_reason = True, rewrite.why
         step.seconds = time.perf_counter() - started
         if step.degraded:
             trace.degraded_steps += 1
-        return step
+        out.step = step
 
-    async def _generate(
-        self, session: Session, role: Role, prefix: str, max_tokens: int
-    ) -> tuple[Generation, Role, str | None]:
-        """Generate one step; in degrade mode an unreachable large model hands it to the small.
-        Returns the generation, who wrote it, and why it was degraded (``None``: it was not)."""
-        request = session.request(prefix, max_tokens=max_tokens, logprobs=True)
-        return await self._generate_request(session, role, request)
+    async def _write(
+        self,
+        session: Session,
+        role: Role,
+        prefix: str,
+        max_tokens: int,
+        out: _Written,
+        show: bool,
+        index: int,
+        *,
+        fallback: bool = True,
+    ) -> AsyncIterator[TokenEvent]:
+        """``role`` writes a step from ``prefix`` into ``out`` (generation, author, why it was
+        degraded), continued past the delimiter while the splitter finds it too short.
+        With ``fallback``, an unreachable large model (degrade mode) hands it to the small one;
+        without, ``out.generation`` stays ``None``."""
+        splitter = self.format.splitter
+        reveal = StepReveal(self.format) if show else None
+        generation: Generation | None = None
+        while generation is None or (
+            splitter.needs_more(generation)
+            and generation.completion_tokens < max_tokens
+            and self.format.end_of_reasoning(generation.text) is None
+        ):
+            so_far = "" if generation is None else generation.text + splitter.delimiter
+            request = session.request(
+                prefix + so_far,
+                max_tokens=max_tokens - (generation.completion_tokens if generation else 0),
+                logprobs=True,
+            )
+            part: Generation | None = None
+            if role == "large" and self.on_large_unavailable == "degrade":
+                part, why = await self._large(session, request)
+                if part is None:
+                    if generation is not None:
+                        break  # keep the step written so far
+                    if not fallback:
+                        out.why = why
+                        return
+                    part, role, out.why = await session.generate("small", request), "small", why
+            else:
+                if reveal is not None and generation is not None:
+                    reveal.feed(splitter.delimiter)
+                async for item in session.stream(role, request):
+                    if isinstance(item, Generation):
+                        part = item
+                    elif reveal is not None and (new := reveal.feed(item)):
+                        yield TokenEvent(new, "reasoning", index, role, session.trace)
+            assert part is not None
+            generation = part if generation is None else merge(generation, part, splitter.delimiter)
+            if part.completion_tokens == 0:
+                break
+        out.generation, out.author = generation, role
+        if reveal is not None:
+            out.shown = reveal.shown
 
     async def _generate_request(
         self, session: Session, role: Role, request: GenerateRequest
@@ -312,8 +430,9 @@ class Reasoner:
         )
 
     # ------------------------------------------------------------------ the answer
-    async def _answer(self, session: Session) -> AnswerEvent:
-        """Keep the answer the reasoning ended with, or have the answering model write it."""
+    async def _answer(self, session: Session, out: _Written) -> AsyncIterator[TokenEvent]:
+        """Keep the answer the reasoning ended with, or have the answering model write it;
+        the `AnswerEvent` goes into ``out.answer``, the answer's deltas are yielded."""
         trace = session.trace
         last_author = trace.steps[-1].author if trace.steps else self.policy.default_author
         role: Role = self.policy.answer_by or trace.answer_author or last_author
@@ -325,29 +444,55 @@ class Reasoner:
             and not self.format.close  # a <think> model's answer follows in further paragraphs
         )
         if keep and self.response_format is None:  # a constrained answer is always generated
-            return AnswerEvent(trace.answer, role, trace, raw_text=trace.answer)
+            out.answer = AnswerEvent(trace.answer, role, trace, raw_text=trace.answer)
+            return
         reasoning = self._prefix(trace)
-        if trace.stop_reason == "answer" and self.format.close and trace.answer_author == role:
-            prefix = self.format.answer_prefix(reasoning) + trace.answer
-        else:
-            prefix = self.format.answer_prefix(reasoning)
+        begun = trace.stop_reason == "answer" and self.format.close and trace.answer_author == role
+        prefix = self.format.answer_prefix(reasoning) + (trace.answer if begun else "")
         request = session.request(
             prefix, stop=(), max_tokens=self.answer_max_tokens, purpose="answer"
         )
         if self.response_format is not None:
             request = replace(request, response_format=self.response_format)
-        generation, role, why = await self._generate_request(session, role, request)
+        index = len(trace.steps)
+        why = None
+        if (
+            self.stream_tokens
+            and self.response_format is None
+            and (role == "small" or self.on_large_unavailable != "degrade")
+        ):
+            if begun and trace.answer:
+                yield TokenEvent(trace.answer, "answer", index, role, trace)
+            generation: Generation | None = None
+            async for item in session.stream(role, request):
+                if isinstance(item, Generation):
+                    generation = item
+                elif item:
+                    yield TokenEvent(item, "answer", index, role, trace)
+            assert generation is not None
+        else:
+            generation, role, why = await self._generate_request(session, role, request)
         if why is not None:
             trace.degraded_steps += 1
             trace.answer_degraded_reason = why
-        text = generation.text
-        if trace.stop_reason == "answer" and self.format.close and trace.answer_author == role:
-            text = trace.answer + text
+        text = (trace.answer if begun else "") + generation.text
         trace.answer = text.strip()
         trace.answer_author = role
-        return AnswerEvent(
+        out.answer = AnswerEvent(
             trace.answer, role, trace, tool_calls=generation.tool_calls, raw_text=text
         )
+
+
+@dataclass
+class _Written:
+    """What a step or answer call produced, filled in by the async generators that stream it."""
+
+    generation: Generation | None = None
+    author: Role = "small"
+    why: str | None = None
+    shown: str = ""
+    step: Step = field(default_factory=lambda: Step(index=0, author="small", text=""))
+    answer: AnswerEvent | None = None
 
 
 def _make_step(

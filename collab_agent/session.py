@@ -7,11 +7,18 @@ their calls counted in the trace like every step.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from collab_agent.backends.base import Backend, GenerateRequest, Generation, Role, Sampling
+from collab_agent.backends.base import (
+    Backend,
+    GenerateRequest,
+    Generation,
+    Role,
+    Sampling,
+    stream_generation,
+)
 from collab_agent.prompting import ReasoningFormat
 
 if TYPE_CHECKING:
@@ -100,3 +107,11 @@ class Session:
         generation = await self.backend(role).generate(request)
         self.trace.record(role, generation)
         return generation
+
+    async def stream(self, role: Role, request: GenerateRequest) -> AsyncIterator[str | Generation]:
+        """Call the ``role`` model streaming: text deltas, then the `Generation` (recorded in the
+        trace like `generate`'s)."""
+        async for item in stream_generation(self.backend(role), request):
+            if isinstance(item, Generation):
+                self.trace.record(role, item)
+            yield item

@@ -6,12 +6,14 @@ so every trigger can be driven deterministically and the exact trace asserted.
 
 from __future__ import annotations
 
+import re
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import AsyncIterator, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import anyio
+import anyio.lowlevel
 
 from collab_agent.backends.base import GenerateRequest, Generation, StopReason
 from collab_agent.errors import BackendError, ConfigError
@@ -125,11 +127,23 @@ class ScriptedBackend:
             tool_calls=[dict(c) for c in item.tool_calls],
         )
 
+    async def stream(self, request: GenerateRequest) -> AsyncIterator[str | Generation]:
+        """`generate`, then its text word by word (each word with the whitespace before it,
+        as a tokenizer's pieces would come), then the `Generation`."""
+        generation = await self.generate(request)
+        for piece in _PIECES.findall(generation.text):
+            await anyio.lowlevel.checkpoint()
+            yield piece
+        yield generation
+
     async def release(self, conversation_id: str) -> None:
         self.released.append(conversation_id)
 
     def __repr__(self) -> str:
         return f"ScriptedBackend(name={self.name!r}, steps={len(self.script)}, calls={self.calls})"
+
+
+_PIECES = re.compile(r"\s*\S+|\s+")
 
 
 def _coerce(index: int, item: ScriptItem) -> ScriptedStep:

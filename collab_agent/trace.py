@@ -10,7 +10,7 @@ from collections import Counter
 from dataclasses import asdict, dataclass, field, fields
 from typing import TYPE_CHECKING, Any, Literal
 
-from collab_agent.backends.base import Generation, Role
+from collab_agent.types import Generation, Role
 
 if TYPE_CHECKING:
     from collab_agent.session import Session
@@ -95,6 +95,8 @@ class Trace:
 
     conversation_id: str
     policy: str = ""
+    splitter: str = ""
+    """The step splitter's name (``"blank-line"``, ``"line"``): how the steps were cut."""
     steps: list[Step] = field(default_factory=list)
     answer: str = ""
     answer_author: Role | None = None
@@ -153,6 +155,7 @@ class Trace:
         """Compact figures for logs and ``response_metadata['collab']``."""
         return {
             "policy": self.policy,
+            "splitter": self.splitter,
             "steps": [
                 {
                     "index": s.index,

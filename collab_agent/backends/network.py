@@ -15,39 +15,17 @@ import json
 from dataclasses import dataclass, field, replace
 
 from collab_agent import _checks
-from collab_agent.backends.base import Backend, GenerateRequest, Generation, release_conversation
+from collab_agent.backends.base import (
+    Backend,
+    GenerateRequest,
+    Generation,
+    close_backends,
+    release_conversation,
+)
 from collab_agent.errors import ConfigError
+from collab_agent.types import Price
 
 __all__ = ["Price", "SimulatedLink"]
-
-
-@dataclass(frozen=True)
-class Price:
-    """API price in currency units per million tokens.
-
-    Attributes:
-        input: per million prompt tokens that are not served from the provider's cache.
-        cached: per million prompt tokens served from the cache (``None``: same as ``input``).
-        output: per million generated tokens.
-    """
-
-    input: float = 0.0
-    cached: float | None = None
-    output: float = 0.0
-
-    def __post_init__(self) -> None:
-        for name in ("input", "output"):
-            _checks.in_range(name, getattr(self, name), 0.0, 1e9)
-        if self.cached is not None:
-            _checks.in_range("cached", self.cached, 0.0, 1e9)
-
-    def cost(self, prompt_tokens: int, cached_tokens: int, completion_tokens: int) -> float:
-        """Price of one call; ``prompt_tokens`` includes the ``cached_tokens``."""
-        cached_rate = self.input if self.cached is None else self.cached
-        fresh = max(prompt_tokens - cached_tokens, 0)
-        return (
-            fresh * self.input + cached_tokens * cached_rate + completion_tokens * self.output
-        ) / 1e6
 
 
 DEEPSEEK_R1_PRICE = Price(input=0.55, cached=0.14, output=2.19)
@@ -132,6 +110,4 @@ class SimulatedLink:
 
     async def aclose(self) -> None:
         """Close the wrapped backend when it has ``aclose``."""
-        close = getattr(self.backend, "aclose", None)
-        if close is not None:
-            await close()
+        await close_backends(self.backend)

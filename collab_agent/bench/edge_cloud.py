@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
+from collab_agent.backends.base import close_backends
 from collab_agent.cli_options import JsonOption, LargeOption, SmallOption
 
 if TYPE_CHECKING:
@@ -167,10 +168,9 @@ def register(bench: typer.Typer) -> None:
         """LRM-only vs SpecReason vs TrigReason with the LRM behind a simulated link."""
         import anyio
 
-        from collab_agent.backends.base import Sampling
-        from collab_agent.backends.network import Price
         from collab_agent.backends.specs import load_backend, resolve_pair
         from collab_agent.bench.prefix_reuse import load_problems
+        from collab_agent.types import Price, Sampling
 
         names = [p.strip() for p in policies.split(",") if p.strip()]
         if "specreason" in names:
@@ -214,10 +214,7 @@ def register(bench: typer.Typer) -> None:
                     policy_options={"trigreason": {"priming_steps": priming}},
                 )
             finally:
-                for backend in backends:
-                    close = getattr(backend, "aclose", None)
-                    if close is not None:
-                        await close()
+                await close_backends(*backends)
 
         results = anyio.run(main)
         if as_json:

@@ -18,7 +18,6 @@ with two local transformers backends, greedy, and reports for each role (``small
 from __future__ import annotations
 
 import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -28,6 +27,7 @@ import typer
 
 from collab_agent.cli_options import JsonOption
 from collab_agent.errors import ConfigError
+from collab_agent.evaluation.datasets import DATA_ENV, data_dir
 
 if TYPE_CHECKING:
     from collab_agent.backends.base import GenerateRequest
@@ -36,21 +36,11 @@ if TYPE_CHECKING:
 ROLES = ("small", "large")
 
 
-def data_dir() -> Path:
-    """``$COLLAB_AGENT_DATA``, else ``../shared/data`` next to the repository."""
-    env = os.environ.get("COLLAB_AGENT_DATA")
-    if env:
-        return Path(env)
-    return Path(__file__).resolve().parents[2].parent / "shared" / "data"
-
-
 def load_problems(count: int, data: Path | None = None) -> list[dict[str, Any]]:
     """The first ``count`` problems of ``gsm8k_test.jsonl``."""
     path = (data or data_dir()) / "gsm8k_test.jsonl"
     if not path.is_file():
-        raise ConfigError(
-            "COLLAB_AGENT_DATA", f"{path} not found; point COLLAB_AGENT_DATA at the data folder"
-        )
+        raise ConfigError(DATA_ENV, f"{path} not found; point {DATA_ENV} at the data folder")
     problems: list[dict[str, Any]] = []
     with path.open(encoding="utf-8") as f:
         for line in f:

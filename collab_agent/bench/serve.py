@@ -25,6 +25,7 @@ from typing import Annotated, Any
 
 import typer
 
+from collab_agent.backends.base import close_backends
 from collab_agent.cli_options import JsonOption, ThreadsOption
 
 QUESTIONS = tuple(
@@ -224,9 +225,7 @@ def run_bench(
                 )
                 results.append((http, direct))
             server.should_exit = True
-        close = getattr(backend, "aclose", None)
-        if close is not None:
-            await close()
+        await close_backends(backend)
         return results
 
     results = anyio.run(main)

@@ -13,11 +13,13 @@ from typing import Annotated, Any
 import typer
 
 from collab_agent import defaults
+from collab_agent.backends.base import close_backends
 from collab_agent.cli_options import (
     JsonOption,
     LargeOption,
     ModelsOption,
     SmallOption,
+    SplitterOption,
     ThreadsOption,
 )
 from collab_agent.errors import ConfigError
@@ -104,6 +106,7 @@ def eval_command(
         bool, typer.Option(help="The models reason inside <think> ... </think>.")
     ] = False,
     threads: ThreadsOption = None,
+    splitter: SplitterOption = None,
     timeout: Annotated[
         float | None, typer.Option(help="Seconds one run may take before it is recorded failed.")
     ] = None,
@@ -121,13 +124,15 @@ def eval_command(
     import anyio
     from rich.console import Console
 
-    from collab_agent.backends.base import Sampling
     from collab_agent.evaluation.datasets import resolve_dataset
     from collab_agent.evaluation.report import markdown_table, summary_table
     from collab_agent.evaluation.runner import PLOT_FILE, evaluate
     from collab_agent.prompting import STEPWISE, THINK
+    from collab_agent.splitting import resolve_splitter
+    from collab_agent.types import Sampling
 
     stderr = Console(stderr=True)
+    step_splitter = resolve_splitter(splitter, "--splitter") if splitter else None
     data_path = resolve_dataset(data)
     names = [p.strip() for p in (policy or DEFAULT_POLICIES).split(",") if p.strip()]
     trig: dict[str, Any] = {"priming_steps": priming}
@@ -188,6 +193,7 @@ def eval_command(
                 sampling=sampling,
                 seed=seed,
                 format=THINK if think else STEPWISE,
+                splitter=step_splitter,
                 budget=budget,
                 max_steps=max_steps,
                 step_max_tokens=step_max_tokens,
@@ -203,10 +209,7 @@ def eval_command(
                 },
             )
         finally:
-            for backend in (small_backend, large_backend):
-                close = getattr(backend, "aclose", None)
-                if close is not None:
-                    await close()
+            await close_backends(small_backend, large_backend)
 
     report = anyio.run(main)
     if as_json:
@@ -233,8 +236,8 @@ def _print_oracle(out_dir: Path) -> None:
     least likely token (`report.cascade_router`), when both single models ran."""
     from rich.console import Console
 
+    from collab_agent.evaluation.records import read_records, read_traces
     from collab_agent.evaluation.report import cascade_router, oracle_router
-    from collab_agent.evaluation.runner import read_records, read_traces
 
     records = read_records(out_dir)
     bound = oracle_router(records)

@@ -21,7 +21,7 @@ from collab_agent.evaluation.sweep import family_of, pareto_frontier
 if TYPE_CHECKING:
     from rich.table import Table
 
-    from collab_agent.evaluation.runner import ProblemRecord
+    from collab_agent.evaluation.records import ProblemRecord
     from collab_agent.trace import Trace
 
 REFERENCE_POLICY = "large-only"
@@ -280,7 +280,7 @@ def summarise_folder(
     policy finished count; ``policies`` limits the summary (and that count) to those named."""
     import json
 
-    from collab_agent.evaluation.runner import PLOT_FILE, SUMMARY_FILE, read_records
+    from collab_agent.evaluation.records import PLOT_FILE, SUMMARY_FILE, read_records
 
     out = Path(out)
     records = read_records(out)

@@ -17,8 +17,8 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 from collab_agent import _checks
-from collab_agent.backends.base import Role
 from collab_agent.errors import ConfigError
+from collab_agent.types import Role
 
 if TYPE_CHECKING:
     from collab_agent.trace import Step, Trace
@@ -119,6 +119,15 @@ class Policy:
             if decision is not None:
                 return decision
         return None
+
+    @property
+    def can_reject(self) -> bool:
+        """Whether any trigger may reject a small-model step (a `BaseTrigger` that keeps the
+        default ``after_step`` cannot), so a small step may be shown before it is judged."""
+        return any(
+            getattr(type(t), "after_step", None) is not BaseTrigger.after_step
+            for t in self.triggers
+        )
 
     async def after_step(self, trace: Trace, step: Step) -> Reject | None:
         """The first rejection any trigger makes of a small-model step, if any."""

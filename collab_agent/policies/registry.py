@@ -10,6 +10,7 @@ from typing import Any
 
 from collab_agent.errors import ConfigError
 from collab_agent.policies.base import Policy
+from collab_agent.policies.files import load_policy_file
 from collab_agent.policies.fixed import LargeOnly, SmallOnly
 from collab_agent.policies.signals import Escalation, SurpriseReason
 from collab_agent.policies.trigreason import TrigReason
@@ -51,8 +52,6 @@ def resolve_policy(name: str, *, allow_code: bool = False, **options: Any) -> Po
     if not isinstance(name, str) or not name:
         raise ConfigError("policy", f"must be a non-empty policy name, got {name!r}")
     if name.endswith(".json") or (name not in BUILTIN and ":" not in name and Path(name).is_file()):
-        from collab_agent.calibration import load_policy_file
-
         return load_policy_file(name)
     registered = _registered()
     if name in BUILTIN:

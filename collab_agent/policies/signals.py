@@ -30,12 +30,13 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal, Protocol, runtime_checkable
 
 from collab_agent import _checks
-from collab_agent.backends.base import Backend, GenerateRequest, Generation, Role
 from collab_agent.errors import CapabilityError, ConfigError
 from collab_agent.policies.base import BaseTrigger, Handoff, Policy, Reject, Trigger
 from collab_agent.policies.trigreason import StrategicPriming
+from collab_agent.types import GenerateRequest, Generation, Role
 
 if TYPE_CHECKING:
+    from collab_agent.backends.base import Backend
     from collab_agent.session import Session
     from collab_agent.trace import Step, Trace
 

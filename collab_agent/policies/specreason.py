@@ -18,9 +18,9 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 from collab_agent import _checks
-from collab_agent.backends.base import GREEDY, GenerateRequest, Generation
 from collab_agent.errors import ConfigError
 from collab_agent.policies.base import BaseTrigger, Policy, Reject
+from collab_agent.types import GREEDY, GenerateRequest, Generation
 
 if TYPE_CHECKING:
     from collab_agent.session import Session
