@@ -1000,6 +1000,7 @@ class OpenAIBackend:
         finally:
             await opened.close()
         merged = opened.merged
+        await self._settle_stop(request, merged)
         generation = self._finish(
             request, merged.data, merged.choice, merged.text, merged.reasoning_text, []
         )
@@ -1007,6 +1008,24 @@ class OpenAIBackend:
         if generation.text.startswith(shown) and len(generation.text) > len(shown):
             yield generation.text[len(shown) :]
         yield generation
+
+    async def _settle_stop(self, request: GenerateRequest, merged: StreamedBody) -> None:
+        """Make a streamed llama.cpp answer read as its unstreamed one: there, the tokens of a
+        stop string have no logprobs entries (which is how a stop is told from an end of turn);
+        streamed, they come as entries without text, like the end-of-turn token. The server's
+        ``/detokenize`` tells them apart (one short call, only when such entries end a stop)."""
+        if not request.stop or merged.choice.get("finish_reason") != "stop":
+            return
+        held = merged.textless_tail()
+        if not held:
+            return
+        server = self.server or await self.probe()
+        if server.dialect != "llama.cpp":
+            return
+        data = await self._post(f"{self.root_url}/detokenize", {"tokens": held}, "detokenize")
+        content = data.get("content") if isinstance(data, Mapping) else None
+        if isinstance(content, str) and any(s and s in content for s in request.stop):
+            merged.drop_tail(len(held))
 
     async def _open_stream(self, request: GenerateRequest) -> _OpenStream | Generation:
         """One attempt: send the streamed request and read it until its first text (or its

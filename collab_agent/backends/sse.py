@@ -60,6 +60,30 @@ class StreamedBody:
         self.text += piece
         return piece
 
+    def textless_tail(self) -> list[int]:
+        """Token ids of the trailing logprobs entries that carry no text (``content`` format).
+
+        Streaming, llama.cpp sends an entry for each token it holds back as part of a stop
+        string, and one for the end-of-turn token, both without text; its unstreamed answer
+        leaves the stop string's entries out. The caller tells the two apart by the ids."""
+        logprobs = self.choice.get("logprobs")
+        content = logprobs.get("content") if isinstance(logprobs, dict) else None
+        ids: list[int] = []
+        for entry in reversed(content or []):
+            if not isinstance(entry, Mapping) or entry.get("token") or entry.get("bytes"):
+                break
+            if not isinstance(entry.get("id"), int):
+                break
+            ids.append(entry["id"])
+        ids.reverse()
+        return ids
+
+    def drop_tail(self, count: int) -> None:
+        """Forget the last ``count`` logprobs entries (tokens of a stop string left out)."""
+        logprobs = self.choice.get("logprobs")
+        if count and isinstance(logprobs, dict) and isinstance(logprobs.get("content"), list):
+            del logprobs["content"][-count:]
+
     def _add_logprobs(self, logprobs: Any) -> None:
         if logprobs is None:
             return
