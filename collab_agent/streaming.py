@@ -30,7 +30,7 @@ class StepReveal:
             safe = self.text[:end].rstrip()
         else:
             safe = self.text.rstrip()
-            safe = safe[: len(safe) - _open_tail(safe.lower(), self._ends)]
+            safe = safe[: len(safe) - _open_tail(safe.lower(), self._ends)].rstrip()
         if len(safe) <= len(self.shown) or not safe.startswith(self.shown):
             return ""
         new, self.shown = safe[len(self.shown) :], safe

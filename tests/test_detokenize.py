@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collab_agent.backends.detokenize import IncrementalText, find_stop
+from collab_agent.backends.detokenize import IncrementalText, find_stop, stop_holdback
 from collab_agent.backends.tiny import qwen_tokenizer
 
 TEXT = "Add them.\n\nSo 7 × 3 = 21 ✓ — 東京の天気は晴れ 🌦️ then\tdone. café naïve"
@@ -39,3 +39,11 @@ def test_a_stop_string_across_tokens_is_found_in_the_tail_only() -> None:
                 hits.append(found)
     # each stop is reported once, at the token that completes it, at its true position
     assert hits == [(TEXT.index("\n\n"), "\n\n"), (TEXT.index("= 21 ✓"), "= 21 ✓")]
+
+
+def test_stop_holdback_is_the_longest_tail_that_could_start_a_stop() -> None:
+    assert stop_holdback("one\n", ["\n\n"]) == 1
+    assert stop_holdback("one", ["\n\n"]) == 0
+    assert stop_holdback("a Final ans", ["Final answer:", "ans"]) == 9
+    assert stop_holdback("abc", ["abc"]) == 0  # a whole stop is found, not held back
+    assert stop_holdback("x", ["", "y"]) == 0

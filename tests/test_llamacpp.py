@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 from servers import SMOL
 
-from collab_agent.backends.base import GREEDY, GenerateRequest
+from collab_agent.backends.base import GREEDY, GenerateRequest, Generation
 from collab_agent.backends.llamacpp import LlamaCppBackend, LlamaCppServer
 from collab_agent.backends.openai import BackendContextOverflowError, OpenAIBackend
 from collab_agent.errors import ConfigError
@@ -125,6 +125,29 @@ async def test_continuation_does_not_repeat_the_prefix_and_hits_the_prefix_cache
     assert second.text.strip() and not second.text.startswith(first.text)
     assert second.prompt_tokens > first.prompt_tokens
     assert second.cached_tokens >= first.prompt_tokens - 1  # the shared prefix came from cache
+
+
+@pytest.mark.parametrize("mode", ["auto", "completions", "chat"])
+@pytest.mark.parametrize("stop", [("\n\n",), ()])
+async def test_streamed_tokens_join_to_the_answer_generate_gives(
+    smol_server: LlamaCppServer, mode: str, stop: tuple[str, ...]
+) -> None:
+    async with OpenAIBackend("smol", smol_server.base_url, mode=mode, timeout=600) as backend:
+        expected = await backend.generate(request(stop=stop))
+        *deltas, generation = [item async for item in backend.stream(request(stop=stop))]
+    assert isinstance(generation, Generation)
+    assert len(deltas) >= 8  # token by token, not one delta per call
+    assert "".join(str(d) for d in deltas) == generation.text == expected.text
+    assert all(s not in d for d in deltas for s in stop)
+    assert (generation.stop_reason, generation.stop_string) == (
+        expected.stop_reason,
+        expected.stop_string,
+    )
+    assert generation.stop_reason == ("step" if stop else "length")
+    assert (generation.prompt_tokens, generation.completion_tokens) == (
+        expected.prompt_tokens,
+        expected.completion_tokens,
+    )
 
 
 async def test_chat_prefill_and_completions_continue_alike(smol_server: LlamaCppServer) -> None:

@@ -55,7 +55,14 @@ def test_openai_async_stream_sends_each_step_then_answer_then_usage() -> None:
         chunks = asyncio.run(main(server.base_url))
     deltas = [c.choices[0].delta for c in chunks if c.choices]
     reasoning = [d.model_extra.get("reasoning_content") for d in deltas]
-    assert [r for r in reasoning if r] == ["Large opens.", "\n\nFirst step.", "\n\nSecond step."]
+    # The large step arrives token by token as decoded; the small steps, which the policy may
+    # still reject, arrive whole once accepted.
+    assert [r for r in reasoning if r] == [
+        "Large",
+        " opens.",
+        "\n\nFirst step.",
+        "\n\nSecond step.",
+    ]
     content = "".join(d.content or "" for d in deltas)
     assert content == "4"
     first_content = next(i for i, d in enumerate(deltas) if d.content)
@@ -112,6 +119,29 @@ def test_tiny_real_models_answer_through_the_sdk(tiny_pair) -> None:
     assert reply.model_extra["collab"]["steps"][0]["author"] == "large"
     assert health.status_code == 200
     assert health.json()["models"] == {"small": "ok", "large": "ok"}
+
+
+def test_tiny_real_models_stream_reasoning_and_answer_token_by_token(tiny_pair) -> None:
+    small = TransformersBackend(tiny_pair.small, tiny_pair.tokenizer, name="tiny-small")
+    large = TransformersBackend(tiny_pair.large, tiny_pair.tokenizer, name="tiny-large")
+    config = scripted_config(
+        policies={"trigreason": TrigReason(priming_steps=2)}, reasoning_budget=16
+    )
+    with running(create_app(config, small, large)) as server:
+        client = openai.OpenAI(base_url=server.base_url, api_key="unused", max_retries=0)
+        ask = {"model": "trigreason", "messages": QUESTION, "max_tokens": 6, "seed": 0}
+        chunks = list(client.chat.completions.create(stream=True, **ask))
+        whole = client.chat.completions.create(**ask)
+    deltas = [c.choices[0].delta for c in chunks if c.choices]
+    reasoning = [d.model_extra.get("reasoning_content") for d in deltas]
+    content = [d.content for d in deltas if d.content]
+    assert len([r for r in reasoning if r]) >= 8  # the large model's steps, as decoded
+    assert len(content) >= 2
+    assert (
+        "".join(r for r in reasoning if r)
+        == whole.choices[0].message.model_extra["reasoning_content"]
+    )
+    assert "".join(content) == whole.choices[0].message.content
 
 
 def test_tool_call_reaches_the_client() -> None:

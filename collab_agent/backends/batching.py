@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import time
 from collections import deque
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -331,6 +332,18 @@ class BatchedTransformersBackend(TransformersBackend):
             raise row.error
         assert row.result is not None
         return row.result
+
+    async def stream(self, request: GenerateRequest) -> AsyncIterator[str | Generation]:
+        """The batched `generate`, then its whole text as one delta and the `Generation`.
+
+        The decode of a row runs inside the shared batch step, not in a loop of its own, so
+        the inherited token-by-token `TransformersBackend.stream` (which decodes alone, past
+        the batch) is not used here.
+        """
+        generation = await self.generate(request)
+        if generation.text:
+            yield generation.text
+        yield generation
 
     # ------------------------------------------------------------------ the driver
     async def _drive(self, own: _Row) -> None:

@@ -79,4 +79,16 @@ def find_stop(text: str, stops: Iterable[str], checked: int = 0) -> tuple[int, s
     return best
 
 
-__all__ = ["IncrementalText", "find_stop"]
+def stop_holdback(text: str, stops: Iterable[str]) -> int:
+    """Length of the longest end of ``text`` that is a proper start of a stop string: the tail
+    a streamed delta must hold back, since the next token may complete the stop there."""
+    longest = 0
+    for stop in stops:
+        for n in range(min(len(stop) - 1, len(text)), longest, -1):
+            if text.endswith(stop[:n]):
+                longest = n
+                break
+    return longest
+
+
+__all__ = ["IncrementalText", "find_stop", "stop_holdback"]

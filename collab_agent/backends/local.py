@@ -21,17 +21,19 @@ import math
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import anyio
+import anyio.from_thread
+import anyio.lowlevel
 import anyio.to_thread
 from anyio.lowlevel import RunVar
 
 from collab_agent import _checks
 from collab_agent.backends.base import GenerateRequest, Generation, Sampling, StopReason
-from collab_agent.backends.detokenize import IncrementalText, find_stop
+from collab_agent.backends.detokenize import IncrementalText, find_stop, stop_holdback
 from collab_agent.errors import BackendError, ConfigError
 
 if TYPE_CHECKING:
@@ -42,6 +44,9 @@ T = TypeVar("T")
 
 GenerationObserver = Callable[[GenerateRequest, list[int], list[int]], None]
 """``(request, prompt_ids, sampled_ids)`` after each generation."""
+
+TextSink = Callable[[str], None]
+"""Called in the worker with each newly showable piece of text (never any of a stop string)."""
 
 END_OF_TURN_TOKENS = ("<|im_end|>", "<|endoftext|>", "<|eot_id|>", "<end_of_turn>", "</s>")
 """Tokens that end a turn in common chat formats (used when the tokenizer knows them)."""
@@ -443,6 +448,69 @@ class TransformersBackend:
             raise missing_constraint(self.name, request.response_format)
         return await self._in_worker(self._generate_sync, request)
 
+    async def stream(self, request: GenerateRequest) -> AsyncIterator[str | Generation]:
+        """`generate`, handing out text deltas as tokens are decoded, then the `Generation`.
+
+        The decode runs in its own worker thread under the generation lock; deltas cross to the
+        caller through a memory object stream. A tail that could start a stop string is held
+        back until the next token settles it, so no delta shows any of a stop string. Closing
+        or cancelling the iteration stops the decode at the next token and waits for the
+        worker, so the backend is free for the next call; the conversation's cache is kept.
+        """
+        if request.response_format is not None:
+            from collab_agent.structured import missing_constraint
+
+            raise missing_constraint(self.name, request.response_format)
+        if self._closed:
+            raise BackendError(f"backend {self.name!r} is closed")
+        send, receive = anyio.create_memory_object_stream[str | Generation | BaseException](
+            math.inf
+        )
+        token = anyio.lowlevel.current_token()
+        cancel = threading.Event()
+        finished = threading.Event()
+
+        def hand(item: str | Generation | BaseException) -> None:
+            try:
+                anyio.from_thread.run_sync(send.send_nowait, item, token=token)
+            except (anyio.BrokenResourceError, anyio.ClosedResourceError, RuntimeError):
+                cancel.set()  # the caller went away (or its event loop ended)
+
+        def work() -> None:
+            try:
+                with self._lock:
+                    if cancel.is_set():
+                        return
+                    hand(self._generate_sync(request, cancel, hand))
+            except _Cancelled:
+                pass
+            except BaseException as exc:  # handed to the caller, raised there
+                hand(exc)
+            finally:
+                finished.set()
+                with contextlib.suppress(RuntimeError):
+                    anyio.from_thread.run_sync(send.close, token=token)
+
+        threading.Thread(target=work, name=f"collab-agent-stream-{self.name}", daemon=True).start()
+        shown = ""
+        try:
+            async with receive:
+                async for item in receive:
+                    if isinstance(item, BaseException):
+                        raise item
+                    if isinstance(item, Generation):
+                        if item.text.startswith(shown) and len(item.text) > len(shown):
+                            yield item.text[len(shown) :]
+                        yield item
+                        return
+                    shown += item
+                    yield item
+        finally:
+            cancel.set()
+            if not finished.is_set():
+                with anyio.CancelScope(shield=True):  # stops within one forward
+                    await anyio.to_thread.run_sync(finished.wait, 60.0)
+
     async def score(self, request: GenerateRequest, continuation: str) -> list[float]:
         """The logprob of each token of ``continuation`` appended after ``request.reasoning``
         (one prefill, reusing the conversation's cache; raw logits, no temperature)."""
@@ -554,7 +622,12 @@ class TransformersBackend:
         reused = entry.reuse(prompt, at_most=at_most)
         return entry, reused
 
-    def _generate_sync(self, request: GenerateRequest, cancel: threading.Event) -> Generation:
+    def _generate_sync(
+        self,
+        request: GenerateRequest,
+        cancel: threading.Event,
+        on_text: TextSink | None = None,
+    ) -> Generation:
         import torch
 
         started = time.perf_counter()
@@ -567,7 +640,7 @@ class TransformersBackend:
                     logits = entry.next_logits
                 else:
                     logits = self._forward(entry, prompt[reused:])[-1]
-                decoded = self._decode(logits, entry, request, cancel)
+                decoded = self._decode(logits, entry, request, cancel, on_text)
                 compact = getattr(entry.kv, "compact", None)
                 if compact is not None:  # a compressed cache: back within budget between calls
                     compact()
@@ -601,8 +674,11 @@ class TransformersBackend:
         entry: ConversationCache,
         request: GenerateRequest,
         cancel: threading.Event,
+        on_text: TextSink | None = None,
     ) -> _Decoded:
-        """The decode loop: sample, check end of turn and stop strings, forward the token."""
+        """The decode loop: sample, check end of turn and stop strings, forward the token.
+        ``on_text`` gets the settled text as it grows, less a tail that could start a stop
+        string (the rest of the final text is the caller's to show)."""
         import torch
 
         sampling = request.sampling
@@ -613,6 +689,7 @@ class TransformersBackend:
         tokens = decoded.tokens
         logprobs: list[float] = []
         top: list[dict[str, float]] = []
+        shown = 0
         while True:
             token = sample_next(logits, sampling, generator)
             if token in self.eos_token_ids:
@@ -636,6 +713,11 @@ class TransformersBackend:
                         list(tokens),
                         top[:kept],
                     )
+                if on_text is not None:
+                    upto = len(decoded.text) - stop_holdback(decoded.text, request.stop)
+                    if upto > shown:
+                        on_text(decoded.text[shown:upto])
+                        shown = upto
             if len(tokens) >= request.max_tokens:
                 return _Decoded(decoded.final_text(), "length", tokens, logprobs, None, tokens, top)
             if cancel.is_set():

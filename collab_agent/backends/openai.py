@@ -35,6 +35,7 @@ lets the small model write the step, marking it degraded; with ``"fail"`` it pro
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import email.utils
 import json
 import logging
@@ -42,12 +43,13 @@ import math
 import os
 import threading
 import time
-from collections.abc import AsyncGenerator, Awaitable, Callable, Mapping, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal, TypeVar
 from urllib.parse import urlsplit
 
 import anyio
+import httpx
 import openai
 from langchain_core.exceptions import (
     ContextOverflowError,
@@ -71,7 +73,9 @@ from tenacity import (
 
 from collab_agent import _checks
 from collab_agent.backends.base import GenerateRequest, Generation, StopReason
+from collab_agent.backends.detokenize import stop_holdback
 from collab_agent.backends.network import Price
+from collab_agent.backends.sse import StreamedBody
 from collab_agent.backends.toolcalls import parse_tool_calls
 from collab_agent.errors import (
     BackendError,
@@ -747,7 +751,8 @@ class OpenAIBackend:
         names = self.server.names_stop_string if self.server else False
         return bool(request.stop) and not names
 
-    async def _attempt(self, request: GenerateRequest) -> Generation:
+    async def _body(self, request: GenerateRequest) -> tuple[str | None, dict[str, Any]]:
+        """The mode used for ``request`` and the request body (without ``stream``)."""
         if self._resolved_mode is None:
             await self.probe()
         mode = self._resolved_mode
@@ -766,11 +771,6 @@ class OpenAIBackend:
             self._constrain(body, request, mode)
             if want_logprobs:
                 body["logprobs"] = max(1, request.top_logprobs)
-            data = await self._post("/completions", body, "completion")
-            choice = self._choice(data, "completion")
-            text = self._text(choice.get("text"), data, "choices[0].text")
-            reasoning_text = ""
-            native_calls: list[Any] = []
         else:
             body = self._sampling(request)
             messages = [dict(m) for m in request.messages]
@@ -796,6 +796,17 @@ class OpenAIBackend:
             if want_logprobs:
                 body["logprobs"] = True
                 body["top_logprobs"] = max(1, request.top_logprobs)
+        return mode, body
+
+    async def _attempt(self, request: GenerateRequest) -> Generation:
+        mode, body = await self._body(request)
+        if mode == "completions":
+            data = await self._post("/completions", body, "completion")
+            choice = self._choice(data, "completion")
+            text = self._text(choice.get("text"), data, "choices[0].text")
+            reasoning_text = ""
+            native_calls: list[Any] = []
+        else:
             data = await self._post("/chat/completions", body, "chat completion")
             choice = self._choice(data, "chat completion")
             message = choice.get("message") or {}
@@ -808,6 +819,18 @@ class OpenAIBackend:
             native_calls = message.get("tool_calls") or []
             if not isinstance(reasoning_text, str) or not isinstance(native_calls, list):
                 raise self._malformed(data, "reasoning_content or tool_calls of the wrong type")
+        return self._finish(request, data, choice, text, reasoning_text, native_calls)
+
+    def _finish(
+        self,
+        request: GenerateRequest,
+        data: Any,
+        choice: Mapping[str, Any],
+        text: str,
+        reasoning_text: str,
+        native_calls: list[Any],
+    ) -> Generation:
+        """`_generation`, with a malformed field of the answer raised as a protocol error."""
         try:
             return self._generation(request, data, choice, text, reasoning_text, native_calls)
         except CollabError:
@@ -944,6 +967,95 @@ class OpenAIBackend:
         generation.seconds = time.perf_counter() - start
         return generation
 
+    async def stream(self, request: GenerateRequest) -> AsyncIterator[str | Generation]:
+        """`generate` over SSE (``stream=True``): text deltas as the server sends them, then the
+        `Generation` that ``generate`` would return (same text, stop reason, token counts; usage
+        is asked for with ``stream_options``).
+
+        Each attempt has the same deadline as ``generate``'s (``timeout`` for the whole answer)
+        and the same bounded retries, but only until the first text arrives: once a delta was
+        shown, a failure raises. A tail that could start a stop string is held back. Requests
+        with ``tools`` and the ``chat-prefill`` mode are answered unstreamed (one delta), since
+        their text is rewritten once whole (tool calls parsed out, a repeated prefix cut).
+        """
+        start = time.perf_counter()
+        opened = await self._with_retries(self._open_stream, request)
+        if isinstance(opened, Generation):
+            opened.seconds = time.perf_counter() - start
+            if opened.text:
+                yield opened.text
+            yield opened
+            return
+        shown = ""
+        try:
+            while True:
+                visible, cut = _cut_at_stop(opened.merged.text, request.stop)
+                if cut is None:
+                    visible = visible[: len(visible) - stop_holdback(visible, request.stop)]
+                if len(visible) > len(shown) and visible.startswith(shown):
+                    yield visible[len(shown) :]
+                    shown = visible
+                if not await opened.read():
+                    break
+        finally:
+            await opened.close()
+        merged = opened.merged
+        await self._settle_stop(request, merged)
+        generation = self._finish(
+            request, merged.data, merged.choice, merged.text, merged.reasoning_text, []
+        )
+        generation.seconds = time.perf_counter() - start
+        if generation.text.startswith(shown) and len(generation.text) > len(shown):
+            yield generation.text[len(shown) :]
+        yield generation
+
+    async def _settle_stop(self, request: GenerateRequest, merged: StreamedBody) -> None:
+        """Make a streamed llama.cpp answer read as its unstreamed one: there, the tokens of a
+        stop string have no logprobs entries (which is how a stop is told from an end of turn);
+        streamed, they come as entries without text, like the end-of-turn token. The server's
+        ``/detokenize`` tells them apart (one short call, only when such entries end a stop)."""
+        if not request.stop or merged.choice.get("finish_reason") != "stop":
+            return
+        held = merged.textless_tail()
+        if not held:
+            return
+        server = self.server or await self.probe()
+        if server.dialect != "llama.cpp":
+            return
+        data = await self._post(f"{self.root_url}/detokenize", {"tokens": held}, "detokenize")
+        content = data.get("content") if isinstance(data, Mapping) else None
+        if isinstance(content, str) and any(s and s in content for s in request.stop):
+            merged.drop_tail(len(held))
+
+    async def _open_stream(self, request: GenerateRequest) -> _OpenStream | Generation:
+        """One attempt: send the streamed request and read it until its first text (or its
+        end); a request that is not streamed gets its whole `Generation` instead."""
+        mode, body = await self._body(request)
+        if request.tools or mode == "chat-prefill":
+            return await self._attempt(request)
+        chat = mode != "completions"
+        path, what = (
+            ("/chat/completions", "chat completion") if chat else ("/completions", "completion")
+        )
+        body["stream"] = True
+        body["stream_options"] = {"include_usage": True}
+        client = (await self._loop_client()).client
+        deadline = anyio.current_time() + self.timeout
+        sse = await self._request(
+            what,
+            lambda: client.post(
+                path, body=body, cast_to=object, stream=True, stream_cls=openai.AsyncStream[object]
+            ),
+        )
+        opened = _OpenStream(self, sse, StreamedBody(chat=chat), deadline, what)
+        try:
+            while not opened.merged.text and await opened.read():
+                pass
+        except BaseException:
+            await opened.close()
+            raise
+        return opened
+
     async def score(self, request: GenerateRequest, continuation: str) -> list[float]:
         """The logprob of each token of ``continuation`` written after ``request.reasoning``:
         one completions call with ``echo`` over the rendered prompt (vLLM, llama-cpp-python
@@ -1026,6 +1138,55 @@ class OpenAIBackend:
                 )
             )
         return _suffix_logprobs(tokens, values, continuation, _completion_tokens(data))
+
+
+class _OpenStream:
+    """An SSE answer being read: the chunks merged so far and the attempt's deadline."""
+
+    def __init__(
+        self,
+        backend: OpenAIBackend,
+        sse: openai.AsyncStream[object],
+        merged: StreamedBody,
+        deadline: float,
+        what: str,
+    ) -> None:
+        self.backend = backend
+        self.sse = sse
+        self.merged = merged
+        self.deadline = deadline
+        self.what = what
+
+    async def read(self) -> bool:
+        """Merge the next chunk; False at the end of the stream. Typed errors, raised outside
+        the ``except`` block (the SDK's exception holds the request's headers)."""
+        backend = self.backend
+        typed: BackendError
+        try:
+            with anyio.fail_after(max(0.0, self.deadline - anyio.current_time())):
+                chunk = await self.sse.__anext__()
+        except StopAsyncIteration:
+            return False
+        except (openai.OpenAIError, TimeoutError) as error:
+            typed = backend._typed(error, self.what)
+        except httpx.HTTPError as error:  # the connection broke mid-stream
+            typed = BackendConnectionError(
+                backend._scrub(f"{backend.name} ({self.what} at {backend.base_url}): the stream "
+                               f"broke ({type(error).__name__}: {error})")
+            )  # fmt: skip
+        except ValueError as error:  # a chunk that is not JSON
+            typed = backend._malformed(None, f"a stream chunk is not JSON ({error})")
+        else:
+            try:
+                self.merged.add(chunk)
+                return True
+            except TypeError as error:
+                typed = backend._malformed(chunk, str(error))
+        raise typed
+
+    async def close(self) -> None:
+        with anyio.CancelScope(shield=True), contextlib.suppress(Exception):
+            await self.sse.close()
 
 
 def _completion_tokens(data: Any) -> int:

@@ -1,0 +1,100 @@
+"""`OpenAIBackend.stream` against a scripted HTTP server on 127.0.0.1: SSE chunks become text
+deltas, the final `Generation` is the one the unstreamed answer gives, and retries stop once a
+delta was shown. (The real llama.cpp server is in test_llamacpp.py.)"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pytest
+from servers import Reply, chat_body, scripted
+
+from collab_agent.backends.base import GREEDY, GenerateRequest, Generation
+from collab_agent.backends.openai import BackendProtocolError, OpenAIBackend
+
+MESSAGES = [{"role": "user", "content": "Count."}]
+PIECES = ["One", ",", " two", ",", " three", "\n", "\nFour"]
+USAGE = {"prompt_tokens": 12, "completion_tokens": 7, "total_tokens": 19}
+
+
+def request(**overrides: Any) -> GenerateRequest:
+    fields: dict[str, Any] = {
+        "conversation_id": "c",
+        "messages": MESSAGES,
+        "sampling": GREEDY,
+        "max_tokens": 16,
+        "stop": (),
+    }
+    fields.update(overrides)
+    return GenerateRequest(**fields)
+
+
+def sse(*events: Any, done: bool = True) -> Reply:
+    lines = [f"data: {json.dumps(e)}\n\n" for e in events]
+    if done:
+        lines.append("data: [DONE]\n\n")
+    return Reply(raw="".join(lines).encode())
+
+
+def chunk(content: str | None = None, finish: str | None = None, **extra: Any) -> dict[str, Any]:
+    delta = {} if content is None else {"content": content}
+    choice = {"index": 0, "delta": delta, "finish_reason": finish}
+    return {"id": "c1", "object": "chat.completion.chunk", "choices": [choice], **extra}
+
+
+def streamed(pieces: list[str], finish: str = "stop") -> Reply:
+    return sse(*(chunk(p) for p in pieces), chunk(finish=finish), {"choices": [], "usage": USAGE})
+
+
+async def collect(backend: OpenAIBackend, req: GenerateRequest) -> tuple[list[str], Generation]:
+    *deltas, generation = [item async for item in backend.stream(req)]
+    assert isinstance(generation, Generation)
+    return [str(d) for d in deltas], generation
+
+
+async def test_chunks_become_deltas_and_the_generation_matches_the_unstreamed_one() -> None:
+    whole = chat_body("".join(PIECES), usage=USAGE)
+    async with scripted(streamed(PIECES), Reply(body=whole)) as server:
+        backend = OpenAIBackend("m", server.base_url, mode="chat")
+        deltas, generation = await collect(backend, request())
+        expected = await backend.generate(request())
+        await backend.aclose()
+    body = server.requests[0]["json"]
+    assert body["stream"] is True and body["stream_options"] == {"include_usage": True}
+    assert deltas == PIECES
+    assert (generation.text, generation.stop_reason) == (expected.text, expected.stop_reason)
+    assert (generation.prompt_tokens, generation.completion_tokens) == (12, 7)
+    assert (expected.prompt_tokens, expected.completion_tokens) == (12, 7)
+
+
+async def test_a_stop_string_the_server_leaves_in_is_never_shown() -> None:
+    async with scripted(streamed(PIECES)) as server:
+        backend = OpenAIBackend("m", server.base_url, mode="chat")
+        deltas, generation = await collect(backend, request(stop=("\n\n",)))
+        await backend.aclose()
+    assert "".join(deltas) == generation.text == "One, two, three"
+    assert all("\n" not in d for d in deltas)  # the held-back "\n" never went out
+    assert (generation.stop_reason, generation.stop_string) == ("step", "\n\n")
+
+
+async def test_a_failure_before_the_first_delta_is_retried() -> None:
+    async with scripted(Reply(status=503, body={"error": "busy"}), streamed(PIECES)) as server:
+        backend = OpenAIBackend("m", server.base_url, mode="chat", backoff_s=0.01)
+        deltas, generation = await collect(backend, request())
+        await backend.aclose()
+    assert deltas == PIECES and generation.text == "".join(PIECES)
+    assert len(server.requests) == 2
+
+
+async def test_a_failure_after_a_delta_was_shown_is_not_retried() -> None:
+    broken = sse(chunk("One"), {"choices": "not a list"})
+    async with scripted(broken, streamed(PIECES)) as server:
+        backend = OpenAIBackend("m", server.base_url, mode="chat", backoff_s=0.01)
+        shown: list[str] = []
+        with pytest.raises(BackendProtocolError, match="malformed"):
+            async for item in backend.stream(request()):
+                shown.append(str(item))
+        await backend.aclose()
+    assert shown == ["One"]
+    assert len(server.requests) == 1  # a retry would repeat text already shown
