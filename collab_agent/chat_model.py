@@ -20,7 +20,11 @@ tool section) and the reasoning format lets the model end its reasoning with a `
 block (or the fenced JSON call coder models write) instead of ``Final answer:``;
 ``tool_choice="any"`` / ``"required"`` / a tool name forces a call by prefilling
 ``<tool_call>\\n{"name": "`` (or the named tool's opening) after the reasoning, and asks once
-more when a kept answer holds no valid call. Calls written as text are
+more when a kept answer holds no valid call. With ``tool_choice="auto"``, reasoning that ends
+without a call before the turn has any tool result (a small model tends to guess the value a tool
+would give) is followed by one plain tool turn: the answering model gets the conversation and the
+tools with no reasoning prefix (natively on llama.cpp's chat endpoint), and a call it makes
+replaces the reasoning's answer. Calls written as text are
 parsed by `collab_agent.backends.toolcalls.parse_tool_calls`; native ``tool_calls`` from
 OpenAI-compatible servers pass through.
 """
