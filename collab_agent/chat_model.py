@@ -20,7 +20,11 @@ tool section) and the reasoning format lets the model end its reasoning with a `
 block (or the fenced JSON call coder models write) instead of ``Final answer:``;
 ``tool_choice="any"`` / ``"required"`` / a tool name forces a call by prefilling
 ``<tool_call>\\n{"name": "`` (or the named tool's opening) after the reasoning, and asks once
-more when a kept answer holds no valid call. Calls written as text are
+more when a kept answer holds no valid call. With ``tool_choice="auto"``, reasoning that ends
+without a call before the turn has any tool result (a small model tends to guess the value a tool
+would give) is followed by one plain tool turn: the answering model gets the conversation and the
+tools with no reasoning prefix (natively on llama.cpp's chat endpoint), and a call it makes
+replaces the reasoning's answer. Calls written as text are
 parsed by `collab_agent.backends.toolcalls.parse_tool_calls`; native ``tool_calls`` from
 OpenAI-compatible servers pass through.
 """
@@ -89,8 +93,10 @@ __all__ = ["CollabChatModel"]
 
 TOOLS_INSTRUCTION = (
     "Think step by step. Write your reasoning as short steps separated by a blank line. "
-    "When you are done, either call a tool in a <tool_call></tool_call> block as "
-    "described in the tools section, or write a last line of the form 'Final answer: <answer>'."
+    "Never guess or invent a value that one of the tools can give (a rate, a price, a current "
+    "fact): plan in a few short steps, then call the tool in a <tool_call></tool_call> block as "
+    "described in the tools section and stop. When no tool is needed, or the tool results are "
+    "already in the conversation, write a last line of the form 'Final answer: <answer>'."
 )
 """Reasoning instruction when tools are bound and the model may call one (``tool_choice`` auto)."""
 
@@ -1103,6 +1109,13 @@ class CollabChatModel(BaseChatModel):
             calls = [{**c, "type": "tool_call"} for c in generation.tool_calls]
             parsed = parse_tool_calls(_forced_call(call.choice.lead + generation.text), allowed)
             calls.extend(parsed.tool_calls)
+        elif call.choice.mode == "auto" and not calls and _awaits_tools(call.messages):
+            generation = await self._offer_tools(call, reasoner, answer)
+            offered = parse_tool_calls(generation.text, allowed)
+            found = [{**c, "type": "tool_call"} for c in generation.tool_calls]
+            found.extend(offered.tool_calls)
+            if found:  # the call replaces an answer the reasoning reached without the tool
+                calls, parsed = found, offered
         content = parsed.content
         if not calls:
             content = _final_answer(reasoner.format, content)
@@ -1138,6 +1151,36 @@ class CollabChatModel(BaseChatModel):
         finally:
             with anyio.CancelScope(shield=True), anyio.move_on_after(10):
                 await release_conversation(backend, trace.conversation_id)
+        trace.record(role, generation)
+        return generation
+
+    async def _offer_tools(
+        self, call: _Call, reasoner: Reasoner, answer: AnswerEvent
+    ) -> Generation:
+        """The answering model offered the tools as a plain tool turn: the conversation and
+        tools alone, no reasoning prefix, so the engine's own tool calling (llama.cpp's chat
+        endpoint with its template's call parser) decides between a call and an answer.
+        Asked when reasoning ended without a call before any tool result of this turn, as a
+        small model's reasoning often guesses the value a tool would give; recorded in the
+        trace like every call."""
+        trace = answer.trace
+        request = GenerateRequest(
+            conversation_id=f"{trace.conversation_id}:tools",
+            messages=list(call.messages),
+            reasoning="",
+            stop=(),
+            max_tokens=reasoner.answer_max_tokens,
+            sampling=reasoner.sampling,
+            tools=call.tools,
+            purpose="answer",
+        )
+        role = answer.author
+        backend = reasoner.small if role == "small" else reasoner.large
+        try:
+            generation = await backend.generate(request)
+        finally:
+            with anyio.CancelScope(shield=True), anyio.move_on_after(10):
+                await release_conversation(backend, request.conversation_id)
         trace.record(role, generation)
         return generation
 
@@ -1231,6 +1274,11 @@ def _final_answer(fmt: ReasoningFormat, text: str) -> str:
     if fmt.end_of_reasoning(text) is not None:
         return fmt.extract_answer(text)
     return text.strip()
+
+
+def _awaits_tools(messages: Sequence[Mapping[str, Any]]) -> bool:
+    """Whether this turn has no tool result yet: the last message is the user's."""
+    return bool(messages) and messages[-1].get("role") == "user"
 
 
 def _left(deadline: float | None) -> float | None:

@@ -160,14 +160,46 @@ def test_tool_call_written_in_a_reasoning_step_becomes_a_tool_call() -> None:
     assert any(b["type"] == "tool_call" for b in result.content_blocks)
     request = small.requests[0]
     assert request.tools and request.tools[0]["function"]["name"] == "get_weather"
-    assert "call a tool" in request.messages[0]["content"]  # the reasoning format allows it
+    assert (
+        "call the tool in a <tool_call>" in request.messages[0]["content"]
+    )  # the reasoning format allows it
 
 
 def test_auto_tool_choice_still_answers_in_text() -> None:
-    model, _, _ = pair(["Nothing to look up.", "Final answer: hello"])
+    model, small, _ = pair(["Nothing to look up.", "Final answer: hello", "Hello!"])
     result = model.bind_tools([get_weather]).invoke("Say hello")
-    assert result.content == "hello"
+    assert result.content == "hello"  # the tool turn called nothing: the reasoning's answer
     assert result.tool_calls == []
+    offered = small.requests[-1]  # the tools offered as a plain tool turn, no reasoning
+    assert offered.purpose == "answer" and offered.reasoning == "" and offered.tools
+
+
+def test_reasoning_that_guesses_what_a_tool_gives_yields_to_the_tools_call() -> None:
+    """The bundled 0.5B invented a rate and answered instead of calling the tool; offered the
+    tools without its reasoning, it called the tool."""
+    call = '{"name": "get_weather", "arguments": {"location": "Paris"}}'
+    model, small, _ = pair(["It is probably sunny.", "Final answer: sunny", call])
+    result = model.bind_tools([get_weather]).invoke("Weather in Paris?")
+    assert [(c["name"], c["args"]) for c in result.tool_calls] == [
+        ("get_weather", {"location": "Paris"})
+    ]
+    assert result.content == ""
+    assert result.response_metadata["finish_reason"] == "tool_calls"
+    assert "Never guess" in small.requests[0].messages[0]["content"]
+
+
+def test_after_a_tool_result_the_reasoning_answer_stands() -> None:
+    model, small, _ = pair(["The tool said sunny.", "Final answer: sunny"])
+    messages = [
+        HumanMessage("Weather in Paris?"),
+        AIMessage(
+            "", tool_calls=[{"name": "get_weather", "args": {"location": "Paris"}, "id": "c1"}]
+        ),
+        ToolMessage("sunny", tool_call_id="c1"),
+    ]
+    result = model.bind_tools([get_weather]).invoke(messages)
+    assert result.content == "sunny" and result.tool_calls == []
+    assert len(small.requests) == 2  # no tool turn offered: the turn has its tool result
 
 
 def test_tool_choice_any_prefills_the_opening_of_a_call() -> None:

@@ -203,6 +203,30 @@ async def test_tool_call_text_is_parsed_when_the_server_gives_none() -> None:
     assert step.tool_calls == [] and step.text == text  # only answers are parsed
 
 
+async def test_llama_cpp_gets_a_tool_turn_natively_and_reasoning_as_completions() -> None:
+    """A tool turn (an answer offering tools, no reasoning to continue) goes to llama.cpp's chat
+    endpoint, whose template parser returns the calls; continuing reasoning stays on
+    /completions."""
+    call = {
+        "id": "call_1",
+        "type": "function",
+        "function": {"name": "add", "arguments": '{"a": 2, "b": 3}'},
+    }
+    body = chat_body("", message={"tool_calls": [call]}, finish_reason="tool_calls")
+    async with scripted(
+        Reply(body=body), Reply(body=legacy_completion(" 5.", [-0.1, -0.2]))
+    ) as server:
+        backend = OpenAIBackend("m", server.base_url, mode="completions", tokenizer=ChatTemplate())  # type: ignore[arg-type]
+        backend.known_dialect = "llama.cpp"  # as LlamaCppBackend, which starts the server
+        turn = await backend.generate(request(purpose="answer", tools=TOOLS))
+        answer = await backend.generate(request(purpose="answer", tools=TOOLS, reasoning="2+3"))
+        await backend.aclose()
+    assert [c["name"] for c in turn.tool_calls] == ["add"]
+    first, second = server.requests
+    assert first["path"] == "/v1/chat/completions" and first["json"]["tools"] == TOOLS
+    assert second["path"] == "/v1/completions" and answer.text == " 5."
+
+
 async def test_plain_chat_cannot_continue_reasoning() -> None:
     async with scripted(Reply()) as server:
         backend = OpenAIBackend("gpt-x", server.base_url, mode="chat")

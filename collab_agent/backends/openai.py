@@ -765,6 +765,8 @@ class OpenAIBackend:
                     "prompt is rendered locally and sent to /completions"
                 )
             mode = "chat"
+        if mode == "completions" and self._native_tool_turn(request):
+            mode = "chat"
         if mode == "completions":
             body = self._sampling(request)
             body["prompt"] = await self._prompt(request)
@@ -838,6 +840,18 @@ class OpenAIBackend:
         except (TypeError, ValueError, AttributeError, KeyError, IndexError) as error:
             problem = f"{type(error).__name__}: {str(error)[:200]}"
         raise self._malformed(data, problem)
+
+    def _native_tool_turn(self, request: GenerateRequest) -> bool:
+        """Whether an answer that offers tools with no reasoning to continue goes to llama.cpp's
+        chat endpoint, so the engine's own tool calling (its template's call parser, with
+        ``--jinja``, xllamacpp's default) returns the calls natively."""
+        return (
+            request.purpose == "answer"
+            and bool(request.tools)
+            and not request.reasoning
+            and request.response_format is None
+            and self._dialect() == "llama.cpp"
+        )
 
     def _choice(self, data: Any, what: str) -> Mapping[str, Any]:
         """The first choice of a completion body; `BackendProtocolError` when there is none."""
