@@ -159,9 +159,9 @@ class ScriptedServer:
                     if reply.raw is not None
                     else json.dumps(reply.body if reply.body is not None else chat_body()).encode()
                 )
-                head = [f"HTTP/1.1 {reply.status} X", "Content-Type: application/json",
-                        f"Content-Length: {len(body)}"]  # fmt: skip
-                head += [f"{k}: {v}" for k, v in reply.headers.items()]
+                headers = {"Content-Type": "application/json", **reply.headers}
+                head = [f"HTTP/1.1 {reply.status} X", f"Content-Length: {len(body)}"]
+                head += [f"{k}: {v}" for k, v in headers.items()]
                 writer.write(("\r\n".join(head) + "\r\n\r\n").encode() + body)
                 await writer.drain()
         except (ConnectionError, asyncio.IncompleteReadError, asyncio.CancelledError):

@@ -34,7 +34,7 @@ def sse(*events: Any, done: bool = True) -> Reply:
     lines = [f"data: {json.dumps(e)}\n\n" for e in events]
     if done:
         lines.append("data: [DONE]\n\n")
-    return Reply(raw="".join(lines).encode())
+    return Reply(raw="".join(lines).encode(), headers={"Content-Type": "text/event-stream"})
 
 
 def chunk(content: str | None = None, finish: str | None = None, **extra: Any) -> dict[str, Any]:
@@ -66,6 +66,21 @@ async def test_chunks_become_deltas_and_the_generation_matches_the_unstreamed_on
     assert (generation.text, generation.stop_reason) == (expected.text, expected.stop_reason)
     assert (generation.prompt_tokens, generation.completion_tokens) == (12, 7)
     assert (expected.prompt_tokens, expected.completion_tokens) == (12, 7)
+
+
+async def test_a_server_that_ignores_stream_answers_whole_as_one_delta() -> None:
+    """Some servers and proxies answer ``stream: true`` with the plain JSON body: its text is
+    one delta and the generation is the unstreamed one, not an empty answer."""
+    whole = chat_body("".join(PIECES), usage=USAGE)
+    async with scripted(Reply(body=whole), Reply(body=whole)) as server:
+        backend = OpenAIBackend("m", server.base_url, mode="chat")
+        deltas, generation = await collect(backend, request())
+        expected = await backend.generate(request())
+        await backend.aclose()
+    assert server.requests[0]["json"]["stream"] is True
+    assert deltas == ["".join(PIECES)]
+    assert (generation.text, generation.stop_reason) == (expected.text, expected.stop_reason)
+    assert generation.completion_tokens == expected.completion_tokens == 7
 
 
 async def test_a_stop_string_the_server_leaves_in_is_never_shown() -> None:

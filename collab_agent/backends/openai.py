@@ -804,12 +804,18 @@ class OpenAIBackend:
         mode, body = await self._body(request)
         if mode == "completions":
             data = await self._post("/completions", body, "completion")
+        else:
+            data = await self._post("/chat/completions", body, "chat completion")
+        return self._parse(request, mode, data)
+
+    def _parse(self, request: GenerateRequest, mode: str | None, data: Any) -> Generation:
+        """The `Generation` of an unstreamed answer body of ``mode``."""
+        if mode == "completions":
             choice = self._choice(data, "completion")
             text = self._text(choice.get("text"), data, "choices[0].text")
             reasoning_text = ""
             native_calls: list[Any] = []
         else:
-            data = await self._post("/chat/completions", body, "chat completion")
             choice = self._choice(data, "chat completion")
             message = choice.get("message") or {}
             if not isinstance(message, Mapping):
@@ -1061,6 +1067,17 @@ class OpenAIBackend:
                 path, body=body, cast_to=object, stream=True, stream_cls=openai.AsyncStream[object]
             ),
         )
+        if "json" in sse.response.headers.get("content-type", ""):
+            # a server or proxy that ignores stream=True sends the whole answer as one body
+            try:
+                raw = await sse.response.aread()
+            finally:
+                await sse.close()
+            try:
+                data = json.loads(raw)
+            except ValueError as error:
+                raise self._malformed(None, f"the answer is not JSON ({error})") from None
+            return self._parse(request, mode, data)
         opened = _OpenStream(self, sse, StreamedBody(chat=chat), deadline, what)
         try:
             while not opened.merged.text and await opened.read():
