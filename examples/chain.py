@@ -4,7 +4,7 @@ The small Qwen2.5-Coder 0.5B writes most reasoning steps, the 1.5B steps in when
 trigger fires. The chain's output is the answer; the reasoning and the per-step trace ride along
 on the AIMessage. Runs offline on the bundled models:
 
-    python examples/chain.py "A train travels 60 km in 45 minutes. What is its speed in km/h?"
+    python examples/chain.py "A bakery sold 24 muffins at $3 and 40 cookies at $1.50. Revenue?"
     python examples/chain.py --models tiny   # random-weight tiny models, as the tests run it
 """
 
@@ -17,10 +17,27 @@ from langchain_core.prompts import ChatPromptTemplate
 
 from collab_agent import PRESETS, CollabChatModel, TrigReason
 
+QUESTION = "A train travels 60 km in 45 minutes. What is its speed in km/h?"
+SYSTEM = "You are a careful math tutor."
+
+
+def build_model(
+    small: str, large: str, budget: int = 512, max_tokens: int = 128
+) -> CollabChatModel:
+    """The pair as this example runs it (the tests build it here too)."""
+    return CollabChatModel(
+        small=small,
+        large=large,
+        policy=TrigReason(priming_steps=2),  # the paper primes 20 steps; short problems need few
+        temperature=0,
+        reasoning_budget=budget,
+        max_tokens=max_tokens,
+    )
+
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("question", nargs="?", default="What is 17 * 23 - 45?")
+    parser.add_argument("question", nargs="?", default=QUESTION)
     parser.add_argument(
         "--models", choices=sorted(PRESETS), default="llamacpp", help="model pair (tiny: tests)"
     )
@@ -32,17 +49,8 @@ def main() -> None:
     args.small = args.small or PRESETS[args.models][0]
     args.large = args.large or PRESETS[args.models][1]
 
-    model = CollabChatModel(
-        small=args.small,
-        large=args.large,
-        policy=TrigReason(priming_steps=2),  # the paper primes 20 steps; short problems need few
-        temperature=0,
-        reasoning_budget=args.budget,
-        max_tokens=args.max_tokens,
-    )
-    prompt = ChatPromptTemplate.from_messages(
-        [("system", "You are a careful math tutor."), ("human", "{question}")]
-    )
+    model = build_model(args.small, args.large, args.budget, args.max_tokens)
+    prompt = ChatPromptTemplate.from_messages([("system", SYSTEM), ("human", "{question}")])
 
     # 1. The chain: the answer as a string.
     chain = prompt | model | StrOutputParser()
