@@ -334,3 +334,33 @@ async def test_score_takes_the_continuations_tokens_from_a_vllm_echo() -> None:
     assert scored == [-0.5, -0.25, -1.0]
     sent = server.requests[-1]["json"]
     assert sent["echo"] is True and sent["prompt"] == prefix + " = 5." and sent["max_tokens"] == 1
+
+
+async def test_a_stop_inside_the_last_token_is_a_step_end_not_the_end_of_the_answer() -> None:
+    """llama.cpp cuts the text before a stop string but sends the logprob of a token holding
+    both the text's end and the stop's start (``":\\n"``, stop ``"\\n"``): the step ended at
+    its delimiter, the model did not end its answer."""
+    tokens = ["1", ".", " Count", " the", " eggs", ":\n"]
+    body = {
+        "id": "cmpl-1",
+        "object": "text_completion",
+        "created": 1,
+        "model": "m",
+        "choices": [
+            {
+                "text": "1. Count the eggs:",
+                "index": 0,
+                "logprobs": {"content": [{"id": i, "token": t, "logprob": -0.1} for i, t in enumerate(tokens)]},
+                "finish_reason": "stop",
+            }
+        ],
+        "usage": {"prompt_tokens": 5, "completion_tokens": len(tokens), "total_tokens": 11},
+    }  # fmt: skip
+    eos = {**body, "choices": [{**body["choices"][0], "text": "1. Count the eggs:\n"}]}
+    async with scripted(Reply(body=body), Reply(body=eos)) as server:
+        backend = OpenAIBackend("m", server.base_url, mode="completions", tokenizer=ChatTemplate())  # type: ignore[arg-type]
+        step = await backend.generate(request(reasoning="Q.\n", stop=("\n",)))
+        plain = await backend.generate(request(reasoning="Q.\n", stop=("\n\n",)))
+        await backend.aclose()
+    assert (step.text, step.stop_reason, step.stop_string) == ("1. Count the eggs:", "step", "\n")
+    assert plain.stop_reason == "eos"  # the whole text came back: no stop was cut

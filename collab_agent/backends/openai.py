@@ -241,6 +241,26 @@ def _chosen_logprobs(logprobs: Any) -> list[float] | None:
     return None
 
 
+def _ran_into_stop(logprobs: Any, text: str, stops: Sequence[str]) -> bool:
+    """Whether the chosen tokens' own text runs past ``text`` into a stop string: the last token
+    held both the answer's end and the stop's start (``":\n"`` with stop ``"\n"``), so the
+    server sent its logprob though it cut the text before the stop."""
+    if not isinstance(logprobs, Mapping) or not stops:
+        return False
+    content = logprobs.get("content")
+    if isinstance(content, list):
+        pieces = [e.get("token") for e in content if isinstance(e, Mapping)]
+    else:
+        pieces = logprobs.get("tokens") or []
+    if not isinstance(pieces, list) or not all(isinstance(p, str) for p in pieces):
+        return False
+    joined = "".join(str(p) for p in pieces)
+    if len(joined) <= len(text) or not joined.startswith(text):
+        return False
+    rest = joined[len(text) :]
+    return any(stop and (rest.startswith(stop) or stop.startswith(rest)) for stop in stops)
+
+
 def _logprob(value: Any) -> float:
     """A logprob as the server must send it: a JSON number, at most 0 (``-inf`` allowed)."""
     if isinstance(value, bool) or not isinstance(value, (int, float)):
@@ -913,6 +933,8 @@ class OpenAIBackend:
                 reason = "eos"
             elif logprobs is not None and completion > len(logprobs):
                 # llama.cpp counts the stop string's tokens but returns logprobs only up to it
+                reason = "step"
+            elif _ran_into_stop(choice.get("logprobs"), text, request.stop):
                 reason = "step"
             else:
                 reason = "eos"
