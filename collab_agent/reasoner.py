@@ -92,9 +92,8 @@ class Reasoner:
         policy: who writes each step (default: `TrigReason()` with the paper's settings).
         format: how reasoning is laid out (`STEPWISE` for instruct models, `THINK` for ``<think>``).
         splitter: where a step ends (``"blank-line"``, ``"line"`` or a `StepSplitter`); replaces
-            the format's own. ``None``: the one the bundled model metadata gives the pair (line
-            for the bundled instruct models) unless the format is ``<think>``, else the
-            format's (blank line).
+            the format's own. ``None``: the one the bundled model metadata gives the pair
+            unless the format is ``<think>``, else the format's (blank line).
         sampling: sampling of every call (default: `collab_agent.defaults`, greedy; paper:
             temperature 0.6, top-p 0.95).
         budget: most reasoning tokens of accepted steps (paper: 8192). ``None`` (default):
@@ -362,6 +361,8 @@ class Reasoner:
                     elif reveal is not None and (new := reveal.feed(item)):
                         yield TokenEvent(new, "reasoning", index, role, session.trace)
             assert part is not None
+            if generation is not None and part.completion_tokens == 0:
+                break  # an empty continuation: the step ends where it did, at the delimiter
             generation = part if generation is None else merge(generation, part, splitter.delimiter)
             if part.completion_tokens == 0:
                 break

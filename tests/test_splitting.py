@@ -23,7 +23,7 @@ from collab_agent.splitting import (
     splitter_for_pair,
 )
 from collab_agent.streaming import AnswerReveal, StepReveal
-from collab_agent.testing import ScriptedBackend
+from collab_agent.testing import ScriptedBackend, ScriptedStep
 
 QUESTION = [{"role": "user", "content": "What is 2 + 3?"}]
 
@@ -40,6 +40,20 @@ async def test_line_splitter_merges_a_short_line_with_the_lines_after_it() -> No
     assert small.requests[1].reasoning.endswith("1.\n")
     assert small.requests[1].stop == ("\n",)
     assert trace.answer == "5"
+
+
+async def test_an_empty_continuation_keeps_the_step_open_for_the_next_writer() -> None:
+    """A continuation that decodes nothing (a server that answers 0 tokens after a prompt
+    ending in the delimiter) must not turn the step's end into the end of the reasoning."""
+    small = ScriptedBackend(
+        ["1.", ScriptedStep("", logprobs=[], stop_reason="eos"), "Add two and three.",
+         "Final answer: 5"]
+    )  # fmt: skip
+    splitter = StepSplitter("line", "\n", min_tokens=3)
+    reasoner = Reasoner(small, ScriptedBackend([]), policy=SmallOnly(), splitter=splitter)
+    trace = await reasoner.run(QUESTION)
+    assert trace.steps[0].text == "1." and trace.steps[0].stop_reason == "step"
+    assert len(trace.steps) >= 2 and trace.answer == "5"
 
 
 async def test_min_tokens_zero_never_merges() -> None:
