@@ -452,8 +452,8 @@ class CollabChatModel(BaseChatModel):
     splitter: Any = None
     """Where a reasoning step ends: ``"line"`` (a line break, shorter lines merged: instruct
     models), ``"blank-line"`` (the papers' split: ``<think>`` models), a `StepSplitter`, or
-    ``None``: the one the bundled model metadata gives the pair (line for the bundled instruct
-    models, with ``"stepwise"``), else the reasoning format's (blank line).
+    ``None``: the one the bundled model metadata gives the pair (blank line for the bundled
+    pair today), else the reasoning format's (blank line).
     Recorded in ``response_metadata["collab"]["splitter"]``."""
 
     stream_granularity: Literal["token", "step"] = "token"

@@ -32,6 +32,6 @@ SplitterOption = Annotated[
     typer.Option(
         "--splitter",
         help="Where a reasoning step ends: line (a line break; short lines merge) or blank-line "
-        "(the papers'). Default: line for the bundled instruct pair, blank-line otherwise.",
+        "(the papers', the default).",
     ),
 ]

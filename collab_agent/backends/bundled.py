@@ -50,7 +50,10 @@ class BundledModel:
         sha256: hex digest of the joined GGUF file.
         size: bytes of the joined GGUF file.
         splitter: the step splitter that fits how it writes (``"line"``: instruct models that
-            rarely write a blank line between steps; ``"blank-line"``: ``<think>`` models).
+            rarely write a blank line between steps; ``"blank-line"``: the papers' split).
+            The bundled pair keeps ``"blank-line"``: served by llama.cpp, a step cut at a single
+            line break often reads as the model's end of turn (the server counts no token for
+            the stop), so the reasoning ended after one step; pass ``splitter="line"`` to try it.
     """
 
     name: str
@@ -60,7 +63,7 @@ class BundledModel:
     parts: tuple[str, ...]
     sha256: str
     size: int
-    splitter: str = "line"
+    splitter: str = "blank-line"
 
     @property
     def pip_command(self) -> str:
