@@ -1144,15 +1144,7 @@ class CollabChatModel(BaseChatModel):
             tools=call.tools,
             purpose="answer",
         )
-        role = answer.author
-        backend = reasoner.small if role == "small" else reasoner.large
-        try:
-            generation = await backend.generate(request)
-        finally:
-            with anyio.CancelScope(shield=True), anyio.move_on_after(10):
-                await release_conversation(backend, trace.conversation_id)
-        trace.record(role, generation)
-        return generation
+        return await _ask_answerer(reasoner, answer, request)
 
     async def _offer_tools(
         self, call: _Call, reasoner: Reasoner, answer: AnswerEvent
@@ -1174,15 +1166,7 @@ class CollabChatModel(BaseChatModel):
             tools=call.tools,
             purpose="answer",
         )
-        role = answer.author
-        backend = reasoner.small if role == "small" else reasoner.large
-        try:
-            generation = await backend.generate(request)
-        finally:
-            with anyio.CancelScope(shield=True), anyio.move_on_after(10):
-                await release_conversation(backend, request.conversation_id)
-        trace.record(role, generation)
-        return generation
+        return await _ask_answerer(reasoner, answer, request)
 
     # ------------------------------------------------------------------ LangChain entry points
     def _stream(
@@ -1240,6 +1224,22 @@ class CollabChatModel(BaseChatModel):
 
 
 # ============================================================================ helpers
+async def _ask_answerer(
+    reasoner: Reasoner, answer: AnswerEvent, request: GenerateRequest
+) -> Generation:
+    """One more call of the model that wrote ``answer``, recorded in its trace; the
+    conversation's cache is freed afterwards."""
+    role = answer.author
+    backend = reasoner.small if role == "small" else reasoner.large
+    try:
+        generation = await backend.generate(request)
+    finally:
+        with anyio.CancelScope(shield=True), anyio.move_on_after(10):
+            await release_conversation(backend, request.conversation_id)
+    answer.trace.record(role, generation)
+    return generation
+
+
 def _chunk(*, content: str = "", reasoning: str | None = None) -> ChatGenerationChunk:
     """A chunk of answer text or (``reasoning``) of reasoning content."""
     kwargs = {} if reasoning is None else {"reasoning_content": reasoning}
