@@ -8,6 +8,7 @@ reasoning the trace then cuts off.
 
 from __future__ import annotations
 
+from collab_agent.backends.detokenize import stop_holdback
 from collab_agent.prompting import ReasoningFormat
 
 
@@ -30,7 +31,7 @@ class StepReveal:
             safe = self.text[:end].rstrip()
         else:
             safe = self.text.rstrip()
-            safe = safe[: len(safe) - _open_tail(safe.lower(), self._ends)].rstrip()
+            safe = safe[: len(safe) - stop_holdback(safe.lower(), self._ends)].rstrip()
         if len(safe) <= len(self.shown) or not safe.startswith(self.shown):
             return ""
         new, self.shown = safe[len(self.shown) :], safe
@@ -52,14 +53,3 @@ class AnswerReveal:
             return ""
         new, self.shown = safe[len(self.shown) :], safe
         return new
-
-
-def _open_tail(text: str, ends: tuple[str, ...]) -> int:
-    """Length of the longest end of ``text`` that is a proper start of one of ``ends``."""
-    longest = 0
-    for end in ends:
-        for n in range(min(len(end) - 1, len(text)), longest, -1):
-            if text.endswith(end[:n]):
-                longest = n
-                break
-    return longest
