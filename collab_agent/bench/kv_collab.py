@@ -131,7 +131,6 @@ class MethodRun:
         self.errors = 0
         self.large.on_generation = self._observe
         self.reasoner = Reasoner(small, self.large, TrigReason(priming_steps=1), **reasoner_options)
-        self._detached = False
         # each method hooks the large model only while its problem runs, so the others' hooks
         # (SmallKV's pre-hook, the meter's timers) never fire on its calls
         self._pause()
