@@ -361,11 +361,11 @@ class Reasoner:
                     elif reveal is not None and (new := reveal.feed(item)):
                         yield TokenEvent(new, "reasoning", index, role, session.trace)
             assert part is not None
-            if generation is not None and part.completion_tokens == 0:
-                break  # an empty continuation: the step ends where it did, at the delimiter
-            generation = part if generation is None else merge(generation, part, splitter.delimiter)
             if part.completion_tokens == 0:
+                # nothing decoded: a continuation leaves the step ended at its delimiter
+                generation = generation or part
                 break
+            generation = part if generation is None else merge(generation, part, splitter.delimiter)
         out.generation, out.author = generation, role
         if reveal is not None:
             out.shown = reveal.shown
