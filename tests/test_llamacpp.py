@@ -320,10 +320,6 @@ async def test_qwen_tool_call_text_becomes_tool_calls(qwen_small_server: LlamaCp
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(
-    reason="regression: passes at 046fb3a, fails at b441b4f (only the 1.5B writes steps); most "
-    "likely b29f8ee, which split OpenAIBackend._attempt into _body/_finish for streaming",
-)
 async def test_trigreason_local_srm_and_llamacpp_lrm_answer_gsm8k(
     qwen_large_server: LlamaCppServer,
 ) -> None:

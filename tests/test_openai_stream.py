@@ -93,6 +93,35 @@ async def test_a_stop_string_the_server_leaves_in_is_never_shown() -> None:
     assert (generation.stop_reason, generation.stop_string) == ("step", "\n\n")
 
 
+def with_logprob(content: str, token_id: int, token: str, whole: str) -> dict[str, Any]:
+    """A chat chunk whose logprobs entry shows ``token`` for the token ``whole`` (same id)."""
+    entry = {"id": token_id, "token": token, "logprob": -0.1}
+    entry["top_logprobs"] = [{"id": token_id, "token": whole, "logprob": -0.1}]
+    piece = chunk(content)
+    piece["choices"][0]["logprobs"] = {"content": [entry]}
+    return piece
+
+
+@pytest.mark.parametrize(("last_token", "reason"), [(":\n\n", "step"), (":", "eos")])
+async def test_a_stop_inside_the_last_token_reads_as_a_step_not_an_end_of_turn(
+    last_token: str, reason: str
+) -> None:
+    """llama.cpp streams the last token's text cut at a stop string inside it (``":"`` for the
+    token ``":\\n\\n"``) and reports finish ``stop`` as for an end of turn; the entry's own
+    ``top_logprobs`` name the whole token, which tells the two apart as the unstreamed answer
+    does. A token that really ends at ``":"`` stays an end of turn."""
+    events = [with_logprob("Steps", 1, "Steps", "Steps"), with_logprob(":", 2, ":", last_token)]
+    usage = {"prompt_tokens": 5, "completion_tokens": 2, "total_tokens": 7}
+    reply = sse(*events, chunk(finish="stop"), {"choices": [], "usage": usage})
+    async with scripted(reply) as server:
+        backend = OpenAIBackend("m", server.base_url, mode="chat")
+        deltas, generation = await collect(backend, request(stop=("\n\n",)))
+        await backend.aclose()
+    assert server.requests[0]["json"]["logprobs"] is True
+    assert "".join(deltas) == generation.text == "Steps:"
+    assert generation.stop_reason == reason
+
+
 async def test_a_failure_before_the_first_delta_is_retried() -> None:
     async with scripted(Reply(status=503, body={"error": "busy"}), streamed(PIECES)) as server:
         backend = OpenAIBackend("m", server.base_url, mode="chat", backoff_s=0.01)

@@ -1055,11 +1055,13 @@ class OpenAIBackend:
         """Make a streamed llama.cpp answer read as its unstreamed one: there, the tokens of a
         stop string have no logprobs entries (which is how a stop is told from an end of turn);
         streamed, they come as entries without text, like the end-of-turn token. The server's
-        ``/detokenize`` tells them apart (one short call, only when such entries end a stop)."""
+        ``/detokenize`` tells them apart (one short call, only when such entries end a stop).
+        A stop inside the last token cuts that entry's text; its ``top_logprobs`` restore it."""
         if not request.stop or merged.choice.get("finish_reason") != "stop":
             return
         held = merged.textless_tail()
         if not held:
+            merged.restore_cut_token()
             return
         server = self.server or await self.probe()
         if server.dialect != "llama.cpp":

@@ -78,6 +78,32 @@ class StreamedBody:
         ids.reverse()
         return ids
 
+    def restore_cut_token(self) -> None:
+        """Give the last logprobs entry its token's whole text, where a stop string cut it.
+
+        Streaming, llama.cpp sends the last token's text only up to a stop string inside it
+        (``":"`` for the token ``":\\n\\n"`` with stop ``"\\n\\n"``), which hides that the answer
+        ran into the stop; the entry's own ``top_logprobs`` still name the token whole (same
+        id), as the unstreamed answer's entry does."""
+        logprobs = self.choice.get("logprobs")
+        content = logprobs.get("content") if isinstance(logprobs, dict) else None
+        if not content or not isinstance(content[-1], dict):
+            return
+        last = content[-1]
+        token = last.get("token")
+        if not isinstance(token, str) or not isinstance(last.get("id"), int):
+            return
+        for other in last.get("top_logprobs") or []:
+            whole = other.get("token") if isinstance(other, Mapping) else None
+            if (
+                other.get("id") == last["id"]
+                and isinstance(whole, str)
+                and len(whole) > len(token)
+                and whole.startswith(token)
+            ):
+                last["token"] = whole
+                return
+
     def drop_tail(self, count: int) -> None:
         """Forget the last ``count`` logprobs entries (tokens of a stop string left out)."""
         logprobs = self.choice.get("logprobs")
