@@ -89,7 +89,7 @@ def test_snapkv_keeps_its_observation_window(large, prompt):
 def test_h2o_keeps_heavy_hitters_and_recent_tokens(large, prompt):
     out, sets = kept(H2O(budget=0.25), large, prompt)
     for layer in out.cache.layers:
-        scores = layer.scores  # accumulated attention of the model itself
+        scores = layer.state.accumulated  # accumulated attention of the model itself
         assert scores is not None and scores.shape[-1] == prompt.shape[1] + 2
     for s in sets:
         assert len(s) == 40 + 2

@@ -132,7 +132,7 @@ def test_evicted_token_comes_back_when_the_srm_attends_to_it(pair, prompt):
     layer0 = cache.layers[0]
     held = set(layer0.positions[0, 0].tolist()) | set(layer0.marginal_positions[0, 0].tolist())
     token = next(t for t in range(5, prompt.shape[1]) if t not in held)
-    for srm_layer in cache.state["srm"].layers:  # the SRM now says: token matters a lot
+    for srm_layer in cache.state.srm.layers:  # the SRM now says: token matters a lot
         srm_layer.accumulated[..., token] += 1e6  # (score="accumulated")
         srm_layer.ring[..., token] += 1e6  # (score="window", the default; the sum follows)
         srm_layer.window_sum[..., token] += 32e6
@@ -190,10 +190,10 @@ def test_marginal_path_equals_plain_reference(mode):
 def test_attention_matching_maps_every_large_head_to_a_small_head(pair, prompt):
     large, small = pair
     _method, out = run(large, small, prompt, budget=0.2, steps=2)
-    src_layer, src_head = out.cache.state["mapping"]
+    src_layer, src_head = out.cache.state.mapping
     assert src_layer.shape == src_head.shape == (3, 8)
     assert int(src_layer.max()) < 2 and int(src_head.max()) < 4
-    jaccard = out.cache.state["jaccard"]
+    jaccard = out.cache.state.jaccard
     assert bool(((jaccard > 0) & (jaccard <= 1)).all())
 
 
@@ -202,10 +202,10 @@ def test_calibration_waits_for_100_tokens(pair):
     short = torch.randint(0, VOCAB, (1, 95), generator=torch.Generator().manual_seed(5))
     _, out = run(large, small, short, budget=0.2, steps=5)
     # 95 + 4 tokens seen < 100: still the full cache, exact
-    assert "mapping" not in out.cache.state
+    assert out.cache.state is None or out.cache.state.mapping is None
     assert out.kv_bytes_ratio == 1.0
     _, out = run(large, small, short, budget=0.2, steps=8)
-    assert "mapping" in out.cache.state and out.cache.kv_bytes_ratio() < 1.0
+    assert out.cache.state.mapping is not None and out.cache.kv_bytes_ratio() < 1.0
 
 
 def test_both_combinations_run_and_stay_close_to_full(pair, prompt):
@@ -336,7 +336,7 @@ def test_the_prior_is_the_large_models_expected_attention_mixed_with_the_srm(pai
     srm, _ = run(large, small, prompt, budget=0.2, steps=3, prior=0.0, value_norm=False)
     half = SmallKV(assistant=small, budget=0.2, prior=0.5, value_norm=False).attach(large)
     for layer, ea_layer in zip(out.cache.layers, ea_cache.layers, strict=True):
-        expected = ea_layer.state["expected"][..., 4:p]  # past the 4 sinks the baseline pins
+        expected = ea_layer.state.prompt_scores[..., 4:p]  # past the 4 sinks the baseline pins
         torch.testing.assert_close(only.token_scores(out.cache, layer)[..., 4:p], expected)
         share = srm.token_scores(out.cache, layer)
         share = share / share.sum(-1, keepdim=True)

@@ -47,11 +47,13 @@ def large_caches(large: TransformersBackend) -> list[CompressedCache]:
 def assert_both_sides_agree(cache: CompressedCache) -> None:
     """The SRM has read exactly the tokens the LRM's cache holds (its own pass), or the LRM
     reads the assistant's shared statistics up to its own length."""
-    srm = cache.state.get("srm")
-    if "srm_length" in cache.state:
-        assert cache.state["srm_length"] == cache.get_seq_length()
-    elif srm is not None and srm.layers:
-        assert all(layer.seen == cache.get_seq_length() for layer in srm.layers)
+    state = cache.state
+    if state is None:
+        return
+    if state.srm_length is not None:
+        assert state.srm_length == cache.get_seq_length()
+    elif state.srm is not None and state.srm.layers:
+        assert all(layer.seen == cache.get_seq_length() for layer in state.srm.layers)
 
 
 def reasoner(small, large, policy) -> Reasoner:  # type: ignore[no-untyped-def]

@@ -35,21 +35,33 @@ if TYPE_CHECKING:
 
 DATA_NAME = "math500.jsonl"
 """The contexts' file in the data folder (`collab_agent.evaluation.datasets.data_dir`)."""
-METHOD_NAMES = ("smallkv", "h2o", "snapkv", "streaming", "expected")
 SMALLKV_SETTINGS: dict[str, tuple[bool, dict[str, Any]]] = {
-    "smallkv": (False, {}),
     "smallkv_paper": (True, {}),
     "smallkv_paper_prompt": (True, {"budget_of": "prompt"}),
     "smallkv_paper_window": (True, {"score": "window"}),
     "smallkv_no_prior": (False, {"prior": 0.0}),
     "smallkv_marginal": (False, {"split": (2, 0, 2)}),
 }
-"""SmallKV rows by name: (start from `SmallKV.PAPER`?, keyword arguments on top)."""
-VARIANTS = tuple(name for name in SMALLKV_SETTINGS if name not in METHOD_NAMES)
+"""SmallKV variants by name: (start from `SmallKV.PAPER`?, keyword arguments on top)."""
+VARIANTS = tuple(SMALLKV_SETTINGS)
 """Extra rows on request: SmallKV as the paper configures it (`SmallKV.PAPER`: 2:1:2 split of
 the whole context, the SRM's accumulated attention only, plain-sum marginal output), that with
 this benchmark's prompt accounting or with the windowed score, and the default without the large
 model's prior or with half the allowance as V-only marginal tokens."""
+
+
+def method_names() -> tuple[str, ...]:
+    """The methods `bench kv` runs by default: every one of `collab_agent.cache.METHODS` but
+    the full cache, the reference they are measured against."""
+    from collab_agent.cache import METHODS
+
+    return tuple(name for name in METHODS if name != "full")
+
+
+def __getattr__(name: str) -> Any:
+    if name == "METHOD_NAMES":  # read from the registry on use: importing it loads torch
+        return method_names()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def log(message: str) -> None:
@@ -127,21 +139,27 @@ def parse_methods(methods: str) -> tuple[str, ...]:
     from collab_agent.errors import ConfigError
 
     names = tuple(m.strip() for m in methods.split(",") if m.strip())
-    unknown = set(names) - set(METHOD_NAMES) - set(VARIANTS)
+    known = method_names() + VARIANTS
+    unknown = set(names) - set(known)
     if unknown:
-        raise ConfigError(
-            "--methods", f"unknown {sorted(unknown)}; choose from {METHOD_NAMES + VARIANTS}"
-        )
+        raise ConfigError("--methods", f"unknown {sorted(unknown)}; choose from {known}")
     return names
 
 
 def make_method(name: str, small: Any) -> Any:
+    """The method ``name`` (of `collab_agent.cache.METHODS` or `VARIANTS`) with its defaults;
+    a method with an ``assistant`` field gets the small model."""
+    from dataclasses import fields
+
     from collab_agent.cache import METHODS, SmallKV
 
     if name in SMALLKV_SETTINGS:
         paper, extra = SMALLKV_SETTINGS[name]
         return SmallKV(assistant=small, **{**(SmallKV.PAPER if paper else {}), **extra})
-    return METHODS[name]()
+    method = METHODS[name]
+    if any(f.name == "assistant" for f in fields(method)):
+        return method(assistant=small)  # type: ignore[call-arg]
+    return method()
 
 
 def statistics_probe(small: Any) -> Any:
@@ -265,7 +283,7 @@ def run_kv_bench(
     contexts: list[list[int]],
     tokens: int,
     budgets: list[float],
-    methods: tuple[str, ...] = METHOD_NAMES,
+    methods: tuple[str, ...] | None = None,
     peer_python: str | None = None,
 ) -> dict[str, Any]:
     """The benchmark itself, on loaded models; returns the JSON object `bench kv` prints.
@@ -311,7 +329,7 @@ def run_kv_bench(
         for c in range(n_ctx)
     ]
     result: dict[str, Any] = {"methods": {}}
-    for name in methods:
+    for name in methods or method_names():
         method = make_method(name, small).attach(large)
         start = time.perf_counter()
         cache = shared.cache_for(method)
@@ -401,9 +419,13 @@ def register(bench: typer.Typer) -> None:
             int, typer.Option(help="Minimum prompt length in tokens.")
         ] = 1500,
         tokens: Annotated[int, typer.Option(help="Teacher-forced tokens per context.")] = 256,
-        methods: Annotated[str, typer.Option(help="Comma-separated methods.")] = ",".join(
-            METHOD_NAMES
-        ),
+        methods: Annotated[
+            str | None,
+            typer.Option(
+                help="Comma-separated methods (default: every one of collab_agent.cache.METHODS "
+                "but full)."
+            ),
+        ] = None,
         data: Annotated[
             Path | None,
             typer.Option(help="MATH-500 JSONL for the contexts (default: the data folder's)."),
@@ -431,7 +453,7 @@ def register(bench: typer.Typer) -> None:
             ) from exc
         if not budget_list or not all(0 < b <= 1 for b in budget_list):
             raise ConfigError("--budgets", f"each must lie in (0, 1], got {budgets!r}")
-        method_list = parse_methods(methods)
+        method_list = parse_methods(methods) if methods else method_names()
         if contexts < 1 or tokens < 2:
             raise ConfigError("--contexts/--tokens", "need at least 1 context and 2 tokens")
         torch.manual_seed(0)

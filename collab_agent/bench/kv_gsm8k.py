@@ -65,14 +65,14 @@ def answer_with_each_cache(
 ) -> dict[str, tuple[list[str], float]]:
     """Greedy answers to the prompts ``ids`` (one batch, one shared prefill) with each named
     cache, until every row has ended its turn: ``{name: (texts, kv_bytes_ratio)}``."""
-    from collab_agent.cache import Full, decode
+    from collab_agent.cache import decode
 
     shared = SharedPrefill(small, large, ids)
     stops = {i for i in map(tokenizer.convert_tokens_to_ids, END_OF_TURN) if isinstance(i, int)}
     answers = {}
     for name in names:
         start = time.perf_counter()
-        method = Full() if name == "full" else make_method(name, small)
+        method = make_method(name, small)
         cache = shared.cache_for(method.attach(large))
         if name != "full":
             cache = cache.clone(budgets=[budget] * ids.shape[0])
@@ -160,9 +160,13 @@ def register(bench: typer.Typer) -> None:
         batch_size: Annotated[
             int, typer.Option(help="Problems decoded together (memory grows with it).")
         ] = 10,
-        methods: Annotated[str, typer.Option(help="Comma-separated methods.")] = (
-            "smallkv,h2o,snapkv,streaming,expected"
-        ),
+        methods: Annotated[
+            str | None,
+            typer.Option(
+                help="Comma-separated methods (default: every one of collab_agent.cache.METHODS "
+                "but full)."
+            ),
+        ] = None,
         data: Annotated[
             str, typer.Option(help="GSM8K JSON Lines (a bundled name or a path).")
         ] = "gsm8k_test",
@@ -171,7 +175,7 @@ def register(bench: typer.Typer) -> None:
         """The large model's GSM8K accuracy with each KV cache at one budget."""
         import torch
 
-        from collab_agent.bench.kv import parse_methods
+        from collab_agent.bench.kv import method_names, parse_methods
         from collab_agent.errors import ConfigError
         from collab_agent.evaluation.datasets import load_dataset
 
@@ -183,7 +187,7 @@ def register(bench: typer.Typer) -> None:
             raise ConfigError(
                 "--problems/--tokens/--batch-size", "need at least 1 problem, 2 tokens, batch 1"
             )
-        method_list = parse_methods(methods)
+        method_list = parse_methods(methods) if methods else method_names()
         records = load_dataset(data)
         if len(records) < first + problems + 8 or "solution" not in records[0].extra:
             raise ConfigError(

@@ -9,16 +9,26 @@ rotation is averaged over the next ``future`` positions. The expected logit of k
 ``mu'.k / sqrt(d) + k' Sigma' k / (2 d)`` (the log of the Gaussian's moment generating function),
 and a softmax over the tokens gives each token's expected share of attention.
 
-Used by the `ExpectedAttention` baseline and as the large model's own prior in `SmallKV`.
+The `ExpectedAttention` method keeps the tokens it ranks highest; `SmallKV` uses the estimate as
+the large model's own prior.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import torch
 
-from collab_agent.cache.base import CacheConfigError, KVLayer
+from collab_agent.cache.budget import CacheConfigError
+from collab_agent.cache.method import PromptMethod
+from collab_agent.cache.state import QueryStats
+
+if TYPE_CHECKING:
+    from torch import nn
+
+    from collab_agent.cache.compressed import CompressedCache
+    from collab_agent.cache.layer import KVLayer
 
 
 def inverse_frequencies(config: Any, head_dim: int, device: torch.device) -> torch.Tensor:
@@ -66,18 +76,14 @@ def observe_queries(
     angles = q_pos[keep].float()[:, None] * inv  # (q, D/2)
     cos, sin = angles.cos().repeat(1, 2), angles.sin().repeat(1, 2)
     pre = q * cos - rotate_half(q) * sin  # undo R_pos
-    total = layer.state.get("query_sum")
-    if total is None:
-        layer.state["query_sum"] = pre.sum(2)
-        layer.state["query_outer"] = torch.einsum("bhqd,bhqe->bhde", pre, pre)
-        layer.state["query_count"] = pre.shape[2]
-        layer.state["inverse_frequencies"] = (inv,)  # a tuple: not repeated with the batch
+    outer = torch.einsum("bhqd,bhqe->bhde", pre, pre)
+    stats = layer.state.queries
+    if stats is None:
+        layer.state.queries = QueryStats(pre.sum(2), outer, pre.shape[2], inv)
     else:
-        layer.state["query_sum"] = total + pre.sum(2)
-        layer.state["query_outer"] = layer.state["query_outer"] + torch.einsum(
-            "bhqd,bhqe->bhde", pre, pre
-        )
-        layer.state["query_count"] = layer.state["query_count"] + pre.shape[2]
+        stats.total = stats.total + pre.sum(2)
+        stats.outer = stats.outer + outer
+        stats.count += pre.shape[2]
 
 
 def expected_attention(
@@ -85,12 +91,12 @@ def expected_attention(
 ) -> torch.Tensor:
     """``(B, Hkv, S)`` expected attention share of ``keys`` ``(B, Hkv, S, D)`` (after RoPE) for
     queries at positions ``start .. start + future - 1``, mean over each KV head's query heads."""
-    if "query_sum" not in layer.state:
+    stats = layer.state.queries
+    if stats is None:
         raise RuntimeError("no prompt queries were observed for expected attention")
-    n = layer.state["query_count"]
-    mean = layer.state["query_sum"] / n  # (B, H, D)
-    cov = layer.state["query_outer"] / n - mean[..., :, None] * mean[..., None, :]
-    (inv,) = layer.state["inverse_frequencies"]
+    mean = stats.total / stats.count  # (B, H, D)
+    cov = stats.outer / stats.count - mean[..., :, None] * mean[..., None, :]
+    inv = stats.inverse_frequencies
     d = mean.shape[-1]
     t = torch.arange(start, start + future, dtype=torch.float32, device=keys.device)
     angles = t[:, None] * inv  # (F, D/2)
@@ -110,3 +116,60 @@ def expected_attention(
         kc = torch.einsum("bksd,bkgde->bkgse", k, cov_f.reshape(b, hkv, g, d, d))
         logits = logits + (kc * k[:, :, None]).sum(-1) / (2 * d)
     return torch.softmax(logits, dim=-1).mean(2)
+
+
+@dataclass
+class ExpectedAttention(PromptMethod):
+    """Expected attention: keep the tokens the *future* queries are expected to attend most,
+    estimated from the prompt queries' mean and covariance with RoPE averaged over the next
+    ``future`` positions, weighted by each token's value norm (Devoto et al. 2025,
+    https://arxiv.org/abs/2510.00636, section 3; kvpress's ``ExpectedAttentionPress``).
+
+    The prompt is compressed once; tokens decoded later are kept, as in kvpress.
+
+    Parameters
+    ----------
+    budget : float, default 0.2
+        Share of the KV kept, of the context or the prompt (see `KVMethod`).
+    sinks : int, default 4
+        Initial tokens always kept and left out of the query statistics.
+    future : int, default 512
+        Future query positions the RoPE rotation is averaged over.
+    covariance : bool, default True
+        Include the queries' covariance term (else only their mean).
+    value_norm : bool, default True
+        Multiply each token's expected attention by the norm of its value vector.
+    """
+
+    budget: float = 0.2
+    sinks: int = 4
+    future: int = 512
+    covariance: bool = True
+    value_norm: bool = True
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.sinks < 0:
+            raise CacheConfigError("sinks", f"must be >= 0, got {self.sinks!r}")
+        if self.future < 1:
+            raise CacheConfigError("future", f"must be >= 1, got {self.future!r}")
+
+    def observe_queries(
+        self,
+        cache: CompressedCache,
+        layer: KVLayer,
+        module: nn.Module,
+        query: torch.Tensor,
+        q_pos: torch.Tensor,
+    ) -> None:
+        observe_queries(layer, module, query, q_pos, self.sinks)
+
+    def prompt_scores(self, cache: CompressedCache, layer: KVLayer) -> torch.Tensor:
+        assert layer.keys is not None and layer.values is not None
+        scores = expected_attention(
+            layer, layer.keys, layer.keys.shape[-2], self.future, self.covariance
+        )
+        if self.value_norm:
+            scores = scores * layer.values.float().norm(dim=-1)
+        scores[..., : self.sinks] = float("inf")
+        return scores

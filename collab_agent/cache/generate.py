@@ -14,7 +14,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from collab_agent.cache.base import CacheConfigError, CompressedCache, KVMethod
+from collab_agent.cache.budget import CacheConfigError
+from collab_agent.cache.compressed import CompressedCache
+from collab_agent.cache.method import KVMethod
 
 
 def check_same_tokenizer(large: Any, small: Any) -> None:
@@ -57,11 +59,6 @@ class Decoded:
     decode_seconds: float
     kv_bytes_ratio: float
     cache: CompressedCache = field(repr=False)
-
-    @property
-    def tokens_per_second(self) -> float:
-        steps = self.tokens.shape[1] - 1
-        return self.tokens.shape[0] * steps / self.decode_seconds if self.decode_seconds else 0.0
 
 
 def _sync(device: torch.device) -> None:

@@ -3,26 +3,24 @@
 from __future__ import annotations
 
 from contextlib import AbstractContextManager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal, Protocol, runtime_checkable
 
 import torch
 from torch import nn
 
-from collab_agent.cache.base import (
-    CacheConfigError,
-    CompressedCache,
-    KVLayer,
-    KVMethod,
-    LayerPlan,
+from collab_agent.cache.attention import attention_probs, use_kv_attention
+from collab_agent.cache.budget import CacheConfigError
+from collab_agent.cache.compressed import CompressedCache
+from collab_agent.cache.expected import expected_attention, observe_queries
+from collab_agent.cache.layer import KVLayer
+from collab_agent.cache.method import KVMethod, LayerPlan
+from collab_agent.cache.observer import (
     ObservedCache,
     ObservedLayer,
-    attention_probs,
     calibration_rows,
     calibration_start,
-    use_kv_attention,
 )
-from collab_agent.cache.expected import expected_attention, observe_queries
 
 PRIOR_SINKS = 4
 """Initial tokens left out of the prior's query statistics (kvpress's ExpectedAttention default)."""
@@ -51,6 +49,40 @@ class SharingAssistant(Protocol):
     def observed_conversation(
         self, conversation_id: str
     ) -> AbstractContextManager[ObservedConversation]: ...
+
+
+@dataclass
+class AssistantState:
+    """SmallKV's state of one `CompressedCache`, shared by its layers (``cache.state``).
+
+    Fields
+    ------
+    srm : ObservedCache or None
+        The assistant's attention-recording cache of the same tokens.
+    srm_length : int or None
+        Tokens of ``srm`` that the large model has read, when ``srm`` is the assistant
+        backend's own cache (which may have read further); None for SmallKV's own SRM pass.
+    mapping : (torch.Tensor, torch.Tensor) or None
+        The SRM layer and head ``(L, H)`` of each LRM layer's query heads, once heads are matched.
+    jaccard : torch.Tensor or None
+        ``(L, H)`` the matched pairs' Jaccard similarity.
+    stacked : dict
+        SRM statistics stacked over its layers, by name: a memo of one step.
+    """
+
+    srm: ObservedCache | None = None
+    srm_length: int | None = None
+    mapping: tuple[torch.Tensor, torch.Tensor] | None = None
+    jaccard: torch.Tensor | None = None
+    stacked: dict[str, torch.Tensor | None] = field(default_factory=dict)
+
+
+def assistant_state(cache: CompressedCache) -> AssistantState:
+    """The cache's `AssistantState`, made on first use."""
+    if cache.state is None:
+        cache.state = AssistantState()
+    state: AssistantState = cache.state
+    return state
 
 
 def assistant_model(assistant: Any) -> nn.Module:
@@ -287,10 +319,11 @@ class SmallKV(KVMethod):
         if cache.conversation is not None and input_ids.shape[0] == 1 and self._shares():
             self._observe_shared(cache, cache.conversation, input_ids[0].tolist())
             return
-        srm_cache: ObservedCache | None = cache.state.get("srm")
+        state = assistant_state(cache)
+        srm_cache = state.srm
         if srm_cache is None:
             srm_cache = ObservedCache(self.calibration_tokens, keep_last=True, window=self.window)
-            cache.state["srm"] = srm_cache
+            state.srm = srm_cache
         use_kv_attention(self._srm)
         device = next(self._srm.parameters()).device
         # the base model: only the SRM's attention is used, so its LM head (a quarter of a
@@ -303,7 +336,7 @@ class SmallKV(KVMethod):
                 cache=srm_cache,
                 use_cache=True,
             )
-        cache.state.pop("stack", None)
+        state.stacked.clear()
 
     def _observe_shared(
         self, cache: CompressedCache, conversation: tuple[str, list[int]], new: list[int]
@@ -332,38 +365,34 @@ class SmallKV(KVMethod):
                     base(input_ids=ids, cache=entry.kv, use_cache=True)
                 entry.tokens.extend(target[same:])
                 entry.next_logits = None
-            cache.state["srm"] = entry.kv
-            cache.state["srm_length"] = len(target)
-        cache.state.pop("stack", None)
+            state = assistant_state(cache)
+            state.srm = entry.kv
+            state.srm_length = len(target)
+        state.stacked.clear()
 
     def repeat_state(self, cache: CompressedCache, repeats: int) -> None:
-        srm = cache.state.get("srm")
-        if srm is not None:
-            for layer in srm.layers:
+        state = assistant_state(cache)
+        if state.srm is not None:
+            for layer in state.srm.layers:
                 layer.batch_repeat_interleave(repeats)
-                names = ("accumulated", "calibration", "last", "last_query", "ring", "window_sum")
-                for name in names:
-                    t = getattr(layer, name)
-                    if t is not None:
-                        setattr(layer, name, t.repeat_interleave(repeats, dim=0))
-        cache.state.pop("stack", None)
+        state.stacked.clear()
 
     def crop_state(self, cache: CompressedCache, keep: int) -> None:
         """Cut the SRM's cache and statistics to the same ``keep`` tokens as the LRM's, so a
         rollback leaves both sides consistent; the head mapping stays (it is about the models)."""
-        srm: ObservedCache | None = cache.state.get("srm")
-        if "srm_length" in cache.state:  # the assistant's own cache: aligned at the next call
-            cache.state["srm_length"] = min(cache.state["srm_length"], keep)
-        elif srm is not None:
-            srm.crop_to(keep)
-        cache.state.pop("stack", None)
+        state = assistant_state(cache)
+        if state.srm_length is not None:  # the assistant's own cache: aligned at the next call
+            state.srm_length = min(state.srm_length, keep)
+        elif state.srm is not None:
+            state.srm.crop_to(keep)
+        state.stacked.clear()
 
     # ---- 1. attention matching ---------------------------------------------------------------
 
     def probability_rows(
         self, cache: CompressedCache, layer: KVLayer, q_pos: torch.Tensor
     ) -> slice | None:
-        if "mapping" in cache.state:
+        if assistant_state(cache).mapping is not None:
             return None
         return calibration_rows(q_pos.numel(), self.calibration_tokens)
 
@@ -375,7 +404,7 @@ class SmallKV(KVMethod):
         q_pos: torch.Tensor,
         k_pos: torch.Tensor,
     ) -> None:
-        if layer.compressed or "mapping" in cache.state:
+        if layer.compressed or assistant_state(cache).mapping is not None:
             return
         flat = probs.flatten(1, 2).sum(2).float()  # (B, H, S): these rows' attention per key
         if (
@@ -384,13 +413,14 @@ class SmallKV(KVMethod):
             - layer.q_pos.numel()
             + calibration_rows(layer.q_pos.numel(), self.calibration_tokens).start
         ):  # the call's first calibration chunk: start (or widen) the block
-            layer.state["calib"] = calibration_start(
-                layer.state.get("calib"), layer.q_pos.numel(), self.calibration_tokens, flat
+            layer.state.calibration = calibration_start(
+                layer.state.calibration, layer.q_pos.numel(), self.calibration_tokens, flat
             )
-        layer.state["calib"] += flat
+        assert layer.state.calibration is not None
+        layer.state.calibration += flat
 
     def ready(self, cache: CompressedCache, layer: KVLayer) -> bool:
-        if "mapping" in cache.state:
+        if assistant_state(cache).mapping is not None:
             return True
         seen = layer.length - layer.q_pos.numel()
         if seen < self.min_calibration_tokens:
@@ -402,13 +432,15 @@ class SmallKV(KVMethod):
         """Map each LRM query head to its most similar SRM head: Jaccard similarity of the
         top-``match_top`` key sets of the calibration block (the last ``calibration_tokens``
         queries' attention over every key seen, so the sets cover the whole context)."""
-        srm = cache.state["srm"]
-        tokens = min(
-            *(la.state["calib"].shape[-1] for la in cache.layers),
-            *(la.calibration.shape[-1] for la in srm.layers),
-        )
-        lrm = torch.stack([la.state["calib"][..., :tokens].mean(0) for la in cache.layers])
-        small = torch.stack([la.calibration[..., :tokens].mean(0) for la in srm.layers])
+        state = assistant_state(cache)
+        assert state.srm is not None
+        blocks = [la.state.calibration for la in cache.layers]
+        srm_blocks = [la.calibration for la in state.srm.layers]
+        if any(b is None for b in blocks) or any(b is None for b in srm_blocks):
+            raise RuntimeError("head matching needs the calibration block of every layer")
+        tokens = min(b.shape[-1] for b in [*blocks, *srm_blocks] if b is not None)
+        lrm = torch.stack([b[..., :tokens].mean(0) for b in blocks if b is not None])
+        small = torch.stack([b[..., :tokens].mean(0) for b in srm_blocks if b is not None])
         n_l, h, _ = lrm.shape
         n_s, hs, _ = small.shape
         k = max(1, round(self.match_top * tokens))
@@ -417,9 +449,9 @@ class SmallKV(KVMethod):
         inter = a @ b.T
         jaccard = inter / (2 * k - inter)
         best = jaccard.argmax(dim=1).reshape(n_l, h)
-        cache.state["mapping"] = (best // hs, best % hs)
-        cache.state["jaccard"] = jaccard.max(dim=1).values.reshape(n_l, h)
-        for la in srm.layers:
+        state.mapping = (best // hs, best % hs)
+        state.jaccard = jaccard.max(dim=1).values.reshape(n_l, h)
+        for la in state.srm.layers:
             la.calibrating = False
 
     # ---- 2. SRM-guided, reversible eviction ----------------------------------------------------
@@ -441,17 +473,18 @@ class SmallKV(KVMethod):
             marginal=torch.where(fits, torch.zeros_like(n_marg), n_marg),
         )
 
-    def _mapped(self, cache: CompressedCache, name: str) -> torch.Tensor:
+    def _mapped(self, cache: CompressedCache, name: str) -> torch.Tensor | None:
         """SRM statistic ``name`` of every SRM layer, stacked ``(Ls, B, Hs, ...)`` (once a step)."""
-        stack = cache.state.setdefault("stack", {})
-        if name not in stack:
-            layers: list[ObservedLayer] = cache.state["srm"].layers
+        state = assistant_state(cache)
+        if name not in state.stacked:
+            assert state.srm is not None
+            layers: list[ObservedLayer] = state.srm.layers
             values = [getattr(la, name) for la in layers]
-            n = cache.state.get("srm_length")  # a shared SRM cache may have read further
+            n = state.srm_length  # a shared SRM cache may have read further
             if n is not None:
                 values = [None if v is None else v[..., :n] for v in values]
-            stack[name] = None if any(v is None for v in values) else torch.stack(values)
-        return stack[name]
+            state.stacked[name] = None if any(v is None for v in values) else torch.stack(values)
+        return state.stacked[name]
 
     def _per_lrm_head(
         self, cache: CompressedCache, layer: KVLayer, name: str
@@ -459,7 +492,9 @@ class SmallKV(KVMethod):
         stacked = self._mapped(cache, name)
         if stacked is None:
             return None
-        src_layer, src_head = cache.state["mapping"]
+        mapping = assistant_state(cache).mapping
+        assert mapping is not None
+        src_layer, src_head = mapping
         li = src_layer[layer.layer_idx].to(stacked.device)
         hi = src_head[layer.layer_idx].to(stacked.device)
         picked = stacked[li, :, hi]  # (H, B, ...)
@@ -509,11 +544,11 @@ class SmallKV(KVMethod):
 
     def _with_prior(self, layer: KVLayer, srm: torch.Tensor) -> torch.Tensor:
         """``prior * expected + (1 - prior) * srm`` over the prompt, shares of one per row."""
-        expected = layer.state.get("expected")
+        expected = layer.state.expected
         if expected is None:  # first compression: the device still holds every prompt token
             assert layer.keys is not None
             expected = expected_attention(layer, layer.keys, layer.keys.shape[-2], PRIOR_FUTURE)
-            layer.state["expected"] = expected
+            layer.state.expected = expected
         share = srm / srm.sum(-1, keepdim=True).clamp(min=1e-12)
         p = expected.shape[-1]
         mixed = share.clone()
@@ -551,8 +586,10 @@ class SmallKV(KVMethod):
     ) -> torch.Tensor | None:
         """The mapped SRM heads' attention rows ``(B, H, q, L)`` of the last call, recomputed from
         its queries (an SRM call longer than `LAST_ROWS` keeps those instead of the rows)."""
-        srm_layers: list[ObservedLayer] = cache.state["srm"].layers
-        src_layer, src_head = cache.state["mapping"]
+        state = assistant_state(cache)
+        assert state.srm is not None and state.mapping is not None
+        srm_layers: list[ObservedLayer] = state.srm.layers
+        src_layer, src_head = state.mapping
         rows = []
         for li, hi in zip(
             src_layer[layer.layer_idx].tolist(), src_head[layer.layer_idx].tolist(), strict=True
@@ -609,7 +646,7 @@ def _value_norms(layer: KVLayer) -> torch.Tensor:
     kept in the layer's state; this call's tokens are read on the device (their host copy may
     still be in flight) and any others from the host copy after `KVLayer.host_synchronize`."""
     assert layer.host_values is not None and layer.incoming is not None
-    norms: torch.Tensor | None = layer.state.get("value_norms")
+    norms = layer.state.value_norms
     have = 0 if norms is None else norms.shape[-1]
     old = layer.length - layer.incoming.shape[-2]
     parts = [] if norms is None else [norms.to(layer.device)]
@@ -620,7 +657,7 @@ def _value_norms(layer: KVLayer) -> torch.Tensor:
     if have < layer.length:
         parts.append(layer.incoming[..., max(0, have - old) :, :].float().norm(dim=-1))
         norms = torch.cat(parts, dim=-1)
-        layer.state["value_norms"] = norms
+        layer.state.value_norms = norms
     assert norms is not None
     return norms[..., : layer.length]
 
