@@ -31,7 +31,6 @@ from collab_agent.cli_options import JsonOption
 if TYPE_CHECKING:
     from collab_agent.evaluation.datasets import Problem
 
-METHODS = ("full", "smallkv", "h2o", "snapkv", "streaming")
 VARIANTS = ("smallkv_paper", "smallkv_recent", "smallkv_accumulated")
 """Extra rows on request: `SmallKV.PAPER`; the defaults with half the allowance recent; the
 defaults ranking by the SRM's attention accumulated over every query instead of a window."""
@@ -43,20 +42,22 @@ def log(message: str) -> None:
 
 def make_cache(name: str, small: Any, budget: float) -> Any:
     """The KV method ``name`` at ``budget`` of the whole context (``None`` for the full cache)."""
-    from collab_agent.cache import H2O, SmallKV, SnapKV, StreamingLLM
+    from dataclasses import fields
+
+    from collab_agent.cache import METHODS, SmallKV
 
     if name == "full":
         return None
-    if name == "smallkv":
-        return SmallKV(assistant=small, budget=budget, budget_of="context")
     if name == "smallkv_paper":
         return SmallKV(assistant=small, budget=budget, **SmallKV.PAPER)
     if name == "smallkv_recent":  # half the allowance a recent window, as H2O's
         return SmallKV(assistant=small, budget=budget, budget_of="context", split=(1, 1, 0))
     if name == "smallkv_accumulated":
         return SmallKV(assistant=small, budget=budget, budget_of="context", score="accumulated")
-    makers = {"h2o": H2O, "snapkv": SnapKV, "streaming": StreamingLLM}
-    return makers[name](budget=budget, budget_of="context")
+    method = METHODS[name]
+    if any(f.name == "assistant" for f in fields(method)):  # SmallKV: guided by the small model
+        return method(assistant=small, budget=budget, budget_of="context")  # type: ignore[call-arg]
+    return method(budget=budget, budget_of="context")
 
 
 class Meter:
@@ -292,8 +293,12 @@ def register(bench: typer.Typer) -> None:
             float, typer.Option(help="KV budget: share of the whole context.")
         ] = 0.25,
         methods: Annotated[
-            str, typer.Option(help="Comma-separated methods besides the full cache.")
-        ] = "smallkv,h2o,snapkv,streaming",
+            str | None,
+            typer.Option(
+                help="Comma-separated methods besides the full cache (default: every one of "
+                "collab_agent.cache.METHODS)."
+            ),
+        ] = None,
         reasoning_tokens: Annotated[int, typer.Option(help="Most reasoning tokens.")] = 512,
         step_tokens: Annotated[int, typer.Option(help="Most tokens per step.")] = 128,
         data: Annotated[
@@ -307,14 +312,15 @@ def register(bench: typer.Typer) -> None:
 
         from collab_agent.backends.base import GREEDY
         from collab_agent.backends.specs import load_backend, resolve_pair
+        from collab_agent.cache import METHODS
         from collab_agent.errors import ConfigError
 
         if not 0 < budget <= 1:
             raise ConfigError("--budget", f"must lie in (0, 1], got {budget}")
         if problems < 1 or first < 0:
             raise ConfigError("--problems/--first", "need at least 1 problem from index >= 0")
-        names = tuple(m.strip() for m in methods.split(",") if m.strip())
         known = (*METHODS, *VARIANTS)
+        names = tuple(m.strip() for m in (methods or ",".join(METHODS)).split(",") if m.strip())
         if set(names) - set(known):
             raise ConfigError("--methods", f"unknown {sorted(set(names) - set(known))}; {known}")
         rows = load_gsm8k(data, problems, first)
