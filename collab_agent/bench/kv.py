@@ -50,6 +50,15 @@ this benchmark's prompt accounting or with the windowed score, and the default w
 model's prior or with half the allowance as V-only marginal tokens."""
 
 
+MethodsOption = Annotated[
+    str | None,
+    typer.Option(
+        help="Comma-separated methods (default: every one of collab_agent.cache.METHODS but full)."
+    ),
+]
+"""The ``--methods`` option of `bench kv` and `bench kv-gsm8k` (`parse_methods` reads it)."""
+
+
 def method_names() -> tuple[str, ...]:
     """The methods `bench kv` runs by default: every one of `collab_agent.cache.METHODS` but
     the full cache, the reference they are measured against."""
@@ -419,13 +428,7 @@ def register(bench: typer.Typer) -> None:
             int, typer.Option(help="Minimum prompt length in tokens.")
         ] = 1500,
         tokens: Annotated[int, typer.Option(help="Teacher-forced tokens per context.")] = 256,
-        methods: Annotated[
-            str | None,
-            typer.Option(
-                help="Comma-separated methods (default: every one of collab_agent.cache.METHODS "
-                "but full)."
-            ),
-        ] = None,
+        methods: MethodsOption = None,
         data: Annotated[
             Path | None,
             typer.Option(help="MATH-500 JSONL for the contexts (default: the data folder's)."),

@@ -19,7 +19,14 @@ from typing import Annotated, Any
 
 import typer
 
-from collab_agent.bench.kv import SharedPrefill, fit_prompt, load_models, log, make_method
+from collab_agent.bench.kv import (
+    MethodsOption,
+    SharedPrefill,
+    fit_prompt,
+    load_models,
+    log,
+    make_method,
+)
 from collab_agent.cli_options import JsonOption
 
 SYSTEM = "Solve the problem step by step. End with: The answer is N."
@@ -160,13 +167,7 @@ def register(bench: typer.Typer) -> None:
         batch_size: Annotated[
             int, typer.Option(help="Problems decoded together (memory grows with it).")
         ] = 10,
-        methods: Annotated[
-            str | None,
-            typer.Option(
-                help="Comma-separated methods (default: every one of collab_agent.cache.METHODS "
-                "but full)."
-            ),
-        ] = None,
+        methods: MethodsOption = None,
         data: Annotated[
             str, typer.Option(help="GSM8K JSON Lines (a bundled name or a path).")
         ] = "gsm8k_test",

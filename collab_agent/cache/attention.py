@@ -26,20 +26,13 @@ ATTENTION_NAME = "collab_kv"
 
 
 class AttendingLayer(Protocol):
-    """A cache layer that computes the attention of its own update (see `attend_next`)."""
+    """A cache layer that computes the attention of its own update (see `attend_next`):
+    ``attend(module, query, key, value, mask, scaling, kwargs)``, as `kv_attention` calls it."""
 
     layer_idx: int
 
-    def attend(
-        self,
-        module: nn.Module,
-        query: torch.Tensor,
-        key: torch.Tensor,
-        value: torch.Tensor,
-        mask: torch.Tensor | None,
-        scaling: float,
-        kwargs: dict[str, Any],
-    ) -> tuple[torch.Tensor, None]: ...
+    @property
+    def attend(self) -> Callable[..., tuple[torch.Tensor, None]]: ...
 
 
 _PENDING: contextvars.ContextVar[AttendingLayer | None] = contextvars.ContextVar(
