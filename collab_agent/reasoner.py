@@ -26,6 +26,7 @@ from collab_agent.backends.base import (
     Sampling,
     release_conversation,
 )
+from collab_agent.backends.capabilities import Degradable
 from collab_agent.breaker import CircuitBreaker
 from collab_agent.context import fit_budget
 from collab_agent.errors import BackendUnavailableError, ConfigError
@@ -142,12 +143,17 @@ class Reasoner:
     stream_tokens: bool = False
 
     def __post_init__(self) -> None:
+        for role in ("small", "large"):
+            if not isinstance(getattr(self, role), Backend):
+                raise ConfigError(
+                    role, "must be a Backend with a name and an async generate(request) method"
+                )
         self.format = replace(
             self.format,
             splitter=choose_splitter(
                 self.splitter,
-                str(getattr(self.small, "name", "")),
-                str(getattr(self.large, "name", "")),
+                str(self.small.name),
+                str(self.large.name),
                 self.format.splitter,
                 think=bool(self.format.close),
             ),
@@ -157,15 +163,14 @@ class Reasoner:
             if name != "budget" or self.budget is not None:
                 _checks.positive_int(name, getattr(self, name))
         if self.on_large_unavailable is None:
-            self.on_large_unavailable = getattr(self.large, "on_unavailable", "fail")
+            self.on_large_unavailable = (
+                self.large.on_unavailable if isinstance(self.large, Degradable) else "fail"
+            )
         if self.on_large_unavailable not in ("fail", "degrade"):
             raise ConfigError(
                 "on_large_unavailable",
                 f"must be 'fail' or 'degrade', got {self.on_large_unavailable!r}",
             )
-        for role in ("small", "large"):
-            if not callable(getattr(getattr(self, role), "generate", None)):
-                raise ConfigError(role, "must be a Backend with an async generate(request) method")
         if self.response_format is not None:  # before any model runs, not at the answer
             for role in ("small", "large"):
                 require_constraint(getattr(self, role), self.response_format, role)

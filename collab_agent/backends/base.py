@@ -14,6 +14,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from typing import Any, Protocol, runtime_checkable
 
+from collab_agent.backends.capabilities import Closable, Releasable
 from collab_agent.types import (
     GREEDY,
     MAX_TEMPERATURE,
@@ -84,12 +85,8 @@ async def stream_generation(
 
 
 @runtime_checkable
-class ReleasableBackend(Backend, Protocol):
+class ReleasableBackend(Backend, Releasable, Protocol):
     """A backend that holds per-conversation state (a KV cache) and can free it."""
-
-    async def release(self, conversation_id: str) -> None:
-        """Forget the conversation's cached state; a later request starts afresh."""
-        ...
 
 
 @runtime_checkable
@@ -109,17 +106,12 @@ class TokenizedBackend(Backend, Protocol):
 
 async def release_conversation(backend: Backend, conversation_id: str) -> None:
     """Free a conversation's state on ``backend`` when it keeps any."""
-    if isinstance(backend, ReleasableBackend):
+    if isinstance(backend, Releasable):
         await backend.release(conversation_id)
 
 
-@runtime_checkable
-class ClosableBackend(Protocol):
-    """A backend that holds resources (an HTTP client, a server process, a model) to close."""
-
-    async def aclose(self) -> None:
-        """Free the backend's resources; it is not used afterwards."""
-        ...
+ClosableBackend = Closable
+"""The `Closable` capability under its older name."""
 
 
 async def close_backends(*backends: object) -> None:
@@ -127,7 +119,7 @@ async def close_backends(*backends: object) -> None:
     ``None`` and backends with nothing to close are skipped. For the end of a command."""
     seen: set[int] = set()
     for backend in backends:
-        if id(backend) in seen or not isinstance(backend, ClosableBackend):
+        if id(backend) in seen or not isinstance(backend, Closable):
             continue
         seen.add(id(backend))
         await backend.aclose()

@@ -24,16 +24,15 @@ from __future__ import annotations
 
 import math
 import re
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Literal, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Literal
 
 from collab_agent import _checks
 from collab_agent.errors import CapabilityError, ConfigError
 from collab_agent.policies.base import BaseTrigger, Handoff, Policy, Reject, Trigger
 from collab_agent.policies.trigreason import StrategicPriming
-from collab_agent.types import GenerateRequest, Generation, Role
+from collab_agent.types import Role
 
 if TYPE_CHECKING:
     from collab_agent.backends.base import Backend
@@ -48,14 +47,6 @@ or the share of tokens with probability below a cut."""
 ESCALATED_STEPS = 1 << 30
 """The handoff length of an escalation: every remaining step (the reasoner's step and token
 budgets end it first)."""
-
-
-@runtime_checkable
-class ScoringBackend(Protocol):
-    """A backend that returns the logprob of each token of a given text after a prompt (one
-    prefill; `collab_agent.backends.local.TransformersBackend.score`)."""
-
-    async def score(self, request: GenerateRequest, continuation: str) -> list[float]: ...
 
 
 def surprise(
@@ -182,9 +173,11 @@ class LargeSurprise(StepSignal):
         _check_statistic(self.statistic, self.low_prob)
 
     def check(self, small: Backend, large: Backend) -> None:
-        if not isinstance(large, ScoringBackend) or getattr(large, "can_score", None) is False:
+        from collab_agent.backends.capabilities import can_score
+
+        if not can_score(large):
             raise CapabilityError(
-                f"{self.name}: the large backend {getattr(large, 'name', large)!r} "
+                f"{self.name}: the large backend {large.name!r} "
                 f"({type(large).__name__}) cannot score a given text (no async "
                 "score(request, continuation), or a server that returns no prompt logprobs, "
                 "like llama.cpp's own); use a local large model (bundled:NAME, hf:PATH), a vLLM "
@@ -199,45 +192,8 @@ class LargeSurprise(StepSignal):
         """The LRM's logprob of each token of ``step`` after the reasoning before it, the call
         recorded in the trace as a large-model call."""
         session = _session(trace, self.name)
-        large = session.large
-        self.check(session.small, large)
-        fmt = session.format
-        prefix = fmt.reasoning_prefix([(s.text, s.stop_reason == "step") for s in trace.steps])
-        continuation = step.text + (fmt.delimiter if step.stop_reason == "step" else "")
-        request = session.request(prefix, purpose="score", max_tokens=1)
-        processed_before = getattr(large, "processed_tokens", None)
-        started = time.perf_counter()
-        logprobs: list[float] = list(await large.score(request, continuation))  # type: ignore[attr-defined]
-        seconds = time.perf_counter() - started
-        trace.record("large", _score_usage(large, request, logprobs, processed_before, seconds))
-        return logprobs
-
-
-def _score_usage(
-    large: Any,
-    request: GenerateRequest,
-    logprobs: Sequence[float],
-    processed_before: int | None,
-    seconds: float,
-) -> Generation:
-    """A `Generation` that accounts a scoring call: prompt = conversation + scored text, cached =
-    what the backend did not recompute (from its ``processed_tokens`` counter when it has one;
-    approximate when other conversations use the backend at the same time)."""
-    prompt_ids = getattr(large, "prompt_ids", None)
-    prompt_tokens = len(logprobs) + (len(prompt_ids(request)) if callable(prompt_ids) else 0)
-    cached = 0
-    processed_after = getattr(large, "processed_tokens", None)
-    if isinstance(processed_before, int) and isinstance(processed_after, int):
-        cached = min(prompt_tokens, max(0, prompt_tokens - (processed_after - processed_before)))
-    return Generation(
-        text="",
-        stop_reason="length",
-        logprobs=list(logprobs),
-        prompt_tokens=prompt_tokens,
-        cached_tokens=cached,
-        completion_tokens=0,
-        seconds=seconds,
-    )
+        self.check(session.small, session.large)
+        return await session.score(step)
 
 
 @dataclass
@@ -387,12 +343,21 @@ def Escalation(
     return Policy(triggers=tuple(triggers), name=name, default_author="small", answer_by=answer_by)
 
 
+def __getattr__(name: str) -> Any:
+    """``ScoringBackend``: the `Scoring` capability of `collab_agent.backends.capabilities`
+    under its older name, loaded on first use so policies load without the backends."""
+    if name == "ScoringBackend":
+        from collab_agent.backends.capabilities import Scoring
+
+        return Scoring
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 __all__ = [
     "ESCALATED_STEPS",
     "Escalation",
     "LargeSurprise",
     "Repetition",
-    "ScoringBackend",
     "SmallUncertainty",
     "Statistic",
     "StepSignal",
