@@ -174,10 +174,8 @@ class Reasoner:
         if self.response_format is not None:  # before any model runs, not at the answer
             for role in ("small", "large"):
                 require_constraint(getattr(self, role), self.response_format, role)
-        for trigger in self.policy.triggers:
-            check = getattr(trigger, "check", None)
-            if callable(check):  # a trigger that needs a capability says so now, not mid-run
-                check(self.small, self.large)
+        for trigger in self.policy.triggers:  # a missing capability fails now, not mid-run
+            trigger.check(self.small, self.large)
 
     async def run(
         self,

@@ -1,10 +1,13 @@
 """Who writes the next step: triggers, their decisions, and their ordered composition.
 
-A trigger is a small object with two async hooks, both optional:
+A trigger is a small object with two async hooks, both optional (`BaseTrigger` does nothing
+in either), and a capability check:
 
 - ``before_step(trace)`` may return a `Handoff`: the large model writes the next ``steps`` steps;
 - ``after_step(trace, step)`` sees each step the small model wrote and may return a `Reject`:
-  the step is thrown away and the large model rewrites it from the same prefix.
+  the step is thrown away and the large model rewrites it from the same prefix;
+- ``check(small, large)`` raises `CapabilityError` when the model pair cannot serve the trigger,
+  so a `Reasoner` fails at construction, before any model runs.
 
 Triggers are stateless: whatever they need (the last ``k`` steps, the step count) they read from
 the trace, so one policy object serves any number of concurrent conversations.
@@ -21,6 +24,7 @@ from collab_agent.errors import ConfigError
 from collab_agent.types import Role
 
 if TYPE_CHECKING:
+    from collab_agent.backends.base import Backend
     from collab_agent.trace import Step, Trace
 
 
@@ -54,6 +58,8 @@ class Trigger(Protocol):
 
     async def after_step(self, trace: Trace, step: Step) -> Reject | None: ...
 
+    def check(self, small: Backend, large: Backend) -> None: ...
+
 
 class BaseTrigger:
     """Convenience base: both hooks do nothing; override the one you need.
@@ -73,6 +79,10 @@ class BaseTrigger:
 
     async def after_step(self, trace: Trace, step: Step) -> Reject | None:
         return None
+
+    def check(self, small: Backend, large: Backend) -> None:
+        """Raise `CapabilityError` when ``small`` and ``large`` cannot serve this trigger
+        (nothing to check here)."""
 
 
 @dataclass
@@ -107,10 +117,23 @@ class Policy:
             if not isinstance(trigger, Trigger):
                 raise ConfigError(
                     f"triggers[{i}]",
-                    "must have a 'name' and async before_step(trace) / after_step(trace, step) "
-                    f"methods (subclass collab_agent.policies.BaseTrigger), got {type(trigger).__name__}",
+                    "must have a 'name', async before_step(trace) / after_step(trace, step) "
+                    "and check(small, large) methods (subclass "
+                    f"collab_agent.policies.BaseTrigger), got {type(trigger).__name__}",
                 )
         self.triggers = tuple(self.triggers)
+
+    def __eq__(self, other: object) -> bool:
+        """Same triggers and settings, whichever class built them (a `TrigReason` equals the
+        `Policy` its policy file loads back as)."""
+        if not isinstance(other, Policy):
+            return NotImplemented
+        return (self.triggers, self.name, self.default_author, self.answer_by) == (
+            other.triggers,
+            other.name,
+            other.default_author,
+            other.answer_by,
+        )
 
     async def before_step(self, trace: Trace) -> Handoff | None:
         """The first handoff any trigger asks for before the next step, if any."""
@@ -124,10 +147,7 @@ class Policy:
     def can_reject(self) -> bool:
         """Whether any trigger may reject a small-model step (a `BaseTrigger` that keeps the
         default ``after_step`` cannot), so a small step may be shown before it is judged."""
-        return any(
-            getattr(type(t), "after_step", None) is not BaseTrigger.after_step
-            for t in self.triggers
-        )
+        return any(type(t).after_step is not BaseTrigger.after_step for t in self.triggers)
 
     async def after_step(self, trace: Trace, step: Step) -> Reject | None:
         """The first rejection any trigger makes of a small-model step, if any."""

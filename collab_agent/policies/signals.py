@@ -124,10 +124,6 @@ class StepSignal(BaseTrigger):
             return Reject(self.name, detail=f"{value:.3g} > threshold {self.threshold:.3g}")
         return None
 
-    def check(self, small: Backend, large: Backend) -> None:
-        """Raise `CapabilityError` when the pair cannot give this signal (no-op here). A
-        `Reasoner` may call it at construction so the error comes before any generation."""
-
 
 def _session(trace: Trace, who: str) -> Session:
     if trace.session is None:
@@ -284,63 +280,73 @@ class Repetition(StepSignal):
         return repeated_share(step.text, earlier, self.n)
 
 
-def SurpriseReason(
-    *,
-    priming_steps: int = 1,
-    threshold: float = 1.0,
-    statistic: Statistic = "mean_nll",
-    low_prob: float = 0.1,
-    min_tokens: int = 4,
-    repetition: float | None = 0.8,
-    answer_by: Role | None = None,
-    name: str = "surprise",
-) -> Policy:
+class SurpriseReason(Policy):
     """The large model primes the first steps (TrigReason Sec. 3.2), then rewrites every
     small-model step it finds surprising (`LargeSurprise`) or that repeats earlier steps
     (`Repetition`, unless ``repetition`` is ``None``). Thresholds are per pair: calibrate them
     with ``collab-agent calibrate``."""
-    triggers: list[Trigger] = []
-    if priming_steps:
-        triggers.append(StrategicPriming(steps=priming_steps))
-    triggers.append(
-        LargeSurprise(
-            threshold=threshold, statistic=statistic, low_prob=low_prob, min_tokens=min_tokens
+
+    def __init__(
+        self,
+        *,
+        priming_steps: int = 1,
+        threshold: float = 1.0,
+        statistic: Statistic = "mean_nll",
+        low_prob: float = 0.1,
+        min_tokens: int = 4,
+        repetition: float | None = 0.8,
+        answer_by: Role | None = None,
+        name: str = "surprise",
+    ) -> None:
+        triggers: list[Trigger] = []
+        if priming_steps:
+            triggers.append(StrategicPriming(steps=priming_steps))
+        triggers.append(
+            LargeSurprise(
+                threshold=threshold, statistic=statistic, low_prob=low_prob, min_tokens=min_tokens
+            )
         )
-    )
-    if repetition is not None:
-        triggers.append(Repetition(threshold=repetition))
-    return Policy(triggers=tuple(triggers), name=name, default_author="small", answer_by=answer_by)
+        if repetition is not None:
+            triggers.append(Repetition(threshold=repetition))
+        super().__init__(
+            triggers=tuple(triggers), name=name, default_author="small", answer_by=answer_by
+        )
 
 
-def Escalation(
-    *,
-    priming_steps: int = 1,
-    threshold: float = 1.2,
-    statistic: Statistic = "max_nll",
-    low_prob: float = 0.1,
-    min_tokens: int = 4,
-    answer_by: Role | None = None,
-    name: str = "escalation",
-) -> Policy:
+class Escalation(Policy):
     """The large model primes the first steps (TrigReason Sec. 3.2); the small model writes on
     until it is unsure of a step (`SmallUncertainty`, by default its least likely token below
     ``exp(-threshold)``, p < 0.30); the large model then rewrites that step and writes the rest
     of the reasoning (``escalate=True``). No extra model call: the signal is the small model's own
     logprobs. Calibrate ``threshold`` per pair (``collab-agent calibrate --signals
     escalation``)."""
-    triggers: list[Trigger] = []
-    if priming_steps:
-        triggers.append(StrategicPriming(steps=priming_steps))
-    triggers.append(
-        SmallUncertainty(
-            threshold=threshold,
-            statistic=statistic,
-            low_prob=low_prob,
-            min_tokens=min_tokens,
-            escalate=True,
+
+    def __init__(
+        self,
+        *,
+        priming_steps: int = 1,
+        threshold: float = 1.2,
+        statistic: Statistic = "max_nll",
+        low_prob: float = 0.1,
+        min_tokens: int = 4,
+        answer_by: Role | None = None,
+        name: str = "escalation",
+    ) -> None:
+        triggers: list[Trigger] = []
+        if priming_steps:
+            triggers.append(StrategicPriming(steps=priming_steps))
+        triggers.append(
+            SmallUncertainty(
+                threshold=threshold,
+                statistic=statistic,
+                low_prob=low_prob,
+                min_tokens=min_tokens,
+                escalate=True,
+            )
         )
-    )
-    return Policy(triggers=tuple(triggers), name=name, default_author="small", answer_by=answer_by)
+        super().__init__(
+            triggers=tuple(triggers), name=name, default_author="small", answer_by=answer_by
+        )
 
 
 def __getattr__(name: str) -> Any:

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Literal
 from collab_agent import _checks
 from collab_agent.errors import ConfigError
 from collab_agent.policies.base import BaseTrigger, Policy, Reject
-from collab_agent.types import GREEDY, GenerateRequest, Generation
+from collab_agent.types import GREEDY, GenerateRequest, Generation, Role
 
 if TYPE_CHECKING:
     from collab_agent.session import Session
@@ -169,27 +169,30 @@ def expected_score(top: dict[str, float]) -> float | None:
     return sum(d * p for d, p in mass.items()) / total
 
 
-def SpecReason(
-    threshold: float = 7.0,
-    score: ScoreMethod = "greedy",
-    *,
-    top_logprobs: int = 10,
-    reject_unscored: bool = True,
-    answer_by: str | None = None,
-    name: str = "specreason",
-) -> Policy:
+class SpecReason(Policy):
     """SpecReason with the paper's defaults: the small model writes every step, the large model
     scores each one 0-9 and rewrites those scored below ``threshold`` (7)."""
-    return Policy(
-        triggers=(
-            StepJudge(
-                threshold=threshold,
-                score=score,
-                top_logprobs=top_logprobs,
-                reject_unscored=reject_unscored,
+
+    def __init__(
+        self,
+        threshold: float = 7.0,
+        score: ScoreMethod = "greedy",
+        *,
+        top_logprobs: int = 10,
+        reject_unscored: bool = True,
+        answer_by: Role | None = None,
+        name: str = "specreason",
+    ) -> None:
+        super().__init__(
+            triggers=(
+                StepJudge(
+                    threshold=threshold,
+                    score=score,
+                    top_logprobs=top_logprobs,
+                    reject_unscored=reject_unscored,
+                ),
             ),
-        ),
-        name=name,
-        default_author="small",
-        answer_by=answer_by,  # type: ignore[arg-type]
-    )
+            name=name,
+            default_author="small",
+            answer_by=answer_by,
+        )
