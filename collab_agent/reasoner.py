@@ -230,7 +230,7 @@ class Reasoner:
                     trace.stop_reason = "budget"
                     break
                 if handoff_left == 0:
-                    handoff = await self.policy.before_step(trace)
+                    handoff = await self.policy.before_step(trace, session)
                     if handoff is not None:
                         trace.firings.append(
                             Firing(len(trace.steps), handoff.trigger, "handoff", handoff.detail)
@@ -262,7 +262,6 @@ class Reasoner:
             yield answer
         finally:
             trace.seconds = time.perf_counter() - started
-            trace.session = None
             if self.release_on_finish:
                 with anyio.CancelScope(shield=True), anyio.move_on_after(10):
                     for backend in {
@@ -279,7 +278,7 @@ class Reasoner:
         and rewritten. Yields the deltas that may be shown (large steps, unrejectable small)."""
         trace = session.trace
         index = len(trace.steps)
-        prefix = self._prefix(trace)
+        prefix = session.prefix()
         started = time.perf_counter()
         show = self.stream_tokens and (author == "large" or not self.policy.can_reject)
         async for token in self._write(session, author, prefix, max_tokens, out, show, index):
@@ -288,7 +287,7 @@ class Reasoner:
         author, why = out.author, out.why
         step = _make_step(index, author, trigger, out.generation, why)
         if author == "small" and why is None:
-            reject = await self.policy.after_step(trace, step)
+            reject = await self.policy.after_step(trace, step, session)
             if reject is not None:
                 trace.firings.append(Firing(index, reject.trigger, "reject", reject.detail))
                 rewrite = _Written()
@@ -428,11 +427,6 @@ class Reasoner:
             return True
         return False  # a step that held only the answer: its tokens count as the answer's
 
-    def _prefix(self, trace: Trace) -> str:
-        return self.format.reasoning_prefix(
-            [(s.text, s.stop_reason == "step") for s in trace.steps]
-        )
-
     # ------------------------------------------------------------------ the answer
     async def _answer(self, session: Session, out: _Written) -> AsyncIterator[TokenEvent]:
         """Keep the answer the reasoning ended with, or have the answering model write it;
@@ -450,7 +444,7 @@ class Reasoner:
         if keep and self.response_format is None:  # a constrained answer is always generated
             out.answer = AnswerEvent(trace.answer, role, trace, raw_text=trace.answer)
             return
-        reasoning = self._prefix(trace)
+        reasoning = session.prefix()
         begun = trace.stop_reason == "answer" and self.format.close and trace.answer_author == role
         prefix = self.format.answer_prefix(reasoning) + (trace.answer if begun else "")
         request = session.request(

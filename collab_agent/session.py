@@ -1,8 +1,8 @@
 """One live collaboration: the two backends, the conversation and the settings of its calls.
 
-The reasoner builds a `Session` per conversation and hangs it on `Trace.session`, so triggers that
-must call a model (SpecReason's judge, a large-model surprise score) do so through it and have
-their calls counted in the trace like every step.
+The reasoner builds a `Session` per conversation and passes it to the policy's hooks as their
+`StepContext`, so triggers that must call a model (SpecReason's judge, a large-model surprise
+score) do so through it and have their calls counted in the trace like every step.
 """
 
 from __future__ import annotations
@@ -64,8 +64,8 @@ class Session:
         tools: Sequence[Mapping[str, Any]] | None = None,
     ) -> Session:
         """The session of ``trace``'s conversation (the format's instruction added to the
-        messages), attached to the trace so triggers can reach the models through it."""
-        session = cls(
+        messages)."""
+        return cls(
             small=small,
             large=large,
             conversation_id=trace.conversation_id,
@@ -75,8 +75,6 @@ class Session:
             trace=trace,
             tools=tools,
         )
-        trace.session = session
-        return session
 
     def backend(self, role: Role) -> Backend:
         return self.small if role == "small" else self.large

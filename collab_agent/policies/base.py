@@ -9,15 +9,22 @@ in either), and a capability check:
 - ``check(small, large)`` raises `CapabilityError` when the model pair cannot serve the trigger,
   so a `Reasoner` fails at construction, before any model runs.
 
+A hook that calls a model (SpecReason's judge, the large model's surprise) declares a keyword
+parameter ``context``: the reasoner then passes the `StepContext` of the running collaboration,
+through which calls are made and counted in the trace. The trace itself is plain data.
+
 Triggers are stateless: whatever they need (the last ``k`` steps, the step count) they read from
 the trace, so one policy object serves any number of concurrent conversations.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import functools
+import inspect
+import types
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar, runtime_checkable
 
 from collab_agent import _checks
 from collab_agent.errors import ConfigError
@@ -25,7 +32,11 @@ from collab_agent.types import Role
 
 if TYPE_CHECKING:
     from collab_agent.backends.base import Backend
+    from collab_agent.prompting import ReasoningFormat
     from collab_agent.trace import Step, Trace
+    from collab_agent.types import GenerateRequest, Generation, Sampling
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -46,6 +57,65 @@ class Reject:
 
     trigger: str
     detail: str = ""
+
+
+class StepContext(Protocol):
+    """The running collaboration as a hook sees it: the trace so far, the conversation, and
+    model calls that are recorded in the trace (`collab_agent.session.Session` is the one the
+    reasoner passes)."""
+
+    @property
+    def trace(self) -> Trace: ...
+
+    @property
+    def format(self) -> ReasoningFormat: ...
+
+    @property
+    def messages(self) -> list[dict[str, Any]]: ...
+
+    def prefix(self, then: Step | None = None) -> str:
+        """The reasoning written so far, then ``then`` as a finished step."""
+        ...
+
+    def request(
+        self,
+        reasoning: str,
+        *,
+        stop: Sequence[str] | None = None,
+        max_tokens: int = 512,
+        logprobs: bool = False,
+        purpose: str = "step",
+        sampling: Sampling | None = None,
+        messages: Sequence[Any] | None = None,
+    ) -> GenerateRequest:
+        """A request that continues ``reasoning`` in this conversation."""
+        ...
+
+    async def generate(self, role: Role, request: GenerateRequest) -> Generation:
+        """Call the ``role`` model, the call recorded in the trace."""
+        ...
+
+    async def score(self, step: Step) -> list[float]:
+        """The large model's logprob of each token of ``step`` after the reasoning so far."""
+        ...
+
+
+@functools.lru_cache(maxsize=1024)
+def _declares_context(function: Callable[..., Any]) -> bool:
+    try:
+        return "context" in inspect.signature(function).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+async def call_hook(
+    hook: Callable[..., Awaitable[T]], context: StepContext | None, *args: Any
+) -> T:
+    """``hook(*args)``, with ``context=context`` when the hook declares that parameter."""
+    function = hook.__func__ if isinstance(hook, types.MethodType) else hook
+    if _declares_context(function):
+        return await hook(*args, context=context)
+    return await hook(*args)
 
 
 @runtime_checkable
@@ -135,10 +205,10 @@ class Policy:
             other.answer_by,
         )
 
-    async def before_step(self, trace: Trace) -> Handoff | None:
+    async def before_step(self, trace: Trace, context: StepContext | None = None) -> Handoff | None:
         """The first handoff any trigger asks for before the next step, if any."""
         for trigger in self.triggers:
-            decision = await trigger.before_step(trace)
+            decision = await call_hook(trigger.before_step, context, trace)
             if decision is not None:
                 return decision
         return None
@@ -149,10 +219,12 @@ class Policy:
         default ``after_step`` cannot), so a small step may be shown before it is judged."""
         return any(type(t).after_step is not BaseTrigger.after_step for t in self.triggers)
 
-    async def after_step(self, trace: Trace, step: Step) -> Reject | None:
+    async def after_step(
+        self, trace: Trace, step: Step, context: StepContext | None = None
+    ) -> Reject | None:
         """The first rejection any trigger makes of a small-model step, if any."""
         for trigger in self.triggers:
-            decision = await trigger.after_step(trace, step)
+            decision = await call_hook(trigger.after_step, context, trace, step)
             if decision is not None:
                 return decision
         return None

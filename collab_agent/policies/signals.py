@@ -30,13 +30,20 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from collab_agent import _checks
 from collab_agent.errors import CapabilityError, ConfigError
-from collab_agent.policies.base import BaseTrigger, Handoff, Policy, Reject, Trigger
+from collab_agent.policies.base import (
+    BaseTrigger,
+    Handoff,
+    Policy,
+    Reject,
+    StepContext,
+    Trigger,
+    call_hook,
+)
 from collab_agent.policies.trigreason import StrategicPriming
 from collab_agent.types import Role
 
 if TYPE_CHECKING:
     from collab_agent.backends.base import Backend
-    from collab_agent.session import Session
     from collab_agent.trace import Step, Trace
 
 Statistic = Literal["mean_nll", "max_nll", "low_prob_share"]
@@ -113,25 +120,23 @@ class StepSignal(BaseTrigger):
         return None
 
     async def measure(self, trace: Trace, step: Step) -> float | None:
-        """The step's signal; ``None`` when it cannot be measured (the step is then kept)."""
+        """The step's signal; ``None`` when it cannot be measured (the step is then kept). A
+        signal that calls a model declares ``context: StepContext | None = None`` too."""
         raise NotImplementedError
 
-    async def after_step(self, trace: Trace, step: Step) -> Reject | None:
+    async def signal(self, trace: Trace, step: Step, context: StepContext | None) -> float | None:
+        """`measure`, given the context when it declares one."""
+        return await call_hook(self.measure, context, trace, step)
+
+    async def after_step(
+        self, trace: Trace, step: Step, context: StepContext | None = None
+    ) -> Reject | None:
         if step.author != "small" or step.tokens < self.min_tokens:
             return None
-        value = await self.measure(trace, step)
+        value = await self.signal(trace, step, context)
         if value is not None and value > self.threshold:
             return Reject(self.name, detail=f"{value:.3g} > threshold {self.threshold:.3g}")
         return None
-
-
-def _session(trace: Trace, who: str) -> Session:
-    if trace.session is None:
-        raise ConfigError(
-            "trace.session",
-            f"{who} calls the large model through the trace's live session; run it inside a Reasoner",
-        )
-    return trace.session
 
 
 @dataclass
@@ -180,16 +185,22 @@ class LargeSurprise(StepSignal):
                 "or llama-cpp-python (--logits_all true) server, or drop this trigger"
             )
 
-    async def measure(self, trace: Trace, step: Step) -> float | None:
-        logprobs = await self.large_logprobs(trace, step)
+    async def measure(
+        self, trace: Trace, step: Step, context: StepContext | None = None
+    ) -> float | None:
+        logprobs = await self.large_logprobs(step, context)
         return surprise(logprobs, self.statistic, self.low_prob) if logprobs else None
 
-    async def large_logprobs(self, trace: Trace, step: Step) -> list[float]:
+    async def large_logprobs(self, step: Step, context: StepContext | None) -> list[float]:
         """The LRM's logprob of each token of ``step`` after the reasoning before it, the call
         recorded in the trace as a large-model call."""
-        session = _session(trace, self.name)
-        self.check(session.small, session.large)
-        return await session.score(step)
+        if context is None:
+            raise ConfigError(
+                "context",
+                f"{self.name} calls the large model through the StepContext a Reasoner passes "
+                "its hooks; run it inside a Reasoner",
+            )
+        return await context.score(step)
 
 
 @dataclass
