@@ -475,7 +475,7 @@ async def replay_signals(
     a session like the reasoner's (so a local large model reuses its cache from step to step;
     without ``large`` such a signal raises `CapabilityError`). ``small`` is only a stand-in for
     the session (no built-in candidate calls it)."""
-    from collab_agent.backends.base import release_conversation
+    from collab_agent.backends.base import release_shielded
     from collab_agent.limits import map_limited
     from collab_agent.prompting import STEPWISE
     from collab_agent.session import Session
@@ -506,8 +506,7 @@ async def replay_signals(
                 trace.steps.append(step)
         finally:
             if large is not None:
-                with anyio.CancelScope(shield=True), anyio.move_on_after(10):
-                    await release_conversation(large, trace.conversation_id)
+                await release_shielded(large, conversation_id=trace.conversation_id)
         records[trace.conversation_id] = steps
         return ProblemRun(
             problem_id=problem.id,

@@ -24,7 +24,7 @@ from collab_agent.backends.base import (
     Generation,
     Role,
     Sampling,
-    release_conversation,
+    release_shielded,
 )
 from collab_agent.backends.capabilities import Degradable
 from collab_agent.breaker import CircuitBreaker
@@ -263,12 +263,9 @@ class Reasoner:
         finally:
             trace.seconds = time.perf_counter() - started
             if self.release_on_finish:
-                with anyio.CancelScope(shield=True), anyio.move_on_after(10):
-                    for backend in {
-                        id(self.small): self.small,
-                        id(self.large): self.large,
-                    }.values():
-                        await release_conversation(backend, trace.conversation_id)
+                await release_shielded(
+                    self.small, self.large, conversation_id=trace.conversation_id
+                )
 
     # ------------------------------------------------------------------ one step
     async def _step(

@@ -14,6 +14,8 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from typing import Any, Protocol, runtime_checkable
 
+import anyio
+
 from collab_agent.backends.capabilities import Closable, Releasable
 from collab_agent.types import (
     GREEDY,
@@ -31,6 +33,7 @@ __all__ = [
     "GREEDY",
     "MAX_TEMPERATURE",
     "MAX_TOP_LOGPROBS",
+    "RELEASE_TIMEOUT_S",
     "Backend",
     "ClosableBackend",
     "GenerateRequest",
@@ -44,6 +47,7 @@ __all__ = [
     "TokenizedBackend",
     "close_backends",
     "release_conversation",
+    "release_shielded",
     "stream_generation",
 ]
 
@@ -108,6 +112,19 @@ async def release_conversation(backend: Backend, conversation_id: str) -> None:
     """Free a conversation's state on ``backend`` when it keeps any."""
     if isinstance(backend, Releasable):
         await backend.release(conversation_id)
+
+
+RELEASE_TIMEOUT_S = 10.0
+"""Most seconds the release of a conversation's state may take once its call has ended (or was
+cancelled): a backend that hangs then must not hold up the caller."""
+
+
+async def release_shielded(*backends: Backend, conversation_id: str) -> None:
+    """Free ``conversation_id`` on each backend (the same object given twice once), shielded
+    from the caller's cancellation and bounded by `RELEASE_TIMEOUT_S`. For ``finally`` blocks."""
+    with anyio.CancelScope(shield=True), anyio.move_on_after(RELEASE_TIMEOUT_S):
+        for backend in {id(b): b for b in backends}.values():
+            await release_conversation(backend, conversation_id)
 
 
 ClosableBackend = Closable
