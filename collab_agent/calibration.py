@@ -46,7 +46,8 @@ from collab_agent.policies.files import (
     trigger_types,
 )
 from collab_agent.policies.fixed import LargeOnly
-from collab_agent.policies.signals import LargeSurprise, Repetition, SmallUncertainty, StepSignal
+from collab_agent.policies.signals import SmallUncertainty, StepSignal
+from collab_agent.policies.triggers import TRIGGERS
 from collab_agent.policies.trigreason import (
     CognitiveOffload,
     StrategicPriming,
@@ -118,23 +119,29 @@ def cognitive_offload_candidate(tau: float = 1.05) -> Candidate:
     )
 
 
+def _registered_signal(cls: type[StepSignal]) -> Callable[[], Candidate]:
+    return lambda: signal_candidate(cls())
+
+
 _CANDIDATE_FACTORIES: tuple[Callable[[], Candidate], ...] = (
-    lambda: signal_candidate(LargeSurprise()),
-    lambda: signal_candidate(SmallUncertainty()),
+    *(
+        _registered_signal(cls)
+        for cls in TRIGGERS.values()
+        if isinstance(cls, type) and issubclass(cls, StepSignal)
+    ),
     lambda: signal_candidate(SmallUncertainty(statistic="max_nll"), name="small_min_prob"),
     lambda: signal_candidate(
         SmallUncertainty(statistic="max_nll", escalate=True), name="escalation"
     ),
-    lambda: signal_candidate(Repetition()),
     cognitive_offload_candidate,
 )
 
 CANDIDATES: dict[str, Callable[[], Candidate]] = {
     factory().name: factory for factory in _CANDIDATE_FACTORIES
 }
-"""The candidates ``collab-agent calibrate --signals`` chooses from, by name: a trigger's
-registered name (`collab_agent.policies.triggers.TRIGGERS`), or the name of a variant of one
-(``small_min_prob``, ``escalation``)."""
+"""The candidates ``collab-agent calibrate --signals`` chooses from, by name: every `StepSignal`
+registered in `collab_agent.policies.triggers.TRIGGERS` (at its default settings), the named
+variants of one (``small_min_prob``, ``escalation``) and TrigReason's cognitive offload."""
 
 
 def candidates_by_name(names: Sequence[str]) -> list[Candidate]:
