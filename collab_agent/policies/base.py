@@ -34,7 +34,7 @@ if TYPE_CHECKING:
     from collab_agent.backends.base import Backend
     from collab_agent.prompting import ReasoningFormat
     from collab_agent.trace import Step, Trace
-    from collab_agent.types import GenerateRequest, Generation, Sampling
+    from collab_agent.types import GenerateRequest, Generation
 
 T = TypeVar("T")
 
@@ -77,18 +77,10 @@ class StepContext(Protocol):
         """The reasoning written so far, then ``then`` as a finished step."""
         ...
 
-    def request(
-        self,
-        reasoning: str,
-        *,
-        stop: Sequence[str] | None = None,
-        max_tokens: int = 512,
-        logprobs: bool = False,
-        purpose: str = "step",
-        sampling: Sampling | None = None,
-        messages: Sequence[Any] | None = None,
-    ) -> GenerateRequest:
-        """A request that continues ``reasoning`` in this conversation."""
+    def request(self, reasoning: str, *args: Any, **options: Any) -> GenerateRequest:
+        """A request that continues ``reasoning`` in this conversation; ``options`` as
+        `collab_agent.session.Session.request` takes them (``max_tokens``, ``stop``,
+        ``logprobs``, ``purpose``, ``sampling``, ``messages``)."""
         ...
 
     async def generate(self, role: Role, request: GenerateRequest) -> Generation:

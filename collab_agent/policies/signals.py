@@ -309,19 +309,11 @@ class SurpriseReason(Policy):
         answer_by: Role | None = None,
         name: str = "surprise",
     ) -> None:
-        triggers: list[Trigger] = []
-        if priming_steps:
-            triggers.append(StrategicPriming(steps=priming_steps))
-        triggers.append(
-            LargeSurprise(
-                threshold=threshold, statistic=statistic, low_prob=low_prob, min_tokens=min_tokens
-            )
+        surprise = LargeSurprise(
+            threshold=threshold, statistic=statistic, low_prob=low_prob, min_tokens=min_tokens
         )
-        if repetition is not None:
-            triggers.append(Repetition(threshold=repetition))
-        super().__init__(
-            triggers=tuple(triggers), name=name, default_author="small", answer_by=answer_by
-        )
+        loops = () if repetition is None else (Repetition(threshold=repetition),)
+        super().__init__(_primed(priming_steps, surprise, *loops), name=name, answer_by=answer_by)
 
 
 class Escalation(Policy):
@@ -343,21 +335,19 @@ class Escalation(Policy):
         answer_by: Role | None = None,
         name: str = "escalation",
     ) -> None:
-        triggers: list[Trigger] = []
-        if priming_steps:
-            triggers.append(StrategicPriming(steps=priming_steps))
-        triggers.append(
-            SmallUncertainty(
-                threshold=threshold,
-                statistic=statistic,
-                low_prob=low_prob,
-                min_tokens=min_tokens,
-                escalate=True,
-            )
+        uncertainty = SmallUncertainty(
+            threshold=threshold,
+            statistic=statistic,
+            low_prob=low_prob,
+            min_tokens=min_tokens,
+            escalate=True,
         )
-        super().__init__(
-            triggers=tuple(triggers), name=name, default_author="small", answer_by=answer_by
-        )
+        super().__init__(_primed(priming_steps, uncertainty), name=name, answer_by=answer_by)
+
+
+def _primed(priming_steps: int, *triggers: Trigger) -> tuple[Trigger, ...]:
+    """`StrategicPriming` of ``priming_steps`` (none when 0), then ``triggers``."""
+    return ((StrategicPriming(steps=priming_steps),) if priming_steps else ()) + triggers
 
 
 def __getattr__(name: str) -> Any:

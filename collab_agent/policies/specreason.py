@@ -179,16 +179,7 @@ class SpecReason(Policy):
         answer_by: Role | None = None,
         name: str = "specreason",
     ) -> None:
-        super().__init__(
-            triggers=(
-                StepJudge(
-                    threshold=threshold,
-                    score=score,
-                    top_logprobs=top_logprobs,
-                    reject_unscored=reject_unscored,
-                ),
-            ),
-            name=name,
-            default_author="small",
-            answer_by=answer_by,
+        judge = StepJudge(
+            threshold, score, top_logprobs=top_logprobs, reject_unscored=reject_unscored
         )
+        super().__init__((judge,), name=name, answer_by=answer_by)

@@ -191,18 +191,15 @@ class TrigReason(Policy):
         answer_by: Role | None = None,
         name: str = "trigreason",
     ) -> None:
-        super().__init__(
-            triggers=(
-                StrategicPriming(steps=priming_steps),
-                InterventionRequest(
-                    words=words,
-                    consecutive=consecutive,
-                    steps=intervention_steps,
-                    detect_loops=detect_loops,
-                ),
-                CognitiveOffload(tau=tau, rho=rho),
-            ),
-            name=name,
-            default_author="small",
-            answer_by=answer_by,
+        intervention = InterventionRequest(
+            words=words,
+            consecutive=consecutive,
+            steps=intervention_steps,
+            detect_loops=detect_loops,
         )
+        triggers = (
+            StrategicPriming(steps=priming_steps),
+            intervention,
+            CognitiveOffload(tau=tau, rho=rho),
+        )
+        super().__init__(triggers, name=name, answer_by=answer_by)
