@@ -33,7 +33,7 @@ import anyio
 
 from collab_agent import _checks
 from collab_agent.errors import CapabilityError, ConfigError
-from collab_agent.policies.base import BaseTrigger, Policy, Reject, Trigger
+from collab_agent.policies.base import BaseTrigger, Policy, Reject, StepContext, Trigger
 from collab_agent.policies.files import (
     POLICY_FILE_FORMAT,
     POLICY_FILE_VERSION,
@@ -46,7 +46,8 @@ from collab_agent.policies.files import (
     trigger_types,
 )
 from collab_agent.policies.fixed import LargeOnly
-from collab_agent.policies.signals import LargeSurprise, Repetition, SmallUncertainty, StepSignal
+from collab_agent.policies.signals import SmallUncertainty, StepSignal
+from collab_agent.policies.triggers import TRIGGERS
 from collab_agent.policies.trigreason import (
     CognitiveOffload,
     StrategicPriming,
@@ -62,7 +63,9 @@ if TYPE_CHECKING:
     from collab_agent.types import Sampling
 
 # =============================================================================== candidates
-Measure = Callable[["Trace", "Step"], Awaitable["float | None"]]
+Measure = Callable[["Trace", "Step", "StepContext | None"], Awaitable["float | None"]]
+"""A candidate's signal on a step: the trace before it, the step, and the running
+collaboration's `StepContext` for signals that call a model."""
 
 
 @dataclass(frozen=True)
@@ -89,10 +92,10 @@ def signal_candidate(prototype: StepSignal, name: str | None = None) -> Candidat
     """A candidate from a `StepSignal` prototype; its ``threshold`` is what is calibrated.
     ``name`` tells apart two candidates built on one trigger class (default: the trigger's)."""
 
-    async def measure(trace: Trace, step: Step) -> float | None:
+    async def measure(trace: Trace, step: Step, context: StepContext | None) -> float | None:
         if step.tokens < prototype.min_tokens:
             return None
-        return await prototype.measure(trace, step)
+        return await prototype.signal(trace, step, context)
 
     return Candidate(
         name or prototype.name,
@@ -105,7 +108,7 @@ def signal_candidate(prototype: StepSignal, name: str | None = None) -> Candidat
 def cognitive_offload_candidate(tau: float = 1.05) -> Candidate:
     """TrigReason's cognitive offload (Sec. 3.3) with ``rho`` calibrated instead of the paper's."""
 
-    async def measure(trace: Trace, step: Step) -> float | None:
+    async def measure(trace: Trace, step: Step, context: StepContext | None) -> float | None:
         return confident_share(step.logprobs, tau) if step.logprobs else None
 
     return Candidate(
@@ -116,23 +119,29 @@ def cognitive_offload_candidate(tau: float = 1.05) -> Candidate:
     )
 
 
+def _registered_signal(cls: type[StepSignal]) -> Callable[[], Candidate]:
+    return lambda: signal_candidate(cls())
+
+
 _CANDIDATE_FACTORIES: tuple[Callable[[], Candidate], ...] = (
-    lambda: signal_candidate(LargeSurprise()),
-    lambda: signal_candidate(SmallUncertainty()),
+    *(
+        _registered_signal(cls)
+        for cls in TRIGGERS.values()
+        if isinstance(cls, type) and issubclass(cls, StepSignal)
+    ),
     lambda: signal_candidate(SmallUncertainty(statistic="max_nll"), name="small_min_prob"),
     lambda: signal_candidate(
         SmallUncertainty(statistic="max_nll", escalate=True), name="escalation"
     ),
-    lambda: signal_candidate(Repetition()),
     cognitive_offload_candidate,
 )
 
 CANDIDATES: dict[str, Callable[[], Candidate]] = {
     factory().name: factory for factory in _CANDIDATE_FACTORIES
 }
-"""The candidates ``collab-agent calibrate --signals`` chooses from, by name: a trigger's
-registered name (`collab_agent.policies.triggers.TRIGGERS`), or the name of a variant of one
-(``small_min_prob``, ``escalation``)."""
+"""The candidates ``collab-agent calibrate --signals`` chooses from, by name: every `StepSignal`
+registered in `collab_agent.policies.triggers.TRIGGERS` (at its default settings), the named
+variants of one (``small_min_prob``, ``escalation``) and TrigReason's cognitive offload."""
 
 
 def candidates_by_name(names: Sequence[str]) -> list[Candidate]:
@@ -162,9 +171,11 @@ class SignalRecorder(BaseTrigger):
     records: dict[str, list[StepRecord]] = field(default_factory=dict)
     name: str = "signal_recorder"
 
-    async def after_step(self, trace: Trace, step: Step) -> Reject | None:
+    async def after_step(
+        self, trace: Trace, step: Step, context: StepContext | None = None
+    ) -> Reject | None:
         if step.author == "small":
-            values = {c.name: await c.measure(trace, step) for c in self.candidates}
+            values = {c.name: await c.measure(trace, step, context) for c in self.candidates}
             self.records.setdefault(trace.conversation_id, []).append(
                 StepRecord(step.index, step.tokens, values)
             )
@@ -471,7 +482,7 @@ async def replay_signals(
     a session like the reasoner's (so a local large model reuses its cache from step to step;
     without ``large`` such a signal raises `CapabilityError`). ``small`` is only a stand-in for
     the session (no built-in candidate calls it)."""
-    from collab_agent.backends.base import release_conversation
+    from collab_agent.backends.base import release_shielded
     from collab_agent.limits import map_limited
     from collab_agent.prompting import STEPWISE
     from collab_agent.session import Session
@@ -485,7 +496,7 @@ async def replay_signals(
     async def one(run: tuple[Problem, Trace, bool]) -> ProblemRun:
         problem, recorded, correct = run
         trace = Trace(conversation_id=f"replay-{problem.id}-{uuid.uuid4().hex[:8]}")
-        Session.open(
+        session = Session.open(
             small or _NoModel("small"),
             large or _NoModel("large"),
             trace,
@@ -497,14 +508,12 @@ async def replay_signals(
         try:
             for step in recorded.steps:
                 if step.author == "small":
-                    values = {c.name: await c.measure(trace, step) for c in candidates}
+                    values = {c.name: await c.measure(trace, step, session) for c in candidates}
                     steps.append(StepRecord(step.index, step.tokens, values))
                 trace.steps.append(step)
         finally:
-            trace.session = None
             if large is not None:
-                with anyio.CancelScope(shield=True), anyio.move_on_after(10):
-                    await release_conversation(large, trace.conversation_id)
+                await release_shielded(large, conversation_id=trace.conversation_id)
         records[trace.conversation_id] = steps
         return ProblemRun(
             problem_id=problem.id,

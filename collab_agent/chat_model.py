@@ -66,7 +66,7 @@ from collab_agent.backends.base import (
     GenerateRequest,
     Generation,
     Sampling,
-    release_conversation,
+    release_shielded,
 )
 from collab_agent.backends.specs import LARGE_BUNDLED, SMALL_BUNDLED
 from collab_agent.backends.tokens import backend_tokenizer, prompt_tokens, text_tokens
@@ -1234,8 +1234,7 @@ async def _ask_answerer(
     try:
         generation = await backend.generate(request)
     finally:
-        with anyio.CancelScope(shield=True), anyio.move_on_after(10):
-            await release_conversation(backend, request.conversation_id)
+        await release_shielded(backend, conversation_id=request.conversation_id)
     answer.trace.record(role, generation)
     return generation
 

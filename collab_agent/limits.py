@@ -189,8 +189,8 @@ class LimitedBackend:
     limiter: FairLimiter = field(init=False)
 
     def __post_init__(self) -> None:
-        if not callable(getattr(self.backend, "generate", None)):
-            raise ConfigError("backend", "must be a Backend with an async generate()")
+        if not isinstance(self.backend, Backend):
+            raise ConfigError("backend", "must be a Backend with a name and an async generate()")
         self.limiter = FairLimiter(self.capacity, max_waiting=self.max_waiting)
 
     @property

@@ -24,8 +24,9 @@ from collab_agent.backends.base import (
     Generation,
     Role,
     Sampling,
-    release_conversation,
+    release_shielded,
 )
+from collab_agent.backends.capabilities import Degradable
 from collab_agent.breaker import CircuitBreaker
 from collab_agent.context import fit_budget
 from collab_agent.errors import BackendUnavailableError, ConfigError
@@ -142,12 +143,17 @@ class Reasoner:
     stream_tokens: bool = False
 
     def __post_init__(self) -> None:
+        for role in ("small", "large"):
+            if not isinstance(getattr(self, role), Backend):
+                raise ConfigError(
+                    role, "must be a Backend with a name and an async generate(request) method"
+                )
         self.format = replace(
             self.format,
             splitter=choose_splitter(
                 self.splitter,
-                str(getattr(self.small, "name", "")),
-                str(getattr(self.large, "name", "")),
+                str(self.small.name),
+                str(self.large.name),
                 self.format.splitter,
                 think=bool(self.format.close),
             ),
@@ -157,22 +163,19 @@ class Reasoner:
             if name != "budget" or self.budget is not None:
                 _checks.positive_int(name, getattr(self, name))
         if self.on_large_unavailable is None:
-            self.on_large_unavailable = getattr(self.large, "on_unavailable", "fail")
+            self.on_large_unavailable = (
+                self.large.on_unavailable if isinstance(self.large, Degradable) else "fail"
+            )
         if self.on_large_unavailable not in ("fail", "degrade"):
             raise ConfigError(
                 "on_large_unavailable",
                 f"must be 'fail' or 'degrade', got {self.on_large_unavailable!r}",
             )
-        for role in ("small", "large"):
-            if not callable(getattr(getattr(self, role), "generate", None)):
-                raise ConfigError(role, "must be a Backend with an async generate(request) method")
         if self.response_format is not None:  # before any model runs, not at the answer
             for role in ("small", "large"):
                 require_constraint(getattr(self, role), self.response_format, role)
-        for trigger in self.policy.triggers:
-            check = getattr(trigger, "check", None)
-            if callable(check):  # a trigger that needs a capability says so now, not mid-run
-                check(self.small, self.large)
+        for trigger in self.policy.triggers:  # a missing capability fails now, not mid-run
+            trigger.check(self.small, self.large)
 
     async def run(
         self,
@@ -227,7 +230,7 @@ class Reasoner:
                     trace.stop_reason = "budget"
                     break
                 if handoff_left == 0:
-                    handoff = await self.policy.before_step(trace)
+                    handoff = await self.policy.before_step(trace, session)
                     if handoff is not None:
                         trace.firings.append(
                             Firing(len(trace.steps), handoff.trigger, "handoff", handoff.detail)
@@ -259,14 +262,10 @@ class Reasoner:
             yield answer
         finally:
             trace.seconds = time.perf_counter() - started
-            trace.session = None
             if self.release_on_finish:
-                with anyio.CancelScope(shield=True), anyio.move_on_after(10):
-                    for backend in {
-                        id(self.small): self.small,
-                        id(self.large): self.large,
-                    }.values():
-                        await release_conversation(backend, trace.conversation_id)
+                await release_shielded(
+                    self.small, self.large, conversation_id=trace.conversation_id
+                )
 
     # ------------------------------------------------------------------ one step
     async def _step(
@@ -276,7 +275,7 @@ class Reasoner:
         and rewritten. Yields the deltas that may be shown (large steps, unrejectable small)."""
         trace = session.trace
         index = len(trace.steps)
-        prefix = self._prefix(trace)
+        prefix = session.prefix()
         started = time.perf_counter()
         show = self.stream_tokens and (author == "large" or not self.policy.can_reject)
         async for token in self._write(session, author, prefix, max_tokens, out, show, index):
@@ -285,7 +284,7 @@ class Reasoner:
         author, why = out.author, out.why
         step = _make_step(index, author, trigger, out.generation, why)
         if author == "small" and why is None:
-            reject = await self.policy.after_step(trace, step)
+            reject = await self.policy.after_step(trace, step, session)
             if reject is not None:
                 trace.firings.append(Firing(index, reject.trigger, "reject", reject.detail))
                 rewrite = _Written()
@@ -425,11 +424,6 @@ class Reasoner:
             return True
         return False  # a step that held only the answer: its tokens count as the answer's
 
-    def _prefix(self, trace: Trace) -> str:
-        return self.format.reasoning_prefix(
-            [(s.text, s.stop_reason == "step") for s in trace.steps]
-        )
-
     # ------------------------------------------------------------------ the answer
     async def _answer(self, session: Session, out: _Written) -> AsyncIterator[TokenEvent]:
         """Keep the answer the reasoning ended with, or have the answering model write it;
@@ -447,7 +441,7 @@ class Reasoner:
         if keep and self.response_format is None:  # a constrained answer is always generated
             out.answer = AnswerEvent(trace.answer, role, trace, raw_text=trace.answer)
             return
-        reasoning = self._prefix(trace)
+        reasoning = session.prefix()
         begun = trace.stop_reason == "answer" and self.format.close and trace.answer_author == role
         prefix = self.format.answer_prefix(reasoning) + (trace.answer if begun else "")
         request = session.request(

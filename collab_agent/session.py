@@ -1,12 +1,13 @@
 """One live collaboration: the two backends, the conversation and the settings of its calls.
 
-The reasoner builds a `Session` per conversation and hangs it on `Trace.session`, so triggers that
-must call a model (SpecReason's judge, a large-model surprise score) do so through it and have
-their calls counted in the trace like every step.
+The reasoner builds a `Session` per conversation and passes it to the policy's hooks as their
+`StepContext`, so triggers that must call a model (SpecReason's judge, a large-model surprise
+score) do so through it and have their calls counted in the trace like every step.
 """
 
 from __future__ import annotations
 
+import time
 from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -19,10 +20,12 @@ from collab_agent.backends.base import (
     Sampling,
     stream_generation,
 )
+from collab_agent.backends.capabilities import PrefillCounting, Scoring, can_score
+from collab_agent.errors import CapabilityError
 from collab_agent.prompting import ReasoningFormat
 
 if TYPE_CHECKING:
-    from collab_agent.trace import Trace
+    from collab_agent.trace import Step, Trace
 
 
 @dataclass
@@ -61,8 +64,8 @@ class Session:
         tools: Sequence[Mapping[str, Any]] | None = None,
     ) -> Session:
         """The session of ``trace``'s conversation (the format's instruction added to the
-        messages), attached to the trace so triggers can reach the models through it."""
-        session = cls(
+        messages)."""
+        return cls(
             small=small,
             large=large,
             conversation_id=trace.conversation_id,
@@ -72,11 +75,16 @@ class Session:
             trace=trace,
             tools=tools,
         )
-        trace.session = session
-        return session
 
     def backend(self, role: Role) -> Backend:
         return self.small if role == "small" else self.large
+
+    def prefix(self, then: Step | None = None) -> str:
+        """The reasoning written so far (the trace's steps), then ``then`` as a finished step."""
+        steps = [(s.text, s.stop_reason == "step") for s in self.trace.steps]
+        if then is not None:
+            steps.append((then.text, True))
+        return self.format.reasoning_prefix(steps)
 
     def request(
         self,
@@ -115,3 +123,46 @@ class Session:
             if isinstance(item, Generation):
                 self.trace.record(role, item)
             yield item
+
+    async def score(self, step: Step) -> list[float]:
+        """The large model's logprob of each token of ``step`` (and the delimiter after it when
+        it ended at one) after the reasoning so far: one prefill, recorded in the trace as a
+        large-model call with ``purpose="score"``.
+
+        Raises:
+            CapabilityError: the large backend cannot score a given text.
+        """
+        large = self.large
+        if not can_score(large) or not isinstance(large, Scoring):
+            raise CapabilityError(
+                f"the large backend {large.name!r} ({type(large).__name__}) cannot score a "
+                "given text (no async score(request, continuation), or a server that returns "
+                "no prompt logprobs)"
+            )
+        continuation = step.text + (self.format.delimiter if step.stop_reason == "step" else "")
+        request = self.request(self.prefix(), purpose="score", max_tokens=1)
+        processed_before = large.processed_tokens if isinstance(large, PrefillCounting) else 0
+        started = time.perf_counter()
+        logprobs = list(await large.score(request, continuation))
+        seconds = time.perf_counter() - started
+        prompt_tokens = len(logprobs)
+        cached = 0
+        if isinstance(large, PrefillCounting):
+            # what the backend did not recompute; approximate when other conversations use
+            # the backend at the same time
+            prompt_tokens += len(large.prompt_ids(request))
+            processed = large.processed_tokens - processed_before
+            cached = min(prompt_tokens, max(0, prompt_tokens - processed))
+        self.trace.record(
+            "large",
+            Generation(
+                text="",
+                stop_reason="length",
+                logprobs=logprobs,
+                prompt_tokens=prompt_tokens,
+                cached_tokens=cached,
+                completion_tokens=0,
+                seconds=seconds,
+            ),
+        )
+        return logprobs

@@ -6,14 +6,12 @@ Plain dataclasses that serialise to JSON (`Trace.to_dict` / `Trace.from_dict`).
 from __future__ import annotations
 
 import json
+import warnings
 from collections import Counter
 from dataclasses import asdict, dataclass, field, fields
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal
 
 from collab_agent.types import Generation, Role
-
-if TYPE_CHECKING:
-    from collab_agent.session import Session
 
 TraceStop = Literal["answer", "eos", "budget", "max_steps", "length"]
 """Why reasoning ended: an answer marker or end of reasoning, the model's end of turn, the
@@ -108,9 +106,18 @@ class Trace:
     answer_degraded_reason: str | None = None
     """Why the small model wrote the answer the large one should have (``None``: it did not)."""
     answer_truncated: bool = False
-    session: Session | None = field(default=None, repr=False, compare=False)
-    """The live collaboration (backends, messages) while it runs; triggers that call a model
-    (SpecReason's judge) go through it. Not serialised."""
+
+    @property
+    def session(self) -> None:
+        """Deprecated, always ``None``: the trace is plain data. A trigger hook that calls a
+        model declares a ``context`` parameter and gets the `StepContext` from the reasoner."""
+        warnings.warn(
+            "Trace.session is gone (always None); declare a 'context' parameter on the trigger "
+            "hook to get the StepContext",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        return None
 
     # ----------------------------------------------------------------- derived figures
     def tokens_by(self, author: Role) -> int:
@@ -189,8 +196,6 @@ class Trace:
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {}
         for f in fields(self):
-            if f.name == "session":
-                continue
             value = getattr(self, f.name)
             if f.name in ("steps", "firings"):
                 value = [asdict(v) for v in value]

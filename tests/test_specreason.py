@@ -164,7 +164,7 @@ def test_bad_arguments_name_themselves(kwargs: dict[str, object], argument: str)
 async def test_judge_outside_a_reasoner_is_a_clear_error() -> None:
     from collab_agent.trace import Step, Trace
 
-    with pytest.raises(ConfigError, match="session"):
+    with pytest.raises(ConfigError, match="StepContext"):
         await StepJudge().after_step(Trace("c"), Step(0, "small", "x"))
 
 

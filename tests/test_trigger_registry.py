@@ -39,3 +39,12 @@ def test_every_built_in_policy_holds_only_registered_triggers(name: str) -> None
     data = policy_to_dict(policy)
     assert all(entry["type"] in TRIGGERS for entry in data["triggers"])
     assert policy_to_dict(policy_from_dict(data)) == data
+
+
+def test_every_registered_step_signal_is_a_calibration_candidate() -> None:
+    from collab_agent.policies.signals import StepSignal
+
+    signals = {name for name, cls in TRIGGERS.items() if issubclass(cls, StepSignal)}
+    assert signals == {"large_surprise", "small_uncertainty", "repetition"}
+    for name in signals:
+        assert type(CANDIDATES[name]().build(0.5)) is TRIGGERS[name]

@@ -14,6 +14,9 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from typing import Any, Protocol, runtime_checkable
 
+import anyio
+
+from collab_agent.backends.capabilities import Closable, Releasable
 from collab_agent.types import (
     GREEDY,
     MAX_TEMPERATURE,
@@ -30,6 +33,7 @@ __all__ = [
     "GREEDY",
     "MAX_TEMPERATURE",
     "MAX_TOP_LOGPROBS",
+    "RELEASE_TIMEOUT_S",
     "Backend",
     "ClosableBackend",
     "GenerateRequest",
@@ -43,6 +47,7 @@ __all__ = [
     "TokenizedBackend",
     "close_backends",
     "release_conversation",
+    "release_shielded",
     "stream_generation",
 ]
 
@@ -84,12 +89,8 @@ async def stream_generation(
 
 
 @runtime_checkable
-class ReleasableBackend(Backend, Protocol):
+class ReleasableBackend(Backend, Releasable, Protocol):
     """A backend that holds per-conversation state (a KV cache) and can free it."""
-
-    async def release(self, conversation_id: str) -> None:
-        """Forget the conversation's cached state; a later request starts afresh."""
-        ...
 
 
 @runtime_checkable
@@ -109,17 +110,25 @@ class TokenizedBackend(Backend, Protocol):
 
 async def release_conversation(backend: Backend, conversation_id: str) -> None:
     """Free a conversation's state on ``backend`` when it keeps any."""
-    if isinstance(backend, ReleasableBackend):
+    if isinstance(backend, Releasable):
         await backend.release(conversation_id)
 
 
-@runtime_checkable
-class ClosableBackend(Protocol):
-    """A backend that holds resources (an HTTP client, a server process, a model) to close."""
+RELEASE_TIMEOUT_S = 10.0
+"""Most seconds the release of a conversation's state may take once its call has ended (or was
+cancelled): a backend that hangs then must not hold up the caller."""
 
-    async def aclose(self) -> None:
-        """Free the backend's resources; it is not used afterwards."""
-        ...
+
+async def release_shielded(*backends: Backend, conversation_id: str) -> None:
+    """Free ``conversation_id`` on each backend (the same object given twice once), shielded
+    from the caller's cancellation and bounded by `RELEASE_TIMEOUT_S`. For ``finally`` blocks."""
+    with anyio.CancelScope(shield=True), anyio.move_on_after(RELEASE_TIMEOUT_S):
+        for backend in {id(b): b for b in backends}.values():
+            await release_conversation(backend, conversation_id)
+
+
+ClosableBackend = Closable
+"""The `Closable` capability under its older name."""
 
 
 async def close_backends(*backends: object) -> None:
@@ -127,7 +136,7 @@ async def close_backends(*backends: object) -> None:
     ``None`` and backends with nothing to close are skipped. For the end of a command."""
     seen: set[int] = set()
     for backend in backends:
-        if id(backend) in seen or not isinstance(backend, ClosableBackend):
+        if id(backend) in seen or not isinstance(backend, Closable):
             continue
         seen.add(id(backend))
         await backend.aclose()

@@ -33,6 +33,7 @@ from anyio.lowlevel import RunVar
 
 from collab_agent import _checks
 from collab_agent.backends.base import GenerateRequest, Generation, Sampling, StopReason
+from collab_agent.backends.capabilities import Compacting, DeviceMemory
 from collab_agent.backends.detokenize import IncrementalText, find_stop, stop_holdback
 from collab_agent.errors import BackendError, ConfigError
 
@@ -102,7 +103,7 @@ def common_prefix_length(a: Sequence[int], b: Sequence[int]) -> int:
 
 # =========================================================================== per-conversation cache
 def _kv_bytes(kv: Any) -> int:
-    if hasattr(kv, "device_bytes"):  # a compressed cache counts what stays on the device
+    if isinstance(kv, DeviceMemory):  # a compressed cache counts what stays on the device
         return int(kv.device_bytes())
     total = 0
     for layer in getattr(kv, "layers", ()):
@@ -641,9 +642,8 @@ class TransformersBackend:
                 else:
                     logits = self._forward(entry, prompt[reused:])[-1]
                 decoded = self._decode(logits, entry, request, cancel, on_text)
-                compact = getattr(entry.kv, "compact", None)
-                if compact is not None:  # a compressed cache: back within budget between calls
-                    compact()
+                if isinstance(entry.kv, Compacting):  # back within budget between calls
+                    entry.kv.compact()
             ok = True
         except _Cancelled:
             ok = True  # the cache is consistent: keep it

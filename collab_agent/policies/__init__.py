@@ -1,6 +1,6 @@
 """Who writes the next step: triggers and policies."""
 
-from collab_agent.policies.base import BaseTrigger, Handoff, Policy, Reject, Trigger
+from collab_agent.policies.base import BaseTrigger, Handoff, Policy, Reject, StepContext, Trigger
 from collab_agent.policies.fixed import LargeOnly, SmallOnly
 from collab_agent.policies.signals import (
     Escalation,
@@ -35,6 +35,7 @@ __all__ = [
     "SmallOnly",
     "SmallUncertainty",
     "SpecReason",
+    "StepContext",
     "StepJudge",
     "StepSignal",
     "StrategicPriming",

@@ -24,20 +24,26 @@ from __future__ import annotations
 
 import math
 import re
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Literal, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Literal
 
 from collab_agent import _checks
 from collab_agent.errors import CapabilityError, ConfigError
-from collab_agent.policies.base import BaseTrigger, Handoff, Policy, Reject, Trigger
+from collab_agent.policies.base import (
+    BaseTrigger,
+    Handoff,
+    Policy,
+    Reject,
+    StepContext,
+    Trigger,
+    call_hook,
+)
 from collab_agent.policies.trigreason import StrategicPriming
-from collab_agent.types import GenerateRequest, Generation, Role
+from collab_agent.types import Role
 
 if TYPE_CHECKING:
     from collab_agent.backends.base import Backend
-    from collab_agent.session import Session
     from collab_agent.trace import Step, Trace
 
 Statistic = Literal["mean_nll", "max_nll", "low_prob_share"]
@@ -48,14 +54,6 @@ or the share of tokens with probability below a cut."""
 ESCALATED_STEPS = 1 << 30
 """The handoff length of an escalation: every remaining step (the reasoner's step and token
 budgets end it first)."""
-
-
-@runtime_checkable
-class ScoringBackend(Protocol):
-    """A backend that returns the logprob of each token of a given text after a prompt (one
-    prefill; `collab_agent.backends.local.TransformersBackend.score`)."""
-
-    async def score(self, request: GenerateRequest, continuation: str) -> list[float]: ...
 
 
 def surprise(
@@ -122,29 +120,23 @@ class StepSignal(BaseTrigger):
         return None
 
     async def measure(self, trace: Trace, step: Step) -> float | None:
-        """The step's signal; ``None`` when it cannot be measured (the step is then kept)."""
+        """The step's signal; ``None`` when it cannot be measured (the step is then kept). A
+        signal that calls a model declares ``context: StepContext | None = None`` too."""
         raise NotImplementedError
 
-    async def after_step(self, trace: Trace, step: Step) -> Reject | None:
+    async def signal(self, trace: Trace, step: Step, context: StepContext | None) -> float | None:
+        """`measure`, given the context when it declares one."""
+        return await call_hook(self.measure, context, trace, step)
+
+    async def after_step(
+        self, trace: Trace, step: Step, context: StepContext | None = None
+    ) -> Reject | None:
         if step.author != "small" or step.tokens < self.min_tokens:
             return None
-        value = await self.measure(trace, step)
+        value = await self.signal(trace, step, context)
         if value is not None and value > self.threshold:
             return Reject(self.name, detail=f"{value:.3g} > threshold {self.threshold:.3g}")
         return None
-
-    def check(self, small: Backend, large: Backend) -> None:
-        """Raise `CapabilityError` when the pair cannot give this signal (no-op here). A
-        `Reasoner` may call it at construction so the error comes before any generation."""
-
-
-def _session(trace: Trace, who: str) -> Session:
-    if trace.session is None:
-        raise ConfigError(
-            "trace.session",
-            f"{who} calls the large model through the trace's live session; run it inside a Reasoner",
-        )
-    return trace.session
 
 
 @dataclass
@@ -182,62 +174,33 @@ class LargeSurprise(StepSignal):
         _check_statistic(self.statistic, self.low_prob)
 
     def check(self, small: Backend, large: Backend) -> None:
-        if not isinstance(large, ScoringBackend) or getattr(large, "can_score", None) is False:
+        from collab_agent.backends.capabilities import can_score
+
+        if not can_score(large):
             raise CapabilityError(
-                f"{self.name}: the large backend {getattr(large, 'name', large)!r} "
+                f"{self.name}: the large backend {large.name!r} "
                 f"({type(large).__name__}) cannot score a given text (no async "
                 "score(request, continuation), or a server that returns no prompt logprobs, "
                 "like llama.cpp's own); use a local large model (bundled:NAME, hf:PATH), a vLLM "
                 "or llama-cpp-python (--logits_all true) server, or drop this trigger"
             )
 
-    async def measure(self, trace: Trace, step: Step) -> float | None:
-        logprobs = await self.large_logprobs(trace, step)
+    async def measure(
+        self, trace: Trace, step: Step, context: StepContext | None = None
+    ) -> float | None:
+        logprobs = await self.large_logprobs(step, context)
         return surprise(logprobs, self.statistic, self.low_prob) if logprobs else None
 
-    async def large_logprobs(self, trace: Trace, step: Step) -> list[float]:
+    async def large_logprobs(self, step: Step, context: StepContext | None) -> list[float]:
         """The LRM's logprob of each token of ``step`` after the reasoning before it, the call
         recorded in the trace as a large-model call."""
-        session = _session(trace, self.name)
-        large = session.large
-        self.check(session.small, large)
-        fmt = session.format
-        prefix = fmt.reasoning_prefix([(s.text, s.stop_reason == "step") for s in trace.steps])
-        continuation = step.text + (fmt.delimiter if step.stop_reason == "step" else "")
-        request = session.request(prefix, purpose="score", max_tokens=1)
-        processed_before = getattr(large, "processed_tokens", None)
-        started = time.perf_counter()
-        logprobs: list[float] = list(await large.score(request, continuation))  # type: ignore[attr-defined]
-        seconds = time.perf_counter() - started
-        trace.record("large", _score_usage(large, request, logprobs, processed_before, seconds))
-        return logprobs
-
-
-def _score_usage(
-    large: Any,
-    request: GenerateRequest,
-    logprobs: Sequence[float],
-    processed_before: int | None,
-    seconds: float,
-) -> Generation:
-    """A `Generation` that accounts a scoring call: prompt = conversation + scored text, cached =
-    what the backend did not recompute (from its ``processed_tokens`` counter when it has one;
-    approximate when other conversations use the backend at the same time)."""
-    prompt_ids = getattr(large, "prompt_ids", None)
-    prompt_tokens = len(logprobs) + (len(prompt_ids(request)) if callable(prompt_ids) else 0)
-    cached = 0
-    processed_after = getattr(large, "processed_tokens", None)
-    if isinstance(processed_before, int) and isinstance(processed_after, int):
-        cached = min(prompt_tokens, max(0, prompt_tokens - (processed_after - processed_before)))
-    return Generation(
-        text="",
-        stop_reason="length",
-        logprobs=list(logprobs),
-        prompt_tokens=prompt_tokens,
-        cached_tokens=cached,
-        completion_tokens=0,
-        seconds=seconds,
-    )
+        if context is None:
+            raise ConfigError(
+                "context",
+                f"{self.name} calls the large model through the StepContext a Reasoner passes "
+                "its hooks; run it inside a Reasoner",
+            )
+        return await context.score(step)
 
 
 @dataclass
@@ -328,63 +291,73 @@ class Repetition(StepSignal):
         return repeated_share(step.text, earlier, self.n)
 
 
-def SurpriseReason(
-    *,
-    priming_steps: int = 1,
-    threshold: float = 1.0,
-    statistic: Statistic = "mean_nll",
-    low_prob: float = 0.1,
-    min_tokens: int = 4,
-    repetition: float | None = 0.8,
-    answer_by: Role | None = None,
-    name: str = "surprise",
-) -> Policy:
+class SurpriseReason(Policy):
     """The large model primes the first steps (TrigReason Sec. 3.2), then rewrites every
     small-model step it finds surprising (`LargeSurprise`) or that repeats earlier steps
     (`Repetition`, unless ``repetition`` is ``None``). Thresholds are per pair: calibrate them
     with ``collab-agent calibrate``."""
-    triggers: list[Trigger] = []
-    if priming_steps:
-        triggers.append(StrategicPriming(steps=priming_steps))
-    triggers.append(
-        LargeSurprise(
+
+    def __init__(
+        self,
+        *,
+        priming_steps: int = 1,
+        threshold: float = 1.0,
+        statistic: Statistic = "mean_nll",
+        low_prob: float = 0.1,
+        min_tokens: int = 4,
+        repetition: float | None = 0.8,
+        answer_by: Role | None = None,
+        name: str = "surprise",
+    ) -> None:
+        surprise = LargeSurprise(
             threshold=threshold, statistic=statistic, low_prob=low_prob, min_tokens=min_tokens
         )
-    )
-    if repetition is not None:
-        triggers.append(Repetition(threshold=repetition))
-    return Policy(triggers=tuple(triggers), name=name, default_author="small", answer_by=answer_by)
+        loops = () if repetition is None else (Repetition(threshold=repetition),)
+        super().__init__(_primed(priming_steps, surprise, *loops), name=name, answer_by=answer_by)
 
 
-def Escalation(
-    *,
-    priming_steps: int = 1,
-    threshold: float = 1.2,
-    statistic: Statistic = "max_nll",
-    low_prob: float = 0.1,
-    min_tokens: int = 4,
-    answer_by: Role | None = None,
-    name: str = "escalation",
-) -> Policy:
+class Escalation(Policy):
     """The large model primes the first steps (TrigReason Sec. 3.2); the small model writes on
     until it is unsure of a step (`SmallUncertainty`, by default its least likely token below
     ``exp(-threshold)``, p < 0.30); the large model then rewrites that step and writes the rest
     of the reasoning (``escalate=True``). No extra model call: the signal is the small model's own
     logprobs. Calibrate ``threshold`` per pair (``collab-agent calibrate --signals
     escalation``)."""
-    triggers: list[Trigger] = []
-    if priming_steps:
-        triggers.append(StrategicPriming(steps=priming_steps))
-    triggers.append(
-        SmallUncertainty(
+
+    def __init__(
+        self,
+        *,
+        priming_steps: int = 1,
+        threshold: float = 1.2,
+        statistic: Statistic = "max_nll",
+        low_prob: float = 0.1,
+        min_tokens: int = 4,
+        answer_by: Role | None = None,
+        name: str = "escalation",
+    ) -> None:
+        uncertainty = SmallUncertainty(
             threshold=threshold,
             statistic=statistic,
             low_prob=low_prob,
             min_tokens=min_tokens,
             escalate=True,
         )
-    )
-    return Policy(triggers=tuple(triggers), name=name, default_author="small", answer_by=answer_by)
+        super().__init__(_primed(priming_steps, uncertainty), name=name, answer_by=answer_by)
+
+
+def _primed(priming_steps: int, *triggers: Trigger) -> tuple[Trigger, ...]:
+    """`StrategicPriming` of ``priming_steps`` (none when 0), then ``triggers``."""
+    return ((StrategicPriming(steps=priming_steps),) if priming_steps else ()) + triggers
+
+
+def __getattr__(name: str) -> Any:
+    """``ScoringBackend``: the `Scoring` capability of `collab_agent.backends.capabilities`
+    under its older name, loaded on first use so policies load without the backends."""
+    if name == "ScoringBackend":
+        from collab_agent.backends.capabilities import Scoring
+
+        return Scoring
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 __all__ = [
@@ -392,7 +365,6 @@ __all__ = [
     "Escalation",
     "LargeSurprise",
     "Repetition",
-    "ScoringBackend",
     "SmallUncertainty",
     "Statistic",
     "StepSignal",

@@ -5,8 +5,8 @@ After each step the small model writes, the large model reads the question, the 
 and the new step, and scores the step 0-9 with a single token (Sec. 3). A step scored below the
 threshold (paper: 7) is thrown away and the large model rewrites it from the same prefix. The
 score is the greedy token, or the expectation over the digits' probabilities in that token's top
-logprobs (``score="expected"``). Judge calls go through ``trace.session``, so their tokens, time
-and cost are counted in the trace like every step.
+logprobs (``score="expected"``). Judge calls go through the `StepContext` the reasoner passes, so
+their tokens, time and cost are counted in the trace like every step.
 """
 
 from __future__ import annotations
@@ -19,11 +19,10 @@ from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 from collab_agent import _checks
 from collab_agent.errors import ConfigError
-from collab_agent.policies.base import BaseTrigger, Policy, Reject
-from collab_agent.types import GREEDY, GenerateRequest, Generation
+from collab_agent.policies.base import BaseTrigger, Policy, Reject, StepContext
+from collab_agent.types import GREEDY, GenerateRequest, Generation, Role
 
 if TYPE_CHECKING:
-    from collab_agent.session import Session
     from collab_agent.trace import Step, Trace
 
 JUDGE_INSTRUCTION = (
@@ -80,15 +79,16 @@ class StepJudge(BaseTrigger):
             raise ConfigError("score", f"must be 'greedy' or 'expected', got {self.score!r}")
         _checks.positive_int("top_logprobs", self.top_logprobs)
 
-    async def after_step(self, trace: Trace, step: Step) -> Reject | None:
-        session = trace.session
-        if session is None:
+    async def after_step(
+        self, trace: Trace, step: Step, context: StepContext | None = None
+    ) -> Reject | None:
+        if context is None:
             raise ConfigError(
-                "trace.session",
-                "SpecReason's judge calls the large model through the trace's live session; "
-                "run it inside a Reasoner",
+                "context",
+                "SpecReason's judge calls the large model through the StepContext a Reasoner "
+                "passes its hooks; run it inside a Reasoner",
             )
-        generation = await session.generate("large", self.request(session, trace, step))
+        generation = await context.generate("large", self.request(context, step))
         value = self.score_of(generation)
         self._note(trace.conversation_id, value)
         if value is None:
@@ -110,20 +110,16 @@ class StepJudge(BaseTrigger):
         """The scores given in one conversation (step order), forgotten afterwards."""
         return self.scores.pop(conversation_id, [])
 
-    def request(self, session: Session, trace: Trace, step: Step) -> GenerateRequest:
+    def request(self, context: StepContext, step: Step) -> GenerateRequest:
         """The judge's request: the conversation, the reasoning with the new step as an assistant
         turn, the judge instruction, and the reply forced to start with ``lead``."""
-        fmt = session.format
-        reasoning = fmt.reasoning_prefix(
-            [(s.text, s.stop_reason == "step") for s in trace.steps] + [(step.text, True)]
-        )
         messages: list[dict[str, Any]] = [
-            *session.messages,
-            {"role": "assistant", "content": reasoning},
+            *context.messages,
+            {"role": "assistant", "content": context.prefix(then=step)},
             {"role": "user", "content": self.instruction},
         ]
-        request = session.request(
-            fmt.open + self.lead,
+        request = context.request(
+            context.format.open + self.lead,
             stop=(),
             max_tokens=1,
             logprobs=True,
@@ -169,27 +165,21 @@ def expected_score(top: dict[str, float]) -> float | None:
     return sum(d * p for d, p in mass.items()) / total
 
 
-def SpecReason(
-    threshold: float = 7.0,
-    score: ScoreMethod = "greedy",
-    *,
-    top_logprobs: int = 10,
-    reject_unscored: bool = True,
-    answer_by: str | None = None,
-    name: str = "specreason",
-) -> Policy:
+class SpecReason(Policy):
     """SpecReason with the paper's defaults: the small model writes every step, the large model
     scores each one 0-9 and rewrites those scored below ``threshold`` (7)."""
-    return Policy(
-        triggers=(
-            StepJudge(
-                threshold=threshold,
-                score=score,
-                top_logprobs=top_logprobs,
-                reject_unscored=reject_unscored,
-            ),
-        ),
-        name=name,
-        default_author="small",
-        answer_by=answer_by,  # type: ignore[arg-type]
-    )
+
+    def __init__(
+        self,
+        threshold: float = 7.0,
+        score: ScoreMethod = "greedy",
+        *,
+        top_logprobs: int = 10,
+        reject_unscored: bool = True,
+        answer_by: Role | None = None,
+        name: str = "specreason",
+    ) -> None:
+        judge = StepJudge(
+            threshold, score, top_logprobs=top_logprobs, reject_unscored=reject_unscored
+        )
+        super().__init__((judge,), name=name, answer_by=answer_by)

@@ -19,6 +19,7 @@ from collab_agent.errors import ConfigError
 from collab_agent.policies.base import BaseTrigger, Handoff, Policy, Reject
 from collab_agent.prompting import normalise_step
 from collab_agent.trace import Step, Trace
+from collab_agent.types import Role
 
 HESITATION_WORDS: tuple[str, ...] = (
     "wait",
@@ -172,33 +173,33 @@ class InterventionRequest(BaseTrigger):
         return None
 
 
-def TrigReason(
-    *,
-    priming_steps: int = defaults.PRIMING_STEPS,
-    tau: float = 1.05,
-    rho: float = 0.85,
-    words: Sequence[str] = HESITATION_WORDS,
-    consecutive: int = 1,
-    intervention_steps: int = 1,
-    detect_loops: bool = True,
-    answer_by: str | None = None,
-    name: str = "trigreason",
-) -> Policy:
+class TrigReason(Policy):
     """TrigReason: strategic priming, then cognitive offload and intervention request, the
     small model writing every other step. The paper's thresholds (tau 1.05, rho 0.85); priming
     from `collab_agent.defaults` (1 step for short-step instruct models; the paper primes 20)."""
-    return Policy(
-        triggers=(
+
+    def __init__(
+        self,
+        *,
+        priming_steps: int = defaults.PRIMING_STEPS,
+        tau: float = 1.05,
+        rho: float = 0.85,
+        words: Sequence[str] = HESITATION_WORDS,
+        consecutive: int = 1,
+        intervention_steps: int = 1,
+        detect_loops: bool = True,
+        answer_by: Role | None = None,
+        name: str = "trigreason",
+    ) -> None:
+        intervention = InterventionRequest(
+            words=words,
+            consecutive=consecutive,
+            steps=intervention_steps,
+            detect_loops=detect_loops,
+        )
+        triggers = (
             StrategicPriming(steps=priming_steps),
-            InterventionRequest(
-                words=words,
-                consecutive=consecutive,
-                steps=intervention_steps,
-                detect_loops=detect_loops,
-            ),
+            intervention,
             CognitiveOffload(tau=tau, rho=rho),
-        ),
-        name=name,
-        default_author="small",
-        answer_by=answer_by,  # type: ignore[arg-type]
-    )
+        )
+        super().__init__(triggers, name=name, answer_by=answer_by)
