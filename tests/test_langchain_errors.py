@@ -45,11 +45,19 @@ def api_key(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("OPENAI_API_KEY", KEY)
 
 
-@pytest.mark.parametrize("error_type", [n for n in errors.__all__ if n.endswith("Error")])
-def test_every_backend_error_has_a_langchain_kind_and_no_langchain_base(error_type: str) -> None:
-    cls = getattr(errors, error_type)
-    assert cls in LANGCHAIN_TYPES
+ERRORS = [
+    c for c in vars(errors).values() if isinstance(c, type) and c.__module__ == errors.__name__
+]
+
+
+@pytest.mark.parametrize("cls", ERRORS, ids=lambda c: c.__name__)
+def test_every_backend_error_has_a_langchain_kind_and_no_langchain_base(cls: type) -> None:
+    assert issubclass(cls, BackendError) and cls in LANGCHAIN_TYPES
     assert not issubclass(cls, ModelError)
+
+
+def test_all_ten_are_seen() -> None:
+    assert len(ERRORS) == 10
 
 
 def test_as_langchain_keeps_the_class_message_and_attributes() -> None:

@@ -28,20 +28,8 @@ from tenacity import (
     wait_exponential_jitter,
 )
 
-from collab_agent.backends.openai.errors import (
-    RETRYABLE,
-    BackendAuthenticationError,
-    BackendConnectionError,
-    BackendContextOverflowError,
-    BackendNotFoundError,
-    BackendPermissionError,
-    BackendProtocolError,
-    BackendRateLimitError,
-    BackendRequestError,
-    BackendServerError,
-    BackendTimeoutError,
-    retry_after,
-)
+from collab_agent.backends.openai import errors
+from collab_agent.backends.openai.errors import RETRYABLE, BackendProtocolError
 from collab_agent.errors import BackendError
 
 logger = logging.getLogger(__name__)
@@ -72,7 +60,7 @@ class RetryPolicy:
 
     def wait(self, state: RetryCallState) -> float:
         error = state.outcome.exception() if state.outcome else None
-        if isinstance(error, BackendRateLimitError) and error.retry_after is not None:
+        if isinstance(error, errors.BackendRateLimitError) and error.retry_after is not None:
             return min(error.retry_after, self.max_retry_after_s)
         backoff = wait_exponential_jitter(
             multiplier=self.backoff_s, max=self.max_backoff_s, jitter=self.backoff_s
@@ -82,7 +70,7 @@ class RetryPolicy:
     def stop(self, state: RetryCallState) -> bool:
         error = state.outcome.exception() if state.outcome else None
         if (
-            isinstance(error, BackendRateLimitError)
+            isinstance(error, errors.BackendRateLimitError)
             and (error.retry_after or 0) > self.max_retry_after_s
         ):
             return True  # the server asks us to wait longer than we may
@@ -123,11 +111,8 @@ class HttpClient:
         retry: RetryPolicy,
         default_headers: Mapping[str, str] | None = None,
     ) -> None:
-        self.name = name
-        self.model = model
-        self.base_url = base_url
-        self.timeout = timeout
-        self.retry = retry
+        self.name, self.model, self.base_url = name, model, base_url
+        self.timeout, self.retry = timeout, retry
         self._api_key = api_key
         self._options: dict[str, Any] = {
             "api_key": api_key.get_secret_value() if api_key else NO_KEY,
@@ -217,10 +202,10 @@ class HttpClient:
         """Map an SDK error (or our deadline) to the typed error that names what happened."""
         where = f"{self.name} ({what} at {self.base_url})"
         if isinstance(error, (openai.APITimeoutError, TimeoutError)):
-            return BackendTimeoutError(f"{where}: no answer within timeout={self.timeout}s")
+            return errors.BackendTimeoutError(f"{where}: no answer within timeout={self.timeout}s")
         if isinstance(error, openai.APIConnectionError):
             cause = error.__cause__ or error
-            return BackendConnectionError(
+            return errors.BackendConnectionError(
                 self.scrub(f"{where}: cannot reach the server ({type(cause).__name__}: {cause})")
             )
         if isinstance(error, openai.APIStatusError):
@@ -229,21 +214,25 @@ class HttpClient:
             detail = detail[:DETAIL_CHARS]
             message = f"{where}: HTTP {status}: {detail}"
             if status == 429:
-                return BackendRateLimitError(message, retry_after=retry_after(error))
+                return errors.BackendRateLimitError(message, retry_after=errors.retry_after(error))
             if status >= 500:
-                return BackendServerError(message)
+                return errors.BackendServerError(message)
             lowered = detail.lower()
             if "context" in lowered and any(w in lowered for w in _OVERFLOW_WORDS):
-                return BackendContextOverflowError(
+                return errors.BackendContextOverflowError(
                     message + "; shorten the conversation or lower max_tokens"
                 )
             if status == 401:
-                return BackendAuthenticationError(f"{where}: HTTP 401: the API key was rejected")
+                return errors.BackendAuthenticationError(
+                    f"{where}: HTTP 401: the API key was rejected"
+                )
             if status == 403:
-                return BackendPermissionError(message)
+                return errors.BackendPermissionError(message)
             if status == 404:
-                return BackendNotFoundError(message + f"; check model={self.model!r} and base_url")
-            return BackendRequestError(message)
+                return errors.BackendNotFoundError(
+                    message + f"; check model={self.model!r} and base_url"
+                )
+            return errors.BackendRequestError(message)
         return BackendError(self.scrub(f"{where}: {type(error).__name__}: {error}"))
 
     def malformed(self, data: Any, problem: str) -> BackendProtocolError:

@@ -15,21 +15,6 @@ import openai
 
 from collab_agent.errors import BackendError, BackendUnavailableError
 
-__all__ = [
-    "RETRYABLE",
-    "BackendAuthenticationError",
-    "BackendConnectionError",
-    "BackendContextOverflowError",
-    "BackendNotFoundError",
-    "BackendPermissionError",
-    "BackendProtocolError",
-    "BackendRateLimitError",
-    "BackendRequestError",
-    "BackendServerError",
-    "BackendTimeoutError",
-    "retry_after",
-]
-
 
 class BackendTimeoutError(BackendUnavailableError):
     """The server did not answer within the deadline (after the retries)."""

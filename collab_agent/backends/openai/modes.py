@@ -132,26 +132,28 @@ class Chat(RequestMode):
     def continue_reasoning(
         self, given: BodyInput, body: dict[str, Any], messages: list[dict[str, Any]]
     ) -> None:
-        raise CapabilityError(
-            f"{given.backend}: mode 'chat' cannot continue a partial assistant text on this "
-            f"server (dialect {given.dialect or 'unknown'}); pass "
-            "mode='completions' with tokenizer=, or mode='chat-continue' (vLLM, SGLang), "
-            "'chat-prefill' (llama.cpp) or 'deepseek-prefix' (DeepSeek)"
+        raise CapabilityError(f"{given.backend}: {self.why_not(given)}")
+
+    def why_not(self, given: BodyInput) -> str:
+        """Why this mode cannot continue reasoning here, and what would."""
+        return (
+            "mode 'chat' cannot continue a partial assistant text on this server (dialect "
+            f"{given.dialect or 'unknown'}); pass mode='completions' with tokenizer=, or "
+            "mode='chat-continue' (vLLM, SGLang), 'chat-prefill' (llama.cpp) or "
+            "'deepseek-prefix' (DeepSeek)"
         )
 
 
-class NeedsTokenizer(RequestMode):
+class NeedsTokenizer(Chat):
     """llama-cpp-python without ``tokenizer=``: chat for requests without reasoning."""
 
     name = "completions-needs-tokenizer"
 
-    def continue_reasoning(
-        self, given: BodyInput, body: dict[str, Any], messages: list[dict[str, Any]]
-    ) -> None:
-        raise CapabilityError(
-            f"{given.backend}: llama-cpp-python ignores a trailing assistant message and has no "
-            "template endpoint; pass tokenizer= (a Hugging Face tokenizer or its path) so the "
-            "prompt is rendered locally and sent to /completions"
+    def why_not(self, given: BodyInput) -> str:
+        return (
+            "llama-cpp-python ignores a trailing assistant message and has no template "
+            "endpoint; pass tokenizer= (a Hugging Face tokenizer or its path) so the prompt is "
+            "rendered locally and sent to /completions"
         )
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import anyio
@@ -86,22 +87,16 @@ class StreamedBody:
                 merged[key] = value
 
 
+@dataclass
 class OpenStream:
-    """An SSE answer being read: the chunks merged so far and the attempt's deadline."""
+    """An SSE answer being read: the chunks merged so far and the attempt's deadline
+    (``anyio.current_time()`` seconds); ``what`` names the request in errors."""
 
-    def __init__(
-        self,
-        http: HttpClient,
-        sse: openai.AsyncStream[object],
-        merged: StreamedBody,
-        deadline: float,
-        what: str,
-    ) -> None:
-        self.http = http
-        self.sse = sse
-        self.merged = merged
-        self.deadline = deadline
-        self.what = what
+    http: HttpClient
+    sse: openai.AsyncStream[object]
+    merged: StreamedBody
+    deadline: float
+    what: str
 
     async def read(self) -> bool:
         """Merge the next chunk; False at the end of the stream. Typed errors, raised outside
