@@ -18,7 +18,7 @@ from collab_agent import _checks
 from collab_agent.backends.detokenize import stop_holdback
 from collab_agent.backends.network import Price
 from collab_agent.backends.openai import answers
-from collab_agent.backends.openai.client import HttpClient, RetryPolicy
+from collab_agent.backends.openai.client import PROBLEM_CHARS, HttpClient, RetryPolicy
 from collab_agent.backends.openai.dialects import ServerInfo, server_info
 from collab_agent.backends.openai.errors import RETRYABLE
 from collab_agent.backends.openai.modes import MODES, BodyInput, RequestMode
@@ -37,6 +37,8 @@ logger = logging.getLogger(__name__)
 
 Mode = Literal["auto", "completions", "chat-continue", "chat-prefill", "deepseek-prefix", "chat"]
 _MODES = ("auto", "completions", "chat-continue", "chat-prefill", "deepseek-prefix", "chat")
+_HOUR_S, _DAY_S = 3600.0, 86400.0
+"""Upper bounds of the waits a backend accepts (longer is a typo, not a setting)."""
 TEMPLATE_CACHE_SIZE = 256
 """Chat templates rendered by the server kept per backend (oldest dropped first)."""
 
@@ -101,11 +103,11 @@ class OpenAIBackend:
             )
         if mode == "completions" and tokenizer is None:
             tokenizer = "server"
-        _checks.in_range("timeout", timeout, 0.0, 86400.0, low_open=True)
+        _checks.in_range("timeout", timeout, 0.0, _DAY_S, low_open=True)
         _checks.non_negative_int("max_retries", max_retries)
-        _checks.in_range("backoff_s", backoff_s, 0.0, 3600.0)
-        _checks.in_range("max_backoff_s", max_backoff_s, 0.0, 3600.0)
-        _checks.in_range("max_retry_after_s", max_retry_after_s, 0.0, 86400.0)
+        _checks.in_range("backoff_s", backoff_s, 0.0, _HOUR_S)
+        _checks.in_range("max_backoff_s", max_backoff_s, 0.0, _HOUR_S)
+        _checks.in_range("max_retry_after_s", max_retry_after_s, 0.0, _DAY_S)
         if price is not None and not isinstance(price, Price):
             raise ConfigError(
                 "price", f"must be a Price(input, cached, output), got {type(price).__name__}"
@@ -387,7 +389,7 @@ class OpenAIBackend:
         except CollabError:
             raise
         except (TypeError, ValueError, AttributeError, KeyError, IndexError) as error:
-            problem = f"{type(error).__name__}: {str(error)[:200]}"
+            problem = f"{type(error).__name__}: {str(error)[:PROBLEM_CHARS]}"
         raise self._http.malformed(data, problem)
 
     def _generation(
@@ -591,7 +593,7 @@ class OpenAIBackend:
             raise CapabilityError(
                 self._http.scrub(
                     f"{self.name}: the server answered echo without prompt logprobs "
-                    f"(tokens, token_logprobs): {str(data)[:200]}"
+                    f"(tokens, token_logprobs): {str(data)[:PROBLEM_CHARS]}"
                 )
             )
         return answers.suffix_logprobs(

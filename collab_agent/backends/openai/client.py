@@ -44,6 +44,8 @@ DETAIL_CHARS = 500
 """How much of a server's error body an error message quotes."""
 BODY_CHARS = 300
 """How much of a malformed answer an error message quotes."""
+PROBLEM_CHARS = 200
+"""How much of a decoding problem (or an unusable answer) an error message quotes."""
 _OVERFLOW_WORDS = ("exceed", "length", "too long", "maximum", "overflow")
 
 
@@ -268,7 +270,7 @@ class HttpClient:
         except ValueError as error:  # the SDK could not decode the body (truncated, empty)
             typed = BackendProtocolError(
                 self.scrub(f"{self.name} ({what} at {self.base_url}): the body is not JSON "
-                           f"({type(error).__name__}: {str(error)[:200]})")
+                           f"({type(error).__name__}: {str(error)[:PROBLEM_CHARS]})")
             )  # fmt: skip
         raise typed
 
