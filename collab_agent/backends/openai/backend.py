@@ -22,6 +22,7 @@ from collab_agent.backends.openai.client import PROBLEM_CHARS, HttpClient, Retry
 from collab_agent.backends.openai.dialects import ServerInfo, server_info
 from collab_agent.backends.openai.errors import RETRYABLE
 from collab_agent.backends.openai.modes import MODES, BodyInput, RequestMode
+from collab_agent.backends.openai.prompts import Prompts
 from collab_agent.backends.openai.stops import cut_at_stop, settle_streamed, stop_reason
 from collab_agent.backends.openai.stream import OpenStream, StreamedBody
 from collab_agent.backends.toolcalls import parse_tool_calls
@@ -39,8 +40,6 @@ Mode = Literal["auto", "completions", "chat-continue", "chat-prefill", "deepseek
 _MODES = ("auto", "completions", "chat-continue", "chat-prefill", "deepseek-prefix", "chat")
 _HOUR_S, _DAY_S = 3600.0, 86400.0
 """Upper bounds of the waits a backend accepts (longer is a typo, not a setting)."""
-TEMPLATE_CACHE_SIZE = 256
-"""Chat templates rendered by the server kept per backend (oldest dropped first)."""
 
 
 class OpenAIBackend:
@@ -124,16 +123,14 @@ class OpenAIBackend:
         parts = urlsplit(self.base_url)
         self.name = name or f"{model}@{parts.hostname}{f':{parts.port}' if parts.port else ''}"
         self.server: ServerInfo | None = None
-        self._tokenizer_source = tokenizer
+        self._prompts = Prompts(tokenizer, self.name)
         self.known_dialect: str | None = None  # a subclass that starts its server knows it
         self.context_window: int | None = (
             None
             if context_window is None
             else _checks.positive_int("context_window", context_window)
         )
-        self._tokenizer: Any = None if isinstance(tokenizer, str) else tokenizer
         self._resolved_mode: str | None = None if mode == "auto" else mode
-        self._templates: dict[str, str] = {}  # rendered server templates, by request
         retry = RetryPolicy(max_retries, float(backoff_s), float(max_backoff_s),
                             float(max_retry_after_s))  # fmt: skip
         self._http = HttpClient(
@@ -210,10 +207,10 @@ class OpenAIBackend:
             return self.server
 
     def _auto_mode(self, server: ServerInfo) -> str:
-        if self._tokenizer_source is not None:
+        if self._prompts.source is not None:
             return "completions"
         if server.dialect == "llama.cpp":
-            self._tokenizer_source = "server"
+            self._prompts.source = "server"
             return "completions"
         if server.dialect in ("vllm", "sglang"):
             return "chat-continue"
@@ -232,53 +229,11 @@ class OpenAIBackend:
     def local_tokenizer(self) -> Any:
         """The tokenizer given as ``tokenizer=`` (loaded offline), else ``None``: the server's
         own tokenizer is not read here."""
-        if self._tokenizer is None and self._tokenizer_source in (None, "server"):
-            return None
-        return self._local_tokenizer()
-
-    def _local_tokenizer(self) -> Any:
-        if self._tokenizer is None:
-            source = self._tokenizer_source
-            assert isinstance(source, str)
-            if source.startswith("bundled:"):
-                from collab_agent.backends import bundled
-
-                self._tokenizer = bundled.load_tokenizer(source.removeprefix("bundled:"))
-            else:
-                from transformers import AutoTokenizer
-
-                self._tokenizer = AutoTokenizer.from_pretrained(source)
-        return self._tokenizer
+        return self._prompts.local_tokenizer()
 
     async def _prompt(self, request: GenerateRequest) -> str:
         """The chat template applied to the messages with a generation prompt, plus reasoning."""
-        messages = [dict(m) for m in request.messages]
-        tools = [dict(t) for t in request.tools] if request.tools else None
-        if self._tokenizer_source == "server":
-            body: dict[str, Any] = {"messages": messages}
-            if tools:
-                body["tools"] = tools
-            key = json.dumps(body, sort_keys=True, default=str)
-            cached = self._templates.get(key)
-            if cached is not None:
-                return cached + request.reasoning
-            data = await self._http.post(f"{self.root_url}/apply-template", body, "apply-template")
-            if not isinstance(data, Mapping) or not isinstance(data.get("prompt"), str):
-                raise CapabilityError(
-                    f"{self.name}: the server has no /apply-template endpoint; pass tokenizer= "
-                    "(a Hugging Face tokenizer or its path) to render the chat template locally"
-                )
-            rendered = data["prompt"]
-            if len(self._templates) >= TEMPLATE_CACHE_SIZE:
-                self._templates.pop(next(iter(self._templates)))
-            self._templates[key] = rendered
-        else:
-            tokenizer = self._local_tokenizer()
-            kwargs: dict[str, Any] = {"tokenize": False, "add_generation_prompt": True}
-            if tools:
-                kwargs["tools"] = tools
-            rendered = tokenizer.apply_chat_template(messages, **kwargs)
-        return rendered + request.reasoning
+        return await self._prompts.render(request, self._http.post, self.root_url)
 
     # ------------------------------------------------------------------ request bodies
     def _sampling(self, request: GenerateRequest) -> dict[str, Any]:
@@ -564,7 +519,7 @@ class OpenAIBackend:
                 "llama-cpp-python with --logits_all true, or a local large model"
             )
         if self._resolved_mode == "completions-needs-tokenizer" or (
-            self._tokenizer_source is None and not server.template_endpoint
+            self._prompts.source is None and not server.template_endpoint
         ):
             raise CapabilityError(
                 f"{self.name}: scoring renders the prompt for /completions; pass tokenizer= "
