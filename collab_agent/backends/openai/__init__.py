@@ -33,8 +33,9 @@ reasoner catches it and lets the small model write the step, marking it degraded
 
 The package: `client` (HTTP, retries, deadlines, one client per event loop), `modes` (one class
 per mode: request body and answer text), `answers` (reading answer fields), `stops` (did the
-answer stop at a stop string or at the end of its turn), `stream` (SSE), `dialects` (what a
-probe learns), `errors`, and `backend` (`OpenAIBackend`, tying them together).
+answer stop at a stop string or at the end of its turn), `stream` (SSE), `prompts` (the chat
+template for ``completions``), `dialects` (what a probe learns), `errors`, and `backend`
+(`OpenAIBackend`, tying them together).
 """
 
 from __future__ import annotations
