@@ -80,6 +80,7 @@ from collab_agent.errors import (
     ConfigError,
     InvalidMessagesError,
 )
+from collab_agent.langchain_errors import langchain_typed
 from collab_agent.limits import map_limited
 from collab_agent.policies.base import Policy
 from collab_agent.prompting import FORMATS, STEPWISE_INSTRUCTION, ReasoningFormat
@@ -991,6 +992,7 @@ class CollabChatModel(BaseChatModel):
             return _LOCAL_BACKENDS[key]
 
     # ------------------------------------------------------------------ events -> chunks
+    @langchain_typed
     async def _stream_events(
         self,
         messages: list[BaseMessage],

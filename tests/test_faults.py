@@ -13,12 +13,6 @@ import time
 from typing import Any
 
 import pytest
-from langchain_core.exceptions import (
-    ModelAPIError,
-    ModelConnectionError,
-    ModelRateLimitError,
-    ModelTimeoutError,
-)
 from servers import SMOL, Reply, chat_body, scripted
 
 from collab_agent.backends.base import GREEDY, GenerateRequest
@@ -75,7 +69,7 @@ async def test_nothing_listening_fails_fast_as_unavailable(
     await backend.aclose()
     assert time.perf_counter() - start < 10
     error = caught.value
-    assert isinstance(error, BackendUnavailableError) and isinstance(error, ModelConnectionError)
+    assert isinstance(error, BackendUnavailableError)
     assert "3 attempt(s)" in str(error)
     assert caplog.text.count("retrying") == 2
     assert FAKE_KEY not in str(error) and FAKE_KEY not in caplog.text
@@ -99,9 +93,7 @@ async def test_persistent_500_is_unavailable_after_bounded_retries() -> None:
         with pytest.raises(BackendServerError) as caught:
             await backend.generate(request())
         await backend.aclose()
-    assert isinstance(caught.value, ModelAPIError) and isinstance(
-        caught.value, BackendUnavailableError
-    )
+    assert isinstance(caught.value, BackendUnavailableError)
     assert len(server.requests) == 4
 
 
@@ -118,7 +110,7 @@ async def test_stall_past_the_timeout_ends_within_timeout_plus_retries() -> None
         )
         before = other_tasks()
         start = time.perf_counter()
-        with pytest.raises(BackendTimeoutError) as caught:
+        with pytest.raises(BackendTimeoutError):
             await backend.generate(request())
         elapsed = time.perf_counter() - start
         await backend.aclose()
@@ -126,7 +118,6 @@ async def test_stall_past_the_timeout_ends_within_timeout_plus_retries() -> None
         assert other_tasks() - before == set()
     bound = (retries + 1) * timeout + retries * 2 * backoff
     assert bound - 0.1 < elapsed < bound + 2.0  # slack for a loaded machine
-    assert isinstance(caught.value, ModelTimeoutError)
     assert len(server.requests) == retries + 1
 
 
@@ -154,7 +145,6 @@ async def test_429_asking_too_long_a_wait_gives_up_at_once() -> None:
         await backend.aclose()
     assert time.perf_counter() - start < 3
     assert caught.value.retry_after == 120
-    assert isinstance(caught.value, ModelRateLimitError)
     assert len(server.requests) == 1
 
 

@@ -29,16 +29,19 @@ LOWER_LAYERS = ("collab_agent.types", "collab_agent.trace", "collab_agent.prompt
 
 TYPES_MAY_IMPORT = {"collab_agent.types", "collab_agent._checks", "collab_agent.errors"}
 
-KNOWN_CYCLES: list[set[str]] = [
-    # specs loads llamacpp, llamacpp's tokenizer lookup reads tokens, tokens parses a spec; a
-    # kind -> loader table in specs will break it.
-    {
-        "collab_agent.backends.llamacpp",
-        "collab_agent.backends.specs",
-        "collab_agent.backends.tokens",
-    },
-]
+KNOWN_CYCLES: list[set[str]] = []
 """Cycles (through lazy imports) still to break; a cycle that is not listed fails the test."""
+
+FOUNDATION = ("collab_agent.types", "collab_agent.backends", "collab_agent.cache")
+"""Modules (and packages) that must not reach the adapters above them."""
+
+FORBIDDEN = ("langchain", "langgraph", "collab_agent.chat_model", "collab_agent.evaluation",
+             "collab_agent.cli", "collab_agent.calibrate_cli")  # fmt: skip
+"""What the foundation may not import, eagerly or lazily, directly or through our modules."""
+
+KNOWN_FORBIDDEN = {("collab_agent.structured", "langchain_core.utils.function_calling")}
+"""Forbidden edges still to remove: the backends call `structured`'s ``missing_constraint`` and
+``llamacpp_schema``; the module's ``json_schema`` (not called by them) converts with LangChain."""
 
 KNOWN_PACKAGE_CYCLES: list[set[str]] = [
     # backends.batching uses the top-level limits, which wraps a backend
@@ -183,6 +186,47 @@ def test_the_import_graph_is_read() -> None:
     assert "collab_agent.types" in eager["collab_agent.backends.base"]
     assert "collab_agent.backends" in eager["collab_agent.backends.local"]  # the package's init
     assert "collab_agent.policies.files" in eager["collab_agent.policies.registry"]
+
+
+def _all_imports(module: str) -> set[str]:
+    """Every module ``module`` names in an import statement (ours and third-party), eager or
+    lazy, except under ``if TYPE_CHECKING:``."""
+    found: set[str] = set()
+
+    def visit(node: ast.AST) -> None:
+        for child in ast.iter_child_nodes(node):
+            if isinstance(child, ast.If) and _is_type_checking(child.test):
+                for statement in child.orelse:
+                    visit(statement)
+            elif isinstance(child, ast.Import):
+                found.update(alias.name for alias in child.names)
+            elif isinstance(child, ast.ImportFrom) and not child.level and child.module:
+                found.add(child.module)
+            else:
+                visit(child)
+
+    visit(ast.parse(MODULES[module].read_text(encoding="utf-8")))
+    return found | {target for target, _ in _imports(module)}
+
+
+@pytest.mark.parametrize(
+    "module", sorted(m for m in MODULES if m == FOUNDATION[0] or m.startswith(FOUNDATION[1:]))
+)
+def test_the_foundation_imports_no_adapter(module: str) -> None:
+    loaded = _loaded_by(module, _graph({"eager", "lazy"}, with_packages=True))
+    bad = [
+        f"{name} <- {_chain(reached, loaded)}"
+        for reached in loaded
+        for name in sorted(_all_imports(reached))
+        if (name.split(".")[0] in FORBIDDEN or name.startswith(FORBIDDEN))
+        and (reached, name) not in KNOWN_FORBIDDEN
+    ]
+    assert bad == []
+
+
+def test_the_forbidden_edge_check_reads_eager_and_lazy_imports() -> None:
+    assert "langchain_core.exceptions" in _all_imports("collab_agent.langchain_errors")  # eager
+    assert "langchain_core.utils.function_calling" in _all_imports("collab_agent.structured")
 
 
 def test_types_import_only_the_errors_and_the_argument_checks() -> None:

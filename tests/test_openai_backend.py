@@ -11,7 +11,6 @@ import logging
 from typing import Any
 
 import pytest
-from langchain_core.exceptions import ContextOverflowError, ModelError, ModelInvalidRequestError
 from servers import Reply, chat_body, scripted
 
 from collab_agent.backends.base import GREEDY, GenerateRequest
@@ -245,7 +244,7 @@ async def test_context_overflow_is_typed_and_not_retried() -> None:
         with pytest.raises(BackendContextOverflowError) as caught:
             await backend.generate(request())
         await backend.aclose()
-    assert isinstance(caught.value, ContextOverflowError) and isinstance(caught.value, BackendError)
+    assert isinstance(caught.value, BackendError)
     assert len(server.requests) == 1
 
 
@@ -261,9 +260,6 @@ async def test_bad_request_is_not_retried_and_never_shows_the_key(
         with pytest.raises(BackendRequestError) as caught:
             await backend.generate(request())
         await backend.aclose()
-    assert isinstance(caught.value, ModelInvalidRequestError) and isinstance(
-        caught.value, ModelError
-    )
     assert len(server.requests) == 1
     assert server.requests[0]["headers"]["authorization"] == f"Bearer {FAKE_KEY}"
     assert FAKE_KEY not in str(caught.value) and FAKE_KEY not in repr(caught.value)

@@ -382,7 +382,7 @@ class LlamaCppBackend(OpenAIBackend):
         given = super().local_tokenizer()
         if given is not None:
             return given
-        from collab_agent.backends.tokens import gguf_tokenizer
+        from collab_agent.backends.gguf import gguf_tokenizer
 
         return gguf_tokenizer(self._model_source)
 

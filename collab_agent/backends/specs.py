@@ -8,19 +8,25 @@
 ``llamacpp:PATH.gguf``        the same for any GGUF file
 ``tiny`` / ``tiny:SEED``      random weights at a tiny Qwen2 shape (seed 0 small, others larger)
 ============================  ==================================================================
+
+`KINDS` is the one table of spec kinds: each prefix with the function that reads the rest of
+the spec and the function that builds its backend. A loader imports its backend module when
+called, so ``import collab_agent`` loads no model library.
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any
 
 from collab_agent import _checks
 from collab_agent.backends.base import Backend
 from collab_agent.errors import ConfigError
 
-SpecKind = Literal["bundled", "hf", "openai", "llamacpp", "tiny"]
+SpecKind = str
+"""A spec's prefix, a key of `KINDS`."""
 
 SMALL_BUNDLED = "qwen2.5-coder-0.5b-instruct"
 LARGE_BUNDLED = "qwen2.5-coder-1.5b-instruct"
@@ -47,6 +53,110 @@ class ModelSpec:
         return f"{self.kind}:{self.target}"
 
 
+@dataclass(frozen=True)
+class LoadOptions:
+    """What `load_backend` was given besides the spec.
+
+    Attributes:
+        options: keyword arguments for the backend's constructor.
+        api_key_env: the environment variable holding a server's API key.
+        threads: CPU threads to compute with (``None``: the backend's default).
+        parallel: conversations the caller runs at once (``None``: one).
+    """
+
+    options: dict[str, Any]
+    api_key_env: str = "OPENAI_API_KEY"
+    threads: int | None = None
+    parallel: int | None = None
+
+
+@dataclass(frozen=True)
+class Kind:
+    """One spec kind: how its spec is read and how its backend is built.
+
+    Attributes:
+        load: the backend for a parsed spec.
+        parse: the `ModelSpec` for the text after ``KIND:`` (default: that text as the target).
+        usage: the spec's syntax, for error messages.
+    """
+
+    load: Callable[[ModelSpec, LoadOptions], Backend]
+    parse: Callable[[str, str], ModelSpec] | None = None
+    usage: str = ""
+
+
+# ============================================================================ loaders
+def _local(spec: ModelSpec, given: LoadOptions) -> Backend:
+    """transformers on this machine: ``bundled:``, ``hf:`` and ``tiny:`` specs."""
+    from collab_agent.backends.local import TransformersBackend
+
+    if given.threads is not None:
+        import torch
+
+        torch.set_num_threads(given.threads)
+    options = dict(given.options)
+    cls: type[TransformersBackend] = TransformersBackend
+    if options.get("max_batch_size", 1) > 1:
+        from collab_agent.backends.batching import BatchedTransformersBackend
+
+        cls = BatchedTransformersBackend
+    else:
+        options.pop("max_batch_size", None)
+    if spec.kind == "tiny":
+        from collab_agent.backends.tiny import tiny_qwen2
+
+        seed = int(spec.target)
+        model, tokenizer = tiny_qwen2(seed=seed, size="small" if seed == 0 else "large")
+        return cls(model, tokenizer, name=f"tiny-qwen2-{seed}", **options)
+    name = f"bundled:{spec.target}" if spec.kind == "bundled" else spec.target
+    return cls.from_pretrained(name, **options)
+
+
+def _openai(spec: ModelSpec, given: LoadOptions) -> Backend:
+    """An OpenAI-compatible server; the key from ``given.api_key_env``."""
+    from collab_agent.backends.openai import OpenAIBackend
+
+    assert spec.base_url is not None
+    api_key = os.environ.get(given.api_key_env)
+    return OpenAIBackend(spec.target, base_url=spec.base_url, api_key=api_key, **given.options)
+
+
+def _llamacpp(spec: ModelSpec, given: LoadOptions) -> Backend:
+    """A llama.cpp server started for a GGUF model (``parallel`` slots)."""
+    from collab_agent.backends.llamacpp import llamacpp_backend
+
+    options = dict(given.options)
+    if given.threads is not None:
+        options["threads"] = given.threads
+    if given.parallel is not None:
+        options.setdefault("n_parallel", given.parallel)
+    return llamacpp_backend(spec.target, **options)
+
+
+# ============================================================================ parsers
+def _tiny(rest: str, spec: str) -> ModelSpec:
+    if not rest.isdigit():
+        raise ConfigError("model spec", f"tiny:SEED needs an integer seed, got {rest!r}")
+    return ModelSpec("tiny", rest)
+
+
+def _model_at_url(rest: str, spec: str) -> ModelSpec:
+    model, at, url = rest.rpartition("@")
+    if not at or not model or not url.startswith(("http://", "https://")):
+        raise ConfigError("model spec", f"expected openai:MODEL@http(s)://HOST/v1, got {spec!r}")
+    return ModelSpec("openai", model, url)
+
+
+KINDS: dict[SpecKind, Kind] = {
+    "bundled": Kind(_local, usage="bundled:NAME"),
+    "hf": Kind(_local, usage="hf:PATH"),
+    "openai": Kind(_openai, _model_at_url, usage="openai:MODEL@URL"),
+    "llamacpp": Kind(_llamacpp, usage="llamacpp:bundled:NAME, llamacpp:PATH.gguf"),
+    "tiny": Kind(_local, _tiny, usage="tiny[:SEED]"),
+}
+"""Every spec kind: ``KIND:REST`` is read by ``KINDS[KIND]``; a new backend is one line here."""
+
+
 def parse_spec(spec: str) -> ModelSpec:
     """Parse a model spec string; raise `ConfigError` naming what is wrong."""
     if not isinstance(spec, str) or not spec.strip():
@@ -56,25 +166,12 @@ def parse_spec(spec: str) -> ModelSpec:
         return ModelSpec("tiny", "0")
     kind, sep, rest = spec.partition(":")
     if not sep or not rest:
-        raise ConfigError(
-            "model spec",
-            f"{spec!r} is not one of bundled:NAME, hf:PATH, openai:MODEL@URL, "
-            "llamacpp:bundled:NAME, llamacpp:PATH.gguf, tiny[:SEED]",
-        )
-    if kind == "tiny":
-        if not rest.isdigit():
-            raise ConfigError("model spec", f"tiny:SEED needs an integer seed, got {rest!r}")
-        return ModelSpec("tiny", rest)
-    if kind in ("bundled", "hf", "llamacpp"):
-        return ModelSpec(kind, rest)  # type: ignore[arg-type]
-    if kind == "openai":
-        model, at, url = rest.rpartition("@")
-        if not at or not model or not url.startswith(("http://", "https://")):
-            raise ConfigError(
-                "model spec", f"expected openai:MODEL@http(s)://HOST/v1, got {spec!r}"
-            )
-        return ModelSpec("openai", model, url)
-    raise ConfigError("model spec", f"unknown kind {kind!r} in {spec!r}")
+        usages = ", ".join(k.usage or f"{name}:TARGET" for name, k in KINDS.items())
+        raise ConfigError("model spec", f"{spec!r} is not one of {usages}")
+    found = KINDS.get(kind)
+    if found is None:
+        raise ConfigError("model spec", f"unknown kind {kind!r} in {spec!r}")
+    return found.parse(rest, spec) if found.parse else ModelSpec(kind, rest)
 
 
 def resolve_pair(models: str | None, small: str | None, large: str | None) -> tuple[str, str]:
@@ -102,48 +199,14 @@ def load_backend(
     barrier after every operation and stall when the cores are oversubscribed.
 
     ``parallel`` is how many conversations the caller runs at once: a ``llamacpp:`` server gets
-    that many slots, so they decode as one batch instead of queueing (0.5B model, 1 thread, 8
-    callers: 12.5 tokens/s with 1 slot, 17.1 with 2, 25.6 with 8); other backends ignore it.
+    that many slots, so they decode as one batch instead of queueing; other backends ignore it.
     """
     parsed = spec if isinstance(spec, ModelSpec) else parse_spec(spec)
     if threads is not None:
         _checks.positive_int("threads", threads)
     if parallel is not None:
         _checks.positive_int("parallel", parallel)
-    if parsed.kind in ("bundled", "hf", "tiny"):
-        from collab_agent.backends.local import TransformersBackend
-
-        if threads is not None:
-            import torch
-
-            torch.set_num_threads(threads)
-
-        cls: type[TransformersBackend] = TransformersBackend
-        if options.get("max_batch_size", 1) > 1:
-            from collab_agent.backends.batching import BatchedTransformersBackend
-
-            cls = BatchedTransformersBackend
-        else:
-            options.pop("max_batch_size", None)
-        if parsed.kind == "tiny":
-            from collab_agent.backends.tiny import tiny_qwen2
-
-            seed = int(parsed.target)
-            model, tokenizer = tiny_qwen2(seed=seed, size="small" if seed == 0 else "large")
-            return cls(model, tokenizer, name=f"tiny-qwen2-{seed}", **options)
-        name = f"bundled:{parsed.target}" if parsed.kind == "bundled" else parsed.target
-        return cls.from_pretrained(name, **options)
-    if parsed.kind == "openai":
-        from collab_agent.backends.openai import OpenAIBackend
-
-        assert parsed.base_url is not None
-        return OpenAIBackend(
-            parsed.target, base_url=parsed.base_url, api_key=os.environ.get(api_key_env), **options
-        )
-    from collab_agent.backends.llamacpp import llamacpp_backend
-
-    if threads is not None:
-        options["threads"] = threads
-    if parallel is not None:
-        options.setdefault("n_parallel", parallel)
-    return llamacpp_backend(parsed.target, **options)
+    kind = KINDS.get(parsed.kind)
+    if kind is None:
+        raise ConfigError("model spec", f"unknown kind {parsed.kind!r} in {parsed}")
+    return kind.load(parsed, LoadOptions(options, api_key_env, threads, parallel))

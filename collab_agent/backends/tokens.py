@@ -9,24 +9,20 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Mapping, Sequence
-from pathlib import Path
 from typing import Any
 
 from collab_agent.backends.base import GenerateRequest, TokenizedBackend
+from collab_agent.backends.gguf import gguf_tokenizer
 from collab_agent.errors import CapabilityError
 
-
-@functools.cache
-def gguf_tokenizer(model: str) -> Any:
-    """The tokenizer inside a GGUF model: ``bundled:NAME`` (cached once) or a ``.gguf`` path."""
-    if model.startswith("bundled:"):
-        from collab_agent.backends import bundled
-
-        return bundled.load_tokenizer(model.removeprefix("bundled:"))
-    from transformers import AutoTokenizer
-
-    path = Path(model).expanduser()
-    return AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+__all__ = [
+    "backend_tokenizer",
+    "context_window",
+    "gguf_tokenizer",
+    "prompt_tokens",
+    "spec_tokenizer",
+    "text_tokens",
+]
 
 
 @functools.cache

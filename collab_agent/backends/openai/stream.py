@@ -1,15 +1,29 @@
-"""Folding an OpenAI-style SSE stream back into the body the same request answers unstreamed.
+"""Reading an OpenAI-style SSE answer: chunks merged back into the body the same request
+answers unstreamed.
 
 A streamed completion arrives as chunks: each carries a piece of ``choices[0]``'s text (legacy
 completions) or ``delta`` (chat), its logprobs entries, and, on the last ones, the finish reason
-and usage. `StreamedBody` merges them into one non-streaming body, so the backend reads a streamed
-answer with the same code (usage, stop reason, logprobs) as an unstreamed one.
+and usage. `StreamedBody` merges them into one non-streaming body, so the backend reads a
+streamed answer with the same code (usage, stop reason, logprobs) as an unstreamed one.
+`OpenStream` reads the chunks of one attempt within its deadline, with typed errors.
 """
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
+
+import anyio
+import httpx
+import openai
+
+from collab_agent.backends.openai.client import HttpClient
+from collab_agent.backends.openai.errors import BackendConnectionError
+from collab_agent.errors import BackendError
+
+__all__ = ["OpenStream", "StreamedBody"]
 
 _CHOICE_TAGS = ("finish_reason", "stop_reason", "matched_stop")
 """Per-choice fields a later chunk settles (the last value sent wins)."""
@@ -60,56 +74,6 @@ class StreamedBody:
         self.text += piece
         return piece
 
-    def textless_tail(self) -> list[int]:
-        """Token ids of the trailing logprobs entries that carry no text (``content`` format).
-
-        Streaming, llama.cpp sends an entry for each token it holds back as part of a stop
-        string, and one for the end-of-turn token, both without text; its unstreamed answer
-        leaves the stop string's entries out. The caller tells the two apart by the ids."""
-        logprobs = self.choice.get("logprobs")
-        content = logprobs.get("content") if isinstance(logprobs, dict) else None
-        ids: list[int] = []
-        for entry in reversed(content or []):
-            if not isinstance(entry, Mapping) or entry.get("token") or entry.get("bytes"):
-                break
-            if not isinstance(entry.get("id"), int):
-                break
-            ids.append(entry["id"])
-        ids.reverse()
-        return ids
-
-    def restore_cut_token(self) -> None:
-        """Give the last logprobs entry its token's whole text, where a stop string cut it.
-
-        Streaming, llama.cpp sends the last token's text only up to a stop string inside it
-        (``":"`` for the token ``":\\n\\n"`` with stop ``"\\n\\n"``), which hides that the answer
-        ran into the stop; the entry's own ``top_logprobs`` still name the token whole (same
-        id), as the unstreamed answer's entry does."""
-        logprobs = self.choice.get("logprobs")
-        content = logprobs.get("content") if isinstance(logprobs, dict) else None
-        if not content or not isinstance(content[-1], dict):
-            return
-        last = content[-1]
-        token = last.get("token")
-        if not isinstance(token, str) or not isinstance(last.get("id"), int):
-            return
-        for other in last.get("top_logprobs") or []:
-            whole = other.get("token") if isinstance(other, Mapping) else None
-            if (
-                other.get("id") == last["id"]
-                and isinstance(whole, str)
-                and len(whole) > len(token)
-                and whole.startswith(token)
-            ):
-                last["token"] = whole
-                return
-
-    def drop_tail(self, count: int) -> None:
-        """Forget the last ``count`` logprobs entries (tokens of a stop string left out)."""
-        logprobs = self.choice.get("logprobs")
-        if count and isinstance(logprobs, dict) and isinstance(logprobs.get("content"), list):
-            del logprobs["content"][-count:]
-
     def _add_logprobs(self, logprobs: Any) -> None:
         if logprobs is None:
             return
@@ -123,10 +87,50 @@ class StreamedBody:
                 merged[key] = value
 
 
+@dataclass
+class OpenStream:
+    """An SSE answer being read: the chunks merged so far and the attempt's deadline
+    (``anyio.current_time()`` seconds); ``what`` names the request in errors."""
+
+    http: HttpClient
+    sse: openai.AsyncStream[object]
+    merged: StreamedBody
+    deadline: float
+    what: str
+
+    async def read(self) -> bool:
+        """Merge the next chunk; False at the end of the stream. Typed errors, raised outside
+        the ``except`` block (the SDK's exception holds the request's headers)."""
+        http = self.http
+        typed: BackendError
+        try:
+            with anyio.fail_after(max(0.0, self.deadline - anyio.current_time())):
+                chunk = await self.sse.__anext__()
+        except StopAsyncIteration:
+            return False
+        except (openai.OpenAIError, TimeoutError) as error:
+            typed = http.typed(error, self.what)
+        except httpx.HTTPError as error:  # the connection broke mid-stream
+            typed = BackendConnectionError(
+                http.scrub(f"{http.name} ({self.what} at {http.base_url}): the stream "
+                           f"broke ({type(error).__name__}: {error})")
+            )  # fmt: skip
+        except ValueError as error:  # a chunk that is not JSON
+            typed = http.malformed(None, f"a stream chunk is not JSON ({error})")
+        else:
+            try:
+                self.merged.add(chunk)
+                return True
+            except TypeError as error:
+                typed = http.malformed(chunk, str(error))
+        raise typed
+
+    async def close(self) -> None:
+        with anyio.CancelScope(shield=True), contextlib.suppress(Exception):
+            await self.sse.close()
+
+
 def _string(value: Any, where: str) -> str:
     if not isinstance(value, str):
         raise TypeError(f"{where} is {type(value).__name__}, not a string")
     return value
-
-
-__all__ = ["StreamedBody"]

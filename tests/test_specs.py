@@ -1,0 +1,96 @@
+"""Model spec strings: the kind table reads each kind's syntax, names what is wrong, builds the
+backend; a new kind is one line in `KINDS` (the CONTRIBUTING recipe, tried here)."""
+
+from __future__ import annotations
+
+import pytest
+
+from collab_agent.backends.base import GenerateRequest, Generation
+from collab_agent.backends.specs import (
+    KINDS,
+    Kind,
+    LoadOptions,
+    ModelSpec,
+    load_backend,
+    parse_spec,
+)
+from collab_agent.chat_model import CollabChatModel
+from collab_agent.errors import ConfigError
+from collab_agent.policies.fixed import LargeOnly
+from collab_agent.testing import ScriptedBackend
+
+
+@pytest.mark.parametrize(
+    ("spec", "parsed"),
+    [
+        ("tiny", ModelSpec("tiny", "0")),
+        ("tiny:3", ModelSpec("tiny", "3")),
+        ("bundled:qwen", ModelSpec("bundled", "qwen")),
+        ("hf:./model", ModelSpec("hf", "./model")),
+        ("llamacpp:bundled:qwen", ModelSpec("llamacpp", "bundled:qwen")),
+        ("openai:m@a@http://h:1/v1", ModelSpec("openai", "m@a", "http://h:1/v1")),
+    ],
+)
+def test_each_kind_reads_its_syntax(spec: str, parsed: ModelSpec) -> None:
+    assert parse_spec(spec) == parsed
+    assert parse_spec(str(parsed)) == parsed
+
+
+@pytest.mark.parametrize(
+    ("spec", "fragment"),
+    [
+        ("", "non-empty"),
+        ("qwen", "is not one of bundled:NAME, hf:PATH, openai:MODEL@URL"),
+        ("tiny:x", "integer seed"),
+        ("openai:m@ftp://h", "openai:MODEL@http(s)://HOST/v1"),
+        ("gguf:x", "unknown kind 'gguf'"),
+    ],
+)
+def test_a_bad_spec_names_what_is_wrong(spec: str, fragment: str) -> None:
+    with pytest.raises(ConfigError, match="model spec") as caught:
+        parse_spec(spec)
+    assert fragment in str(caught.value)
+
+
+def test_an_openai_spec_builds_a_server_backend_with_the_key_from_the_environment(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from collab_agent.backends.openai import OpenAIBackend
+
+    monkeypatch.setenv("MY_KEY", "sk-spec-SECRET")
+    backend = load_backend("openai:m@http://127.0.0.1:9/v1", api_key_env="MY_KEY", timeout=3.0)
+    assert isinstance(backend, OpenAIBackend)
+    assert backend.timeout == 3.0 and backend._http._options["api_key"] == "sk-spec-SECRET"
+    assert "sk-spec-SECRET" not in repr(backend)
+
+
+class Echo:
+    """A new backend for the recipe: answers with the spec's target text."""
+
+    def __init__(self, text: str, prefix: str = "") -> None:
+        self.name, self.text = f"echo:{text}", prefix + text
+
+    async def generate(self, request: GenerateRequest) -> Generation:
+        return Generation(text=self.text, stop_reason="eos", completion_tokens=1)
+
+
+def test_a_new_kind_is_one_line_in_the_table(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(KINDS, "echo", Kind(lambda spec, given: Echo(spec.target, **given.options)))
+    assert parse_spec("echo:Final answer: 4") == ModelSpec("echo", "Final answer: 4")
+    backend = load_backend("echo:4", prefix="Final answer: ")
+    assert isinstance(backend, Echo) and backend.text == "Final answer: 4"
+    model = CollabChatModel(
+        small=ScriptedBackend(["unused"]), large="echo:Final answer: 4", policy=LargeOnly()
+    )
+    result = model.invoke("2 + 2?")
+    assert str(result.content).endswith("4")
+    assert result.response_metadata["collab"]["answer_author"] == "large"
+
+
+def test_load_options_reach_the_loader(monkeypatch: pytest.MonkeyPatch) -> None:
+    seen: list[LoadOptions] = []
+    monkeypatch.setitem(KINDS, "probe", Kind(lambda spec, given: seen.append(given) or Echo("")))
+    load_backend("probe:x", api_key_env="K", threads=2, parallel=3, a=1)
+    assert seen == [LoadOptions({"a": 1}, "K", 2, 3)]
+    with pytest.raises(ConfigError, match="parallel"):
+        load_backend("probe:x", parallel=0)
