@@ -26,7 +26,7 @@ from typing import Annotated, Any
 import typer
 
 from collab_agent.backends.base import close_backends
-from collab_agent.cli_options import JsonOption, ThreadsOption
+from collab_agent.cli.options import JsonOption, ThreadsOption
 
 QUESTIONS = tuple(
     f"What is {a} + {b}? Answer with the number."
@@ -176,8 +176,8 @@ def run_bench(
     from collab_agent.backends.specs import resolve_pair
     from collab_agent.policies.trigreason import TrigReason
     from collab_agent.serve.app import create_app
-    from collab_agent.serve.command import load_served_backend
     from collab_agent.serve.config import ServeConfig
+    from collab_agent.serve.launch import load_served_backend
 
     spec = resolve_pair(models, None, None)[0]
     print(f"bench serve: loading {spec} (both models) ...", file=sys.stderr)

@@ -9,12 +9,11 @@ Prints one JSON object: calls, answers, typed errors by type, untyped errors (mu
 file descriptors and threads before and after (must be equal), peak RSS growth. Bounded: calls
 start for ``--seconds`` (default 40), and the whole run ends within 60 s.
 
-    PYTHONPATH=. python benchmarks/soak_reliability.py > benchmarks/results/soak_reliability.json
+    collab-agent bench soak-reliability > benchmarks/results/soak_reliability.json
 """
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import collections
 import json
@@ -24,12 +23,12 @@ import resource
 import sys
 import threading
 import time
-from typing import Any
+from typing import Annotated, Any
+
+import typer
 
 from collab_agent.backends.base import GenerateRequest, Generation
-from collab_agent.chat_model import CollabChatModel
-from collab_agent.errors import CollabError
-from collab_agent.policies.trigreason import TrigReason
+from collab_agent.errors import CollabError, ConfigError
 
 THREADS = 32
 FAILURE_SHARE = 0.10
@@ -118,12 +117,15 @@ def peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--seconds", type=float, default=40.0, help="how long calls start")
-    args = parser.parse_args()
-    if not 0 < args.seconds <= 45:
-        parser.error("--seconds must lie in (0, 45] so the run ends within 60 s")
+def soak_reliability(
+    seconds: Annotated[float, typer.Option(help="How long calls start.")] = 40.0,
+) -> None:
+    """Soak: 32 threads of sync and async calls through one CollabChatModel over a server that
+    fails 10% of requests; prints calls, typed and untyped errors, leaked descriptors."""
+    if not 0 < seconds <= 45:
+        raise ConfigError("--seconds", "must lie in (0, 45] so the run ends within 60 s")
+    from collab_agent.chat_model import CollabChatModel
+    from collab_agent.policies.trigreason import TrigReason
 
     fds_before, threads_before, rss_before = open_fds(), threading.active_count(), peak_rss_mib()
     server = FlakyServer()
@@ -162,7 +164,7 @@ def main() -> None:
     typed: collections.Counter[str] = collections.Counter()
     untyped: collections.Counter[str] = collections.Counter()
     lock = threading.Lock()
-    deadline = time.monotonic() + args.seconds
+    deadline = time.monotonic() + seconds
 
     def note(answers: list[Any], error: BaseException | None, calls: int) -> None:
         with lock:
@@ -223,5 +225,12 @@ def main() -> None:
     sys.stdout.flush()
 
 
+def register(bench: typer.Typer) -> None:
+    """Add ``soak-reliability`` to the ``bench`` sub-app."""
+    bench.command("soak-reliability")(soak_reliability)
+
+
 if __name__ == "__main__":
-    main()
+    from collab_agent.cli.entry import run_alone
+
+    run_alone(soak_reliability)

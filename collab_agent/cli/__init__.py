@@ -1,0 +1,40 @@
+"""The ``collab-agent`` command: one module per command group (`run`, `evaluate`, `calibrate`,
+`doctor`, `serve`, `bench`), the options they share (`options`) and the loading and closing of
+the model pair (`backends`).
+
+Figures go to stdout (one JSON object with ``--json``); progress and logs go to stderr.
+Heavy imports (torch, transformers) happen inside the commands so ``--help`` stays fast.
+"""
+
+from __future__ import annotations
+
+import typer
+
+from collab_agent.cli import bench, calibrate, doctor, evaluate, run, serve
+from collab_agent.cli.backends import load_pair, run_then_close
+from collab_agent.cli.bench import bench_app
+from collab_agent.cli.entry import run_app
+
+__all__ = ["app", "bench_app", "load_pair", "main", "run_then_close"]
+
+app = typer.Typer(
+    name="collab-agent",
+    help="A small model reasons; a large one steps in when a trigger fires (TrigReason).",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+)
+
+_GROUPS = (run, evaluate, calibrate, doctor, serve, bench)
+"""Each group's ``register`` adds its commands, in this order in ``--help``."""
+
+
+def _register_commands() -> None:
+    if not app.registered_commands:
+        for group in _GROUPS:
+            group.register(app)
+
+
+def main() -> None:
+    """Console-script entry point: typed errors become one clear line and exit code 2."""
+    _register_commands()
+    run_app(app)
