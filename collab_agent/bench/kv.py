@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
-from collab_agent.cli.options import JsonOption
+from collab_agent.cli_options import JsonOption
 
 if TYPE_CHECKING:
     import torch

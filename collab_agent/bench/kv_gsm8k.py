@@ -20,7 +20,7 @@ from typing import Annotated, Any
 import typer
 
 from collab_agent.bench.kv import SharedPrefill, fit_prompt, load_models, log, make_method
-from collab_agent.cli.options import JsonOption
+from collab_agent.cli_options import JsonOption
 
 SYSTEM = "Solve the problem step by step. End with: The answer is N."
 END_OF_TURN = ("<|im_end|>", "<|endoftext|>")
