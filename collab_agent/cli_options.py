@@ -1,19 +1,4 @@
 """Deprecated home of the shared command-line options: they are `collab_agent.cli.options`."""
 
-from collab_agent.cli.options import (
-    JsonOption,
-    LargeOption,
-    ModelsOption,
-    SmallOption,
-    SplitterOption,
-    ThreadsOption,
-)
-
-__all__ = [
-    "JsonOption",
-    "LargeOption",
-    "ModelsOption",
-    "SmallOption",
-    "SplitterOption",
-    "ThreadsOption",
-]
+from collab_agent.cli.options import *  # noqa: F403
+from collab_agent.cli.options import __all__  # noqa: F401

@@ -11,8 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
-
-from collab_agent.types import GenerateRequest, Generation
+from test_close_backends import Counting
 
 ROOT = Path(__file__).resolve().parents[1]
 FOLDED = ("stream-ttft", "soak-reliability", "gpu-smallkv-throughput")
@@ -90,21 +89,6 @@ def test_a_folded_benchmark_keeps_its_options() -> None:
     done = python("-m", "collab_agent.bench.stream_ttft", "--help")
     assert done.returncode == 0, done.stderr
     assert "--repeat" in done.stdout and "--threads" in done.stdout
-
-
-class Counting:
-    """A backend whose closes are counted (no real backend reports how often it was closed)."""
-
-    name = "counting"
-
-    def __init__(self) -> None:
-        self.closed = 0
-
-    async def generate(self, request: GenerateRequest) -> Generation:
-        return Generation(text="", stop_reason="eos")
-
-    async def aclose(self) -> None:
-        self.closed += 1
 
 
 def test_run_then_close_closes_the_backends_when_the_work_fails() -> None:

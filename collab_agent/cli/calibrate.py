@@ -11,10 +11,15 @@ import typer
 
 from collab_agent.cli.backends import load_pair, run_then_close
 from collab_agent.cli.options import (
+    AnswerMaxTokensOption,
     JsonOption,
     LargeOption,
+    MaxStepsOption,
     ModelsOption,
     SmallOption,
+    StepMaxTokensOption,
+    TemperatureOption,
+    ThinkOption,
     ThreadsOption,
 )
 
@@ -81,16 +86,14 @@ def calibrate_command(
             "large_surprise loads a model (the large one, to score the steps).",
         ),
     ] = None,
-    temperature: Annotated[float, typer.Option(help="0 is greedy.")] = 0.0,
+    temperature: TemperatureOption = 0.0,
     budget: Annotated[int, typer.Option(help="Most reasoning tokens per problem.")] = 1024,
-    max_steps: Annotated[int, typer.Option(help="Most reasoning steps per problem.")] = 48,
-    step_max_tokens: Annotated[int, typer.Option(help="Most tokens of one step.")] = 256,
-    answer_max_tokens: Annotated[int, typer.Option(help="Most tokens of the answer.")] = 48,
+    max_steps: MaxStepsOption = 48,
+    step_max_tokens: StepMaxTokensOption = 256,
+    answer_max_tokens: AnswerMaxTokensOption = 48,
     concurrency: Annotated[int, typer.Option(help="Problems answered at a time.")] = 1,
     threads: ThreadsOption = None,
-    think: Annotated[
-        bool, typer.Option(help="The models reason inside <think> ... </think>.")
-    ] = False,
+    think: ThinkOption = False,
     as_json: JsonOption = False,
 ) -> None:
     """Calibrate trigger thresholds for a model pair so the small model writes --target-share of

@@ -15,11 +15,17 @@ import typer
 from collab_agent import defaults
 from collab_agent.cli import backends
 from collab_agent.cli.options import (
+    AnswerMaxTokensOption,
     JsonOption,
     LargeOption,
+    MaxStepsOption,
     ModelsOption,
+    PrimingOption,
     SmallOption,
     SplitterOption,
+    StepMaxTokensOption,
+    TemperatureOption,
+    ThinkOption,
     ThreadsOption,
 )
 from collab_agent.errors import ConfigError
@@ -75,7 +81,7 @@ def eval_command(
     models: ModelsOption = None,
     small: SmallOption = None,
     large: LargeOption = None,
-    temperature: Annotated[float, typer.Option(help="0 is greedy.")] = defaults.TEMPERATURE,
+    temperature: TemperatureOption = defaults.TEMPERATURE,
     top_p: Annotated[
         float, typer.Option(help="Nucleus sampling when temperature > 0.")
     ] = defaults.TOP_P,
@@ -86,15 +92,10 @@ def eval_command(
             help="Most reasoning tokens per problem (default: 1024, capped to the context)."
         ),
     ] = None,
-    max_steps: Annotated[int, typer.Option(help="Most reasoning steps per problem.")] = 48,
-    step_max_tokens: Annotated[int, typer.Option(help="Most tokens of one step.")] = 256,
-    answer_max_tokens: Annotated[int, typer.Option(help="Most tokens of the answer.")] = 48,
-    priming: Annotated[
-        int,
-        typer.Option(
-            help="TrigReason's priming steps (paper: 20; these short-step instruct models need 1-2)."
-        ),
-    ] = defaults.PRIMING_STEPS,
+    max_steps: MaxStepsOption = 48,
+    step_max_tokens: StepMaxTokensOption = 256,
+    answer_max_tokens: AnswerMaxTokensOption = 48,
+    priming: PrimingOption = defaults.PRIMING_STEPS,
     rho: Annotated[
         float | None, typer.Option(help="TrigReason's cognitive-offload rho (default 0.85).")
     ] = None,
@@ -102,9 +103,7 @@ def eval_command(
     score: Annotated[
         str, typer.Option(help="SpecReason's score: greedy or expected (needs top logprobs).")
     ] = "greedy",
-    think: Annotated[
-        bool, typer.Option(help="The models reason inside <think> ... </think>.")
-    ] = False,
+    think: ThinkOption = False,
     threads: ThreadsOption = None,
     splitter: SplitterOption = None,
     timeout: Annotated[

@@ -35,3 +35,43 @@ SplitterOption = Annotated[
         "(the papers', the default).",
     ),
 ]
+TemperatureOption = Annotated[float, typer.Option("--temperature", help="0 is greedy.")]
+ThinkOption = Annotated[
+    bool, typer.Option("--think/--no-think", help="The models reason inside <think> ... </think>.")
+]
+ApiKeyEnvOption = Annotated[
+    str,
+    typer.Option("--api-key-env", help="Environment variable holding the key of openai: specs."),
+]
+PrimingOption = Annotated[
+    int,
+    typer.Option(
+        "--priming",
+        help="TrigReason's priming steps (paper: 20; these short-step instruct models need 1-2).",
+    ),
+]
+MaxStepsOption = Annotated[
+    int, typer.Option("--max-steps", help="Most reasoning steps per problem.")
+]
+StepMaxTokensOption = Annotated[
+    int, typer.Option("--step-max-tokens", help="Most tokens of one step.")
+]
+AnswerMaxTokensOption = Annotated[
+    int, typer.Option("--answer-max-tokens", help="Most tokens of the answer.")
+]
+
+__all__ = [
+    "AnswerMaxTokensOption",
+    "ApiKeyEnvOption",
+    "JsonOption",
+    "LargeOption",
+    "MaxStepsOption",
+    "ModelsOption",
+    "PrimingOption",
+    "SmallOption",
+    "SplitterOption",
+    "StepMaxTokensOption",
+    "TemperatureOption",
+    "ThinkOption",
+    "ThreadsOption",
+]

@@ -14,10 +14,14 @@ from rich.text import Text
 from collab_agent import defaults
 from collab_agent.cli.backends import load_pair, run_then_close
 from collab_agent.cli.options import (
+    ApiKeyEnvOption,
     LargeOption,
     ModelsOption,
+    PrimingOption,
     SmallOption,
     SplitterOption,
+    TemperatureOption,
+    ThinkOption,
     ThreadsOption,
 )
 
@@ -40,24 +44,15 @@ def run(
     policy: Annotated[
         str, typer.Option(help="trigreason, specreason, small-only, large-only or module:factory.")
     ] = "trigreason",
-    priming: Annotated[
-        int,
-        typer.Option(
-            help="TrigReason's priming steps (paper: 20; these short-step instruct models need 1-2)."
-        ),
-    ] = defaults.PRIMING_STEPS,
-    temperature: Annotated[float, typer.Option(help="0 is greedy.")] = defaults.TEMPERATURE,
+    priming: PrimingOption = defaults.PRIMING_STEPS,
+    temperature: TemperatureOption = defaults.TEMPERATURE,
     seed: Annotated[int | None, typer.Option(help="Sampling seed.")] = None,
     budget: Annotated[
         int | None,
         typer.Option(help="Most reasoning tokens (default: 1024, capped to the context)."),
     ] = None,
-    think: Annotated[
-        bool, typer.Option(help="The models reason inside <think> ... </think>.")
-    ] = False,
-    api_key_env: Annotated[
-        str, typer.Option(help="Environment variable holding the key of openai: specs.")
-    ] = "OPENAI_API_KEY",
+    think: ThinkOption = False,
+    api_key_env: ApiKeyEnvOption = "OPENAI_API_KEY",
     threads: ThreadsOption = None,
     splitter: SplitterOption = None,
     as_json: Annotated[

@@ -13,7 +13,13 @@ from typing import Annotated
 import typer
 
 from collab_agent import defaults
-from collab_agent.cli.options import LargeOption, ModelsOption, SmallOption, ThreadsOption
+from collab_agent.cli.options import (
+    ApiKeyEnvOption,
+    LargeOption,
+    ModelsOption,
+    SmallOption,
+    ThreadsOption,
+)
 from collab_agent.serve.config import LOOPBACK_HOSTS, ServeConfig
 from collab_agent.serve.launch import load_policies, load_served_pair, serve_forever, stderr
 
@@ -69,9 +75,7 @@ def serve_command(
     ] = defaults.REASONING_BUDGET,
     priming: Annotated[int, typer.Option(help="TrigReason's priming steps.")] = 1,
     threads: ThreadsOption = None,
-    api_key_env: Annotated[
-        str, typer.Option(help="Environment variable holding the key of openai: specs.")
-    ] = "OPENAI_API_KEY",
+    api_key_env: ApiKeyEnvOption = "OPENAI_API_KEY",
 ) -> None:
     """Serve the collaboration behind an OpenAI-compatible HTTP API (/v1/chat/completions)."""
     from collab_agent.serve.app import create_app
