@@ -25,7 +25,7 @@ from typing import Annotated, Any
 
 import typer
 
-from collab_agent.backends.base import close_backends
+from collab_agent.cli.backends import run_then_close
 from collab_agent.cli.options import JsonOption, ThreadsOption
 
 QUESTIONS = tuple(
@@ -202,7 +202,7 @@ def run_bench(
         "max_tokens": max_tokens,
     }
 
-    async def main() -> list[tuple[Phase, Phase]]:
+    async def work() -> list[tuple[Phase, Phase]]:
         server = uvicorn.Server(
             uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning")
         )
@@ -225,10 +225,9 @@ def run_bench(
                 )
                 results.append((http, direct))
             server.should_exit = True
-        await close_backends(backend)
         return results
 
-    results = anyio.run(main)
+    results = run_then_close(work, backend)
     http_all = Phase(
         seconds=sum(h.seconds for h, _ in results),
         latencies=[x for h, _ in results for x in h.latencies],
