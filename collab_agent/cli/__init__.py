@@ -24,17 +24,10 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 
-_GROUPS = (run, evaluate, calibrate, doctor, serve, bench)
-"""Each group's ``register`` adds its commands, in this order in ``--help``."""
-
-
-def _register_commands() -> None:
-    if not app.registered_commands:
-        for group in _GROUPS:
-            group.register(app)
+for group in (run, evaluate, calibrate, doctor, serve, bench):  # the order of --help
+    group.register(app)
 
 
 def main() -> None:
     """Console-script entry point: typed errors become one clear line and exit code 2."""
-    _register_commands()
     run_app(app)
