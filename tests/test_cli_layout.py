@@ -51,8 +51,10 @@ def test_the_old_module_paths_give_the_objects_of_the_new_ones() -> None:
 def test_help_lists_every_group_and_loads_no_heavy_library() -> None:
     code = (
         "import sys, json\n"
-        "from collab_agent.cli import app\n"
+        "from collab_agent.cli import app, bench_app, register_benchmarks\n"
         "assert len(app.registered_commands) == 6 and len(app.registered_groups) == 1\n"
+        "register_benchmarks()\n"
+        "assert len(bench_app.registered_commands) == 10\n"
         "heavy = ('torch', 'transformers', 'langchain_core', 'fastapi', 'uvicorn')\n"
         "print(json.dumps([m for m in heavy if m in sys.modules]))\n"
     )
@@ -108,3 +110,20 @@ def test_run_then_close_closes_the_backends_when_the_work_fails() -> None:
 
     assert run_then_close(answers, small) == 4
     assert small.closed == 2
+
+
+def test_each_benchmark_module_imports_first_in_a_fresh_process() -> None:
+    """A benchmark imported before the command line (a test, ``python -m``) must not meet the
+    command line registering it half-loaded."""
+    code = (
+        "import importlib, sys\n"
+        "from collab_agent.cli.bench import BENCH_MODULES\n"
+        "for name in BENCH_MODULES:\n"
+        "    for loaded in [m for m in sys.modules if m.startswith('collab_agent')]:\n"
+        "        del sys.modules[loaded]\n"
+        "    importlib.import_module(f'collab_agent.bench.{name}').register\n"
+        "print('ok')\n"
+    )
+    done = python("-c", code)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "ok"

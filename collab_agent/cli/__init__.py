@@ -12,10 +12,10 @@ import typer
 
 from collab_agent.cli import bench, calibrate, doctor, evaluate, run, serve
 from collab_agent.cli.backends import load_pair, run_then_close
-from collab_agent.cli.bench import bench_app
+from collab_agent.cli.bench import bench_app, register_benchmarks
 from collab_agent.cli.entry import run_app
 
-__all__ = ["app", "bench_app", "load_pair", "main", "run_then_close"]
+__all__ = ["app", "bench_app", "load_pair", "main", "register_benchmarks", "run_then_close"]
 
 app = typer.Typer(
     name="collab-agent",
@@ -30,4 +30,5 @@ for group in (run, evaluate, calibrate, doctor, serve, bench):  # the order of -
 
 def main() -> None:
     """Console-script entry point: typed errors become one clear line and exit code 2."""
+    register_benchmarks()
     run_app(app)

@@ -1,7 +1,9 @@
 """``collab-agent bench NAME``: the benchmarks of `collab_agent.bench`, one module each.
 
-The modules are found by name (they import `collab_agent.cli.options`, so the CLI does not
-import them back at load time); each one's ``register`` adds its command to the ``bench`` group.
+The modules are found by name and loaded by `register_benchmarks`, when the command line runs,
+not when `collab_agent.cli` is imported: they import `collab_agent.cli.options`, so loading them
+with the package would be an import cycle. Each one's ``register`` adds its command to the
+``bench`` group.
 """
 
 from __future__ import annotations
@@ -30,7 +32,12 @@ bench_app = typer.Typer(
 
 
 def register(app: typer.Typer) -> None:
-    """Add the ``bench`` group, with every benchmark of `BENCH_MODULES`, to the app."""
-    for name in BENCH_MODULES:
-        importlib.import_module(f"collab_agent.bench.{name}").register(bench_app)
+    """Add the ``bench`` group to the app (its commands come with `register_benchmarks`)."""
     app.add_typer(bench_app, name="bench")
+
+
+def register_benchmarks() -> None:
+    """Add every benchmark of `BENCH_MODULES` to the ``bench`` group, once."""
+    if not bench_app.registered_commands:
+        for name in BENCH_MODULES:
+            importlib.import_module(f"collab_agent.bench.{name}").register(bench_app)
