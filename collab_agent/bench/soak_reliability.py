@@ -14,7 +14,6 @@ start for ``--seconds`` (default 40), and the whole run ends within 60 s.
 
 from __future__ import annotations
 
-import asyncio
 import collections
 import json
 import os
@@ -23,12 +22,15 @@ import resource
 import sys
 import threading
 import time
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
 from collab_agent.backends.base import GenerateRequest, Generation
 from collab_agent.errors import CollabError, ConfigError
+
+if TYPE_CHECKING:
+    import asyncio
 
 THREADS = 32
 FAILURE_SHARE = 0.10
@@ -74,6 +76,8 @@ class FlakyServer:
         self.port = 0
 
     async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        import asyncio  # here, not at module level: `collab-agent --help` loads this module
+
         try:
             while await reader.readline():
                 length = 0
@@ -105,6 +109,8 @@ class SmallModel:
     name = "soak-small"
 
     async def generate(self, request: GenerateRequest) -> Generation:
+        import asyncio
+
         await asyncio.sleep(0.001)
         return Generation(text="Final answer: 4", stop_reason="step", completion_tokens=4)
 
@@ -124,6 +130,8 @@ def soak_reliability(
     fails 10% of requests; prints calls, typed and untyped errors, leaked descriptors."""
     if not 0 < seconds <= 45:
         raise ConfigError("--seconds", "must lie in (0, 45] so the run ends within 60 s")
+    import asyncio
+
     from collab_agent.chat_model import CollabChatModel
     from collab_agent.policies.trigreason import TrigReason
 
