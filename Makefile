@@ -126,13 +126,13 @@ doctor: install
 	$(BIN)/collab-agent doctor
 
 lint: install
-	$(BIN)/ruff check collab_agent tests examples benchmarks
-	$(BIN)/ruff format --check collab_agent tests examples benchmarks
+	$(BIN)/ruff check collab_agent tests examples
+	$(BIN)/ruff format --check collab_agent tests examples
 	$(BIN)/mypy
 
 format: install
-	$(BIN)/ruff check --fix collab_agent tests examples benchmarks
-	$(BIN)/ruff format collab_agent tests examples benchmarks
+	$(BIN)/ruff check --fix collab_agent tests examples
+	$(BIN)/ruff format collab_agent tests examples
 
 test-fast: install
 	$(BIN)/python -m pytest -m "not slow and not server" -q

@@ -1,37 +1,4 @@
-"""Command-line options shared by ``collab-agent`` commands (``run``, ``eval``, ``calibrate``,
-``bench ...``), declared once so their names and help read the same everywhere."""
+"""Deprecated home of the shared command-line options: they are `collab_agent.cli.options`."""
 
-from __future__ import annotations
-
-from typing import Annotated
-
-import typer
-
-ModelsOption = Annotated[
-    str | None, typer.Option("--models", help="Preset pair: bundled (default), llamacpp or tiny.")
-]
-SmallOption = Annotated[
-    str | None, typer.Option("--small", help="Small model spec, e.g. bundled:NAME.")
-]
-LargeOption = Annotated[
-    str | None, typer.Option("--large", help="Large model spec, e.g. openai:MODEL@URL.")
-]
-JsonOption = Annotated[
-    bool, typer.Option("--json", help="Print the result as one JSON object on stdout.")
-]
-ThreadsOption = Annotated[
-    int | None,
-    typer.Option(
-        "--threads",
-        help="CPU threads per model (torch's, or each llama.cpp server's); 1 is fastest "
-        "when two models share a small CPU.",
-    ),
-]
-SplitterOption = Annotated[
-    str | None,
-    typer.Option(
-        "--splitter",
-        help="Where a reasoning step ends: line (a line break; short lines merge) or blank-line "
-        "(the papers', the default).",
-    ),
-]
+from collab_agent.cli.options import *  # noqa: F403
+from collab_agent.cli.options import __all__  # noqa: F401

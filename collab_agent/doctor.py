@@ -1,4 +1,4 @@
-"""``collab-agent doctor``: check that this machine can run the project, and say how to fix it.
+"""The checks of ``collab-agent doctor``: can this machine run the project, and how to fix it.
 
 Each check is one `Finding`: what was checked, whether it is fine, what was seen, and the exact
 command that fixes a problem. Nothing here changes the machine; the checks read the interpreter,
@@ -8,17 +8,15 @@ free disk.
 
 from __future__ import annotations
 
+import importlib
 import importlib.metadata
 import importlib.util
-import json
 import shutil
 import sys
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated
-
-import typer
+from typing import Any
 
 from collab_agent.backends import bundled
 
@@ -226,34 +224,9 @@ def run_checks(*, verify: bool = True) -> list[Finding]:
     ]
 
 
-def doctor_command(
-    quick: Annotated[
-        bool, typer.Option("--quick", help="Skip the sha256 of the bundled models (seconds).")
-    ] = False,
-    as_json: Annotated[bool, typer.Option("--json", help="One JSON object on stdout.")] = False,
-) -> None:
-    """Check this machine: Python, the venv, dependencies, bundled models, caches, disk.
-
-    Exits with 1 when a check fails, each failure with the command that fixes it."""
-    from rich.console import Console
-    from rich.table import Table
-
-    findings = run_checks(verify=not quick)
-    failed = [f for f in findings if not f.ok]
-    if as_json:
-        print(json.dumps({"ok": not failed, "checks": [asdict(f) for f in findings]}))
-    else:
-        table = Table(title="collab-agent doctor", show_lines=False)
-        for column in ("", "check", "seen", "fix"):
-            table.add_column(column, overflow="fold")
-        for f in findings:
-            mark = "[green]ok[/]" if f.ok else "[red]FAIL[/]"
-            table.add_row(mark, f.check, f.detail, f.fix or "")
-        Console().print(table)
-    if failed:
-        raise typer.Exit(1)
-
-
-def register(app: typer.Typer) -> None:
-    """Add the ``doctor`` command to the ``collab-agent`` app."""
-    app.command("doctor")(doctor_command)
+def __getattr__(name: str) -> Any:
+    # the command moved to `collab_agent.cli.doctor`; looked up on use, as that module imports
+    # this one
+    if name in ("doctor_command", "register"):
+        return getattr(importlib.import_module("collab_agent.cli.doctor"), name)
+    raise AttributeError(f"module 'collab_agent.doctor' has no attribute {name!r}")

@@ -171,7 +171,8 @@ def test_gpu_throughput_script_runs_at_tiny_shape_on_cpu():
     proc = subprocess.run(
         [
             sys.executable,
-            str(ROOT / "benchmarks" / "gpu_smallkv_throughput.py"),
+            "-m",
+            "collab_agent.bench.gpu_smallkv_throughput",
             "--tiny",
             "--prompt",
             "130",
@@ -182,6 +183,7 @@ def test_gpu_throughput_script_runs_at_tiny_shape_on_cpu():
         text=True,
         timeout=300,
         env=env,
+        cwd=ROOT,
         check=False,
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
@@ -195,10 +197,11 @@ def test_gpu_throughput_script_runs_at_tiny_shape_on_cpu():
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message shown without CUDA")
 def test_gpu_throughput_script_fails_fast_without_cuda():
     proc = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "gpu_smallkv_throughput.py")],
+        [sys.executable, "-m", "collab_agent.bench.gpu_smallkv_throughput"],
         capture_output=True,
         text=True,
         timeout=120,
+        cwd=ROOT,
         check=False,
     )
     assert proc.returncode == 2

@@ -15,12 +15,12 @@ from collab_agent.evaluation.runner import RECORDS_FILE
 def test_an_unknown_policy_is_rejected_before_any_model_loads(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import collab_agent.cli
+    import collab_agent.cli.backends
 
     def no_loading(*args: object, **kwargs: object) -> None:
         raise AssertionError("models were loaded before the policy names were checked")
 
-    monkeypatch.setattr(collab_agent.cli, "load_pair", no_loading)
+    monkeypatch.setattr(collab_agent.cli.backends, "load_pair", no_loading)
     data = one_problem_file(tmp_path)
     result = CliRunner().invoke(
         eval_app(), ["eval", "--data", str(data), "--models", "tiny", "--policy", "trigreasn"]

@@ -36,7 +36,7 @@ from typing import Annotated, Any
 
 import typer
 
-from collab_agent.cli_options import JsonOption
+from collab_agent.cli.options import JsonOption
 
 TOPICS = (
     "a lighthouse keeper",

@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 import typer
 
 from collab_agent.backends.base import close_backends
-from collab_agent.cli_options import JsonOption, LargeOption, SmallOption
+from collab_agent.cli.options import JsonOption, LargeOption, SmallOption
 
 if TYPE_CHECKING:
     from collab_agent.backends.base import Backend

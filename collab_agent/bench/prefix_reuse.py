@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
-from collab_agent.cli_options import JsonOption
+from collab_agent.cli.options import JsonOption
 from collab_agent.errors import ConfigError
 from collab_agent.evaluation.datasets import DATA_ENV, data_dir
 

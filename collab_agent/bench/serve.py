@@ -25,8 +25,8 @@ from typing import Annotated, Any
 
 import typer
 
-from collab_agent.backends.base import close_backends
-from collab_agent.cli_options import JsonOption, ThreadsOption
+from collab_agent.cli.backends import run_then_close
+from collab_agent.cli.options import JsonOption, ThreadsOption
 
 QUESTIONS = tuple(
     f"What is {a} + {b}? Answer with the number."
@@ -176,8 +176,8 @@ def run_bench(
     from collab_agent.backends.specs import resolve_pair
     from collab_agent.policies.trigreason import TrigReason
     from collab_agent.serve.app import create_app
-    from collab_agent.serve.command import load_served_backend
     from collab_agent.serve.config import ServeConfig
+    from collab_agent.serve.launch import load_served_backend
 
     spec = resolve_pair(models, None, None)[0]
     print(f"bench serve: loading {spec} (both models) ...", file=sys.stderr)
@@ -202,7 +202,7 @@ def run_bench(
         "max_tokens": max_tokens,
     }
 
-    async def main() -> list[tuple[Phase, Phase]]:
+    async def work() -> list[tuple[Phase, Phase]]:
         server = uvicorn.Server(
             uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning")
         )
@@ -225,10 +225,9 @@ def run_bench(
                 )
                 results.append((http, direct))
             server.should_exit = True
-        await close_backends(backend)
         return results
 
-    results = anyio.run(main)
+    results = run_then_close(work, backend)
     http_all = Phase(
         seconds=sum(h.seconds for h, _ in results),
         latencies=[x for h, _ in results for x in h.latencies],

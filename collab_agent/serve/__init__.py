@@ -1,7 +1,7 @@
 """``collab-agent serve``: the collaboration behind an OpenAI-compatible HTTP API.
 
 `create_app` builds the ASGI app from a `ServeConfig` and a loaded (small, large) pair;
-`command.serve_forever` runs it under uvicorn with graceful shutdown. Imports are lazy so the
+`launch.serve_forever` runs it under uvicorn with graceful shutdown. Imports are lazy so the
 command line's ``--help`` does not load FastAPI and LangChain.
 """
 

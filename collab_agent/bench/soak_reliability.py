@@ -9,13 +9,11 @@ Prints one JSON object: calls, answers, typed errors by type, untyped errors (mu
 file descriptors and threads before and after (must be equal), peak RSS growth. Bounded: calls
 start for ``--seconds`` (default 40), and the whole run ends within 60 s.
 
-    PYTHONPATH=. python benchmarks/soak_reliability.py > benchmarks/results/soak_reliability.json
+    collab-agent bench soak-reliability > benchmarks/results/soak_reliability.json
 """
 
 from __future__ import annotations
 
-import argparse
-import asyncio
 import collections
 import json
 import os
@@ -24,12 +22,15 @@ import resource
 import sys
 import threading
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Annotated, Any
+
+import typer
 
 from collab_agent.backends.base import GenerateRequest, Generation
-from collab_agent.chat_model import CollabChatModel
-from collab_agent.errors import CollabError
-from collab_agent.policies.trigreason import TrigReason
+from collab_agent.errors import CollabError, ConfigError
+
+if TYPE_CHECKING:
+    import asyncio
 
 THREADS = 32
 FAILURE_SHARE = 0.10
@@ -75,6 +76,8 @@ class FlakyServer:
         self.port = 0
 
     async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        import asyncio  # here, not at module level: `collab-agent --help` loads this module
+
         try:
             while await reader.readline():
                 length = 0
@@ -106,6 +109,8 @@ class SmallModel:
     name = "soak-small"
 
     async def generate(self, request: GenerateRequest) -> Generation:
+        import asyncio
+
         await asyncio.sleep(0.001)
         return Generation(text="Final answer: 4", stop_reason="step", completion_tokens=4)
 
@@ -118,12 +123,17 @@ def peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--seconds", type=float, default=40.0, help="how long calls start")
-    args = parser.parse_args()
-    if not 0 < args.seconds <= 45:
-        parser.error("--seconds must lie in (0, 45] so the run ends within 60 s")
+def soak_reliability(
+    seconds: Annotated[float, typer.Option(help="How long calls start.")] = 40.0,
+) -> None:
+    """Soak: 32 threads of sync and async calls through one CollabChatModel over a server that
+    fails 10% of requests; prints calls, typed and untyped errors, leaked descriptors."""
+    if not 0 < seconds <= 45:
+        raise ConfigError("--seconds", "must lie in (0, 45] so the run ends within 60 s")
+    import asyncio
+
+    from collab_agent.chat_model import CollabChatModel
+    from collab_agent.policies.trigreason import TrigReason
 
     fds_before, threads_before, rss_before = open_fds(), threading.active_count(), peak_rss_mib()
     server = FlakyServer()
@@ -162,7 +172,7 @@ def main() -> None:
     typed: collections.Counter[str] = collections.Counter()
     untyped: collections.Counter[str] = collections.Counter()
     lock = threading.Lock()
-    deadline = time.monotonic() + args.seconds
+    deadline = time.monotonic() + seconds
 
     def note(answers: list[Any], error: BaseException | None, calls: int) -> None:
         with lock:
@@ -223,5 +233,12 @@ def main() -> None:
     sys.stdout.flush()
 
 
+def register(bench: typer.Typer) -> None:
+    """Add ``soak-reliability`` to the ``bench`` sub-app."""
+    bench.command("soak-reliability")(soak_reliability)
+
+
 if __name__ == "__main__":
-    main()
+    from collab_agent.cli.entry import run_alone
+
+    run_alone(soak_reliability)
