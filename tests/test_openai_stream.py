@@ -142,3 +142,29 @@ async def test_a_failure_after_a_delta_was_shown_is_not_retried() -> None:
         await backend.aclose()
     assert shown == ["One"]
     assert len(server.requests) == 1  # a retry would repeat text already shown
+
+
+async def test_a_dropped_detokenize_call_is_retried_and_the_stop_still_reads_as_a_step() -> None:
+    """A streamed llama.cpp answer holds a stop string back as textless entries; the follow-up
+    ``/detokenize`` that tells them from an end of turn is idempotent, so a connection the
+    server drops (seen under load) is retried instead of failing the whole reasoning step."""
+    text_entry = {"id": 7, "token": "Steps:", "logprob": -0.1}
+    held = {"id": 271, "token": "", "bytes": [], "logprob": -0.1}
+    first, last = chunk("Steps:"), chunk(finish="stop")
+    first["choices"][0]["logprobs"] = {"content": [text_entry]}
+    last["choices"][0]["logprobs"] = {"content": [held]}
+    usage = {"prompt_tokens": 5, "completion_tokens": 2, "total_tokens": 7}
+    llamacpp = {"object": "list", "data": [{"id": "m", "object": "model", "owned_by": "llamacpp"}]}
+    async with scripted(
+        sse(first, last, {"choices": [], "usage": usage}),
+        Reply(body=llamacpp),  # the probe that names the dialect
+        Reply(drop=True),
+        Reply(body={"content": "\n\n"}),
+    ) as server:
+        backend = OpenAIBackend("m", server.base_url, mode="chat", backoff_s=0.01)
+        deltas, generation = await collect(backend, request(stop=("\n\n",)))
+        await backend.aclose()
+    paths = [r["path"] for r in server.requests]
+    assert paths[-2:] == ["/detokenize", "/detokenize"], paths
+    assert "".join(deltas) == generation.text == "Steps:"
+    assert (generation.stop_reason, generation.stop_string) == ("step", "\n\n")

@@ -449,7 +449,9 @@ class OpenAIBackend:
         server = self.server or await self.probe()
         if server.dialect != "llama.cpp":
             return None
-        data = await self._http.post(f"{self.root_url}/detokenize", {"tokens": ids}, "detokenize")
+        data = await self._http.with_retries(  # idempotent: a dropped connection is retried
+            self._http.post, f"{self.root_url}/detokenize", {"tokens": ids}, "detokenize"
+        )
         content = data.get("content") if isinstance(data, Mapping) else None
         return content if isinstance(content, str) else None
 
