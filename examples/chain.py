@@ -28,7 +28,7 @@ def build_model(
     return CollabChatModel(
         small=small,
         large=large,
-        policy=TrigReason(priming_steps=2),  # the paper primes 20 steps; short problems need few
+        policy=TrigReason(),  # priming 1 (the library default; the paper primes 20)
         temperature=0,
         reasoning_budget=budget,
         max_tokens=max_tokens,

@@ -6,8 +6,8 @@ asked the same question in five wordings. The 0.5B used to reason its way to an 
 (212.5 euros); the tool gives 230.00. At least four of five runs must call the tool and answer
 with its figure.
 
-The chain example gives the small model work: the 0.5B should write more than 30% of the
-reasoning tokens of the example's question (not yet: see the xfail reasons).
+The chain example gives the small model work: with the pair's line splitter and one priming
+step, the 0.5B writes more than 30% of the reasoning tokens of the example's question.
 """
 
 from __future__ import annotations
@@ -42,10 +42,6 @@ def _example(name: str) -> Any:
 
 @pytest.mark.slow
 @pytest.mark.server
-@pytest.mark.xfail(
-    reason="measured 3 of 5 wordings in one run (4 of 5 when the fourth was rerun alone): the "
-    "tool turn after reasoning is not yet reliable enough on the 0.5B",
-)
 def test_bundled_agent_calls_the_tool_and_answers_with_its_figure() -> None:
     from collab_agent import PRESETS, CollabChatModel, TrigReason
 
@@ -77,10 +73,6 @@ def test_bundled_agent_calls_the_tool_and_answers_with_its_figure() -> None:
 
 @pytest.mark.slow
 @pytest.mark.server
-@pytest.mark.xfail(
-    reason="measured 0.0 (the 1.5B's priming steps reach the answer of this short problem "
-    "alone); one run of the example with splitter='line' gave 0.29",
-)
 def test_bundled_chain_gives_the_small_model_over_30_percent_of_the_reasoning() -> None:
     from langchain_core.prompts import ChatPromptTemplate
 

