@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 import threading
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from pydantic import SecretStr
@@ -32,10 +32,12 @@ class OwnedBackends:
     def __deepcopy__(self, memo: dict[int, object]) -> OwnedBackends:
         return OwnedBackends()
 
-    def all(self) -> list[Backend]:
-        """The backends built so far."""
+    def methods(self, name: str) -> list[Callable[[], Any]]:
+        """The method ``name`` (``close``, ``aclose``) of each backend built so far that has
+        one."""
         with self.lock:
-            return list(self.backends.values())
+            found = [getattr(backend, name, None) for backend in self.backends.values()]
+        return [method for method in found if callable(method)]
 
 
 def spec_backend(

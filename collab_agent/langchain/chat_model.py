@@ -239,17 +239,13 @@ class CollabChatModel(BaseChatModel):
     def close(self) -> None:
         """Close the HTTP clients of the backends this model built from ``openai:`` specs
         (backends passed in as objects belong to the caller). A later call reopens them."""
-        for backend in self._owned.all():
-            close = getattr(backend, "close", None)
-            if callable(close):
-                close()
+        for close in self._owned.methods("close"):
+            close()
 
     async def aclose(self) -> None:
         """`close` from async code (the running loop's clients are closed on it)."""
-        for backend in self._owned.all():
-            aclose = getattr(backend, "aclose", None)
-            if callable(aclose):
-                await aclose()
+        for aclose in self._owned.methods("aclose"):
+            await aclose()
 
     def __enter__(self) -> CollabChatModel:
         return self

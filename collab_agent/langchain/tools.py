@@ -244,17 +244,15 @@ async def force_tool_call(
     prefix = fmt.answer_prefix(reasoning)
     if not prefix.endswith(choice.lead):
         prefix += choice.lead
-    request = GenerateRequest(
+    return await _ask_answerer(
+        reasoner,
+        answer,
         conversation_id=trace.conversation_id,
         messages=fmt.messages(messages),
         reasoning=prefix,
         stop=("</tool_call>",),
-        max_tokens=reasoner.answer_max_tokens,
-        sampling=reasoner.sampling,
         tools=tools,
-        purpose="answer",
     )
-    return await _ask_answerer(reasoner, answer, request)
 
 
 async def offer_tools(
@@ -269,25 +267,39 @@ async def offer_tools(
     Asked when reasoning ended without a call before any tool result of this turn, as a
     small model's reasoning often guesses the value a tool would give; recorded in the
     trace like every call."""
-    trace = answer.trace
-    request = GenerateRequest(
-        conversation_id=f"{trace.conversation_id}:tools",
+    return await _ask_answerer(
+        reasoner,
+        answer,
+        conversation_id=f"{answer.trace.conversation_id}:tools",
         messages=list(messages),
         reasoning="",
         stop=(),
+        tools=tools,
+    )
+
+
+async def _ask_answerer(
+    reasoner: Reasoner,
+    answer: AnswerEvent,
+    *,
+    conversation_id: str,
+    messages: list[dict[str, Any]],
+    reasoning: str,
+    stop: tuple[str, ...],
+    tools: list[dict[str, Any]],
+) -> Generation:
+    """One more answer by the model that wrote ``answer`` (its sampling and answer length),
+    recorded in its trace; the conversation's cache is freed afterwards."""
+    request = GenerateRequest(
+        conversation_id=conversation_id,
+        messages=messages,
+        reasoning=reasoning,
+        stop=stop,
         max_tokens=reasoner.answer_max_tokens,
         sampling=reasoner.sampling,
         tools=tools,
         purpose="answer",
     )
-    return await _ask_answerer(reasoner, answer, request)
-
-
-async def _ask_answerer(
-    reasoner: Reasoner, answer: AnswerEvent, request: GenerateRequest
-) -> Generation:
-    """One more call of the model that wrote ``answer``, recorded in its trace; the
-    conversation's cache is freed afterwards."""
     role = answer.author
     backend = reasoner.small if role == "small" else reasoner.large
     try:
