@@ -42,7 +42,7 @@ if TYPE_CHECKING:
     from collab_agent.backends.openai import OpenAIBackend
     from collab_agent.breaker import CircuitBreaker
     from collab_agent.cache import SmallKV
-    from collab_agent.chat_model import CollabChatModel
+    from collab_agent.langchain import CollabChatModel
     from collab_agent.reasoner import Reasoner
 
 __all__ = [
@@ -90,7 +90,7 @@ __all__ = [
 __version__ = "0.1.0"
 
 _LAZY = {
-    "CollabChatModel": "collab_agent.chat_model",
+    "CollabChatModel": "collab_agent.langchain",
     "Reasoner": "collab_agent.reasoner",
     "CircuitBreaker": "collab_agent.breaker",
     "TransformersBackend": "collab_agent.backends.local",

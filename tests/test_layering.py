@@ -225,7 +225,7 @@ def test_the_foundation_imports_no_adapter(module: str) -> None:
 
 
 def test_the_forbidden_edge_check_reads_eager_and_lazy_imports() -> None:
-    assert "langchain_core.exceptions" in _all_imports("collab_agent.langchain_errors")  # eager
+    assert "langchain_core.exceptions" in _all_imports("collab_agent.langchain.errors")  # eager
     assert "langchain_core.utils.function_calling" in _all_imports("collab_agent.structured")
 
 

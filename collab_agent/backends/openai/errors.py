@@ -2,7 +2,7 @@
 
 Each is a `BackendError` (never retried) or a `BackendUnavailableError` (retried, then raised;
 ``on_unavailable="degrade"`` applies). They carry no LangChain base: the chat model gives them
-LangChain's model-error types where they cross into LangChain (`collab_agent.langchain_errors`).
+LangChain's model-error types where they cross into LangChain (`collab_agent.langchain.errors`).
 """
 
 from __future__ import annotations
