@@ -16,6 +16,7 @@ import anyio
 import anyio.lowlevel
 
 from collab_agent.backends.base import GenerateRequest, Generation, StopReason
+from collab_agent.backends.detokenize import cut_at_stop
 from collab_agent.errors import BackendError, ConfigError
 
 
@@ -107,9 +108,7 @@ class ScriptedBackend:
         text = item.text
         if item.stop_reason == "step" and request.stop:
             # Honour the request's stop strings as a real backend would.
-            cuts = [text.find(s) for s in request.stop if s and s in text]
-            if cuts:
-                text = text[: min(cuts)]
+            text, _ = cut_at_stop(text, request.stop)
         prompt_tokens = sum(len(str(m.get("content") or "").split()) for m in request.messages)
         prompt_tokens += len(request.reasoning.split())
         return Generation(

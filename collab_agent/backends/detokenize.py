@@ -79,6 +79,12 @@ def find_stop(text: str, stops: Iterable[str], checked: int = 0) -> tuple[int, s
     return best
 
 
+def cut_at_stop(text: str, stops: Iterable[str]) -> tuple[str, str | None]:
+    """``text`` up to its earliest stop string, and that stop (``None``: no stop in it)."""
+    found = find_stop(text, stops)
+    return (text, None) if found is None else (text[: found[0]], found[1])
+
+
 def stop_holdback(text: str, stops: Iterable[str]) -> int:
     """Length of the longest end of ``text`` that is a proper start of a stop string: the tail
     a streamed delta must hold back, since the next token may complete the stop there."""

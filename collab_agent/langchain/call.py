@@ -26,6 +26,7 @@ from langchain_core.outputs import ChatGenerationChunk
 
 from collab_agent import _checks, defaults
 from collab_agent.backends.base import Sampling
+from collab_agent.backends.detokenize import cut_at_stop
 from collab_agent.errors import CallTimeoutError, ConfigError
 from collab_agent.langchain.callbacks import traced
 from collab_agent.langchain.errors import langchain_typed
@@ -228,7 +229,7 @@ async def stream_chunks(
         )
     if scope.cancelled_caught:
         raise _timed_out(model.timeout)
-    content = _cut_at_stop(parsed.content, call.stop)
+    content, _ = cut_at_stop(parsed.content, call.stop)
     if shown_answer.shown and content.startswith(shown_answer.shown):
         content = content[len(shown_answer.shown) :]
     yield ChatGenerationChunk(
@@ -275,8 +276,3 @@ def _timed_out(timeout: float | None) -> CallTimeoutError:
 
 def _left(deadline: float | None) -> float | None:
     return None if deadline is None else max(0.0, deadline - time.monotonic())
-
-
-def _cut_at_stop(text: str, stop: Sequence[str]) -> str:
-    cuts = [text.find(s) for s in stop if s and s in text]
-    return text[: min(cuts)] if cuts else text

@@ -32,18 +32,10 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any
 
+from collab_agent.backends.detokenize import cut_at_stop
 from collab_agent.types import StopReason
 
 __all__ = ["cut_at_stop", "ran_into_stop", "settle_streamed", "stop_reason"]
-
-
-def cut_at_stop(text: str, stop: Sequence[str]) -> tuple[str, str | None]:
-    """Cut text at the first stop string a server left in; the stop string, if any (rule 1)."""
-    found = [(text.find(s), s) for s in stop if s and s in text]
-    if not found:
-        return text, None
-    index, string = min(found)
-    return text[:index], string
 
 
 def stop_reason(
