@@ -166,19 +166,26 @@ def test_tool_call_written_in_a_reasoning_step_becomes_a_tool_call() -> None:
 
 
 def test_auto_tool_choice_still_answers_in_text() -> None:
-    model, small, _ = pair(["Nothing to look up.", "Final answer: hello", "Hello!"])
+    model, small, large = pair(
+        ["Nothing to look up.", "Final answer: hello"],
+        ["Hello!"],
+        policy=TrigReason(priming_steps=0),
+    )
     result = model.bind_tools([get_weather]).invoke("Say hello")
     assert result.content == "hello"  # the tool turn called nothing: the reasoning's answer
     assert result.tool_calls == []
-    offered = small.requests[-1]  # the tools offered as a plain tool turn, no reasoning
+    assert len(small.requests) == 2
+    (offered,) = large.requests  # the tools offered to the large model, no reasoning
     assert offered.purpose == "answer" and offered.reasoning == "" and offered.tools
 
 
 def test_reasoning_that_guesses_what_a_tool_gives_yields_to_the_tools_call() -> None:
-    """The bundled 0.5B invented a rate and answered instead of calling the tool; offered the
-    tools without its reasoning, it called the tool."""
+    """The bundled 0.5B invented a rate and answered instead of calling the tool; the large
+    model, offered the tools without that reasoning, decides on the call."""
     call = '{"name": "get_weather", "arguments": {"location": "Paris"}}'
-    model, small, _ = pair(["It is probably sunny.", "Final answer: sunny", call])
+    model, small, large = pair(
+        ["It is probably sunny.", "Final answer: sunny"], [call], policy=TrigReason(priming_steps=0)
+    )
     result = model.bind_tools([get_weather]).invoke("Weather in Paris?")
     assert [(c["name"], c["args"]) for c in result.tool_calls] == [
         ("get_weather", {"location": "Paris"})
@@ -186,6 +193,7 @@ def test_reasoning_that_guesses_what_a_tool_gives_yields_to_the_tools_call() -> 
     assert result.content == ""
     assert result.response_metadata["finish_reason"] == "tool_calls"
     assert "Never guess" in small.requests[0].messages[0]["content"]
+    assert [r.tools is not None for r in large.requests] == [True]
 
 
 def test_after_a_tool_result_the_reasoning_answer_stands() -> None:

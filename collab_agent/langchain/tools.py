@@ -29,6 +29,7 @@ from collab_agent.backends.toolcalls import parse_tool_calls
 from collab_agent.errors import ConfigError
 from collab_agent.prompting import STEPWISE_INSTRUCTION, ReasoningFormat
 from collab_agent.reasoner import AnswerEvent, Reasoner
+from collab_agent.types import Role
 
 __all__ = [
     "FORCED_TOOL_INSTRUCTION",
@@ -260,15 +261,17 @@ async def offer_tools(
     messages: list[dict[str, Any]],
     tools: list[dict[str, Any]],
 ) -> Generation:
-    """The answering model offered the tools as a plain tool turn: the conversation and
-    tools alone, no reasoning prefix, so the engine's own tool calling (llama.cpp's chat
-    endpoint with its template's call parser) decides between a call and an answer.
-    Asked when reasoning ended without a call before any tool result of this turn, as a
-    small model's reasoning often guesses the value a tool would give; recorded in the
+    """The large model offered the tools as a plain tool turn: the conversation and tools
+    alone, no reasoning prefix, so the engine's own tool calling (llama.cpp's chat endpoint
+    with its template's call parser) decides between a call and an answer. Asked when
+    reasoning ended without a call before any tool result of this turn, as a small model's
+    reasoning often guesses the value a tool would give; the large model decides, whoever
+    wrote the answer, since a missed call is the costliest error of the turn. Recorded in the
     trace like every call."""
     return await _ask_answerer(
         reasoner,
         answer,
+        role="large",
         conversation_id=f"{answer.trace.conversation_id}:tools",
         messages=list(messages),
         reasoning="",
@@ -281,14 +284,16 @@ async def _ask_answerer(
     reasoner: Reasoner,
     answer: AnswerEvent,
     *,
+    role: Role | None = None,
     conversation_id: str,
     messages: list[dict[str, Any]],
     reasoning: str,
     stop: tuple[str, ...],
     tools: list[dict[str, Any]],
 ) -> Generation:
-    """One more answer by the model that wrote ``answer`` (its sampling and answer length),
-    recorded in its trace; the conversation's cache is freed afterwards."""
+    """One more answer by ``role`` (default: the model that wrote ``answer``), with the
+    answer's sampling and length, recorded in its trace; the conversation's cache is freed
+    afterwards."""
     request = GenerateRequest(
         conversation_id=conversation_id,
         messages=messages,
@@ -299,7 +304,7 @@ async def _ask_answerer(
         tools=tools,
         purpose="answer",
     )
-    role = answer.author
+    role = role or answer.author
     backend = reasoner.small if role == "small" else reasoner.large
     try:
         generation = await backend.generate(request)
