@@ -4,7 +4,8 @@ On a tiny random-weight Qwen2 pair (`collab_agent.backends.tiny`: the large shap
 the small shape as SmallKV's assistant), one random prompt of ``--context-tokens`` tokens is
 prefilled per arm, then ``--tokens`` one-token decode steps are teacher-forced along the same
 tokens (the same work for every arm). Arms: ``full``, ``h2o`` and ``smallkv`` at ``--budget``.
-The arms run interleaved, in a rotating order, ``--repeat`` times; reported per arm: decode
+With ``--refresh-every N`` (N > 1) the arms ``h2o_every_N`` and ``smallkv_every_N`` choose
+the kept tokens every N decode steps only (`KVMethod.refresh_every`). The arms run interleaved, in a rotating order, ``--repeat`` times; reported per arm: decode
 seconds per token (median/min/max over the repeats) and the ratio of its median to full's.
 SmallKV's figure includes its small model's own decode step (the method runs it every step).
 """
@@ -31,15 +32,24 @@ ARMS = ("full", "h2o", "smallkv")
 """The methods timed, full first (the reference of the ratios)."""
 
 
+def arm_names(refresh_every: int) -> tuple[str, ...]:
+    """The arms timed: `ARMS`, and the block-refresh ones when ``refresh_every > 1``."""
+    if refresh_every == 1:
+        return ARMS
+    return (*ARMS, f"h2o_every_{refresh_every}", f"smallkv_every_{refresh_every}")
+
+
 def make_method(name: str, budget: float, assistant: Any) -> KVMethod:
     """The KV method of arm ``name`` at ``budget`` (SmallKV guided by ``assistant``)."""
     from collab_agent.cache import H2O, Full, SmallKV
 
-    if name == "full":
+    base, _, every = name.partition("_every_")
+    refresh = int(every) if every else 1
+    if base == "full":
         return Full()
-    if name == "h2o":
-        return H2O(budget=budget)
-    return SmallKV(assistant=assistant, budget=budget)
+    if base == "h2o":
+        return H2O(budget=budget, refresh_every=refresh)
+    return SmallKV(assistant=assistant, budget=budget, refresh_every=refresh)
 
 
 def step_seconds(model: Any, method: KVMethod, prompt: torch.Tensor, forced: torch.Tensor) -> float:
@@ -66,7 +76,12 @@ def summary(values: list[float]) -> dict[str, Any]:
 
 
 def measure(
-    context_tokens: int, tokens: int, budget: float, repeat: int, threads: int
+    context_tokens: int,
+    tokens: int,
+    budget: float,
+    repeat: int,
+    threads: int,
+    refresh_every: int = 1,
 ) -> dict[str, Any]:
     """Time every arm of `ARMS` interleaved (see the module docstring) and return the figures."""
     import torch
@@ -79,11 +94,12 @@ def measure(
     vocab = large.config.vocab_size
     prompt = torch.randint(0, vocab, (1, context_tokens), generator=gen)
     forced = torch.randint(0, vocab, (1, tokens), generator=gen)
-    for name in ARMS:  # warm-up: allocator, kernels, lazy imports
+    arms = arm_names(refresh_every)
+    for name in arms:  # warm-up: allocator, kernels, lazy imports
         step_seconds(large, make_method(name, budget, small), prompt[:, :64], forced[:, :4])
-    times: dict[str, list[float]] = {name: [] for name in ARMS}
+    times: dict[str, list[float]] = {name: [] for name in arms}
     for r in range(repeat):
-        order = ARMS[r % len(ARMS) :] + ARMS[: r % len(ARMS)]
+        order = arms[r % len(arms) :] + arms[: r % len(arms)]
         for name in order:
             times[name].append(
                 step_seconds(large, make_method(name, budget, small), prompt, forced)
@@ -97,8 +113,8 @@ def measure(
         "repeat": repeat,
         "threads": threads,
         "load_average": [round(x, 2) for x in os.getloadavg()],
-        "arms": {name: summary(times[name]) for name in ARMS},
-        "ratio_vs_full": {name: round(statistics.median(times[name]) / full, 3) for name in ARMS},
+        "arms": {name: summary(times[name]) for name in arms},
+        "ratio_vs_full": {name: round(statistics.median(times[name]) / full, 3) for name in arms},
     }
 
 
@@ -108,6 +124,9 @@ def kv_step(
     budget: Annotated[float, typer.Option(help="KV budget of h2o and smallkv.")] = 0.2,
     repeat: Annotated[int, typer.Option(help="Interleaved rounds over the arms.")] = 5,
     threads: Annotated[int, typer.Option(help="torch CPU threads.")] = 1,
+    refresh_every: Annotated[
+        int, typer.Option(help="Also time h2o and smallkv choosing every N steps (N > 1).")
+    ] = 1,
     as_json: JsonOption = False,
 ) -> None:
     """Decode seconds per token on CPU: full cache vs H2O vs SmallKV on a tiny Qwen2 pair."""
@@ -121,15 +140,17 @@ def kv_step(
         raise ConfigError("repeat", f"must be >= 1, got {repeat}")
     if threads < 1:
         raise ConfigError("threads", f"must be >= 1, got {threads}")
-    figures = measure(context_tokens, tokens, budget, repeat, threads)
+    if refresh_every < 1:
+        raise ConfigError("refresh_every", f"must be >= 1, got {refresh_every}")
+    figures = measure(context_tokens, tokens, budget, repeat, threads, refresh_every)
     if as_json:
         print(json.dumps(figures))
         return
     print(f"load average {figures['load_average']}", file=sys.stderr)
-    for name in ARMS:
+    for name in figures["arms"]:
         arm = figures["arms"][name]
         print(
-            f"{name:8s} {arm['median']:8.3f} ms/token (min {arm['min']:.3f}, max {arm['max']:.3f})"
+            f"{name:16s} {arm['median']:8.3f} ms/token (min {arm['min']:.3f}, max {arm['max']:.3f})"
             f"  x{figures['ratio_vs_full'][name]:.3f} vs full"
         )
 
