@@ -54,7 +54,7 @@ def test_help_lists_every_group_and_loads_no_heavy_library() -> None:
         "from collab_agent.cli import app, bench_app, register_benchmarks\n"
         "assert len(app.registered_commands) == 6 and len(app.registered_groups) == 1\n"
         "register_benchmarks()\n"
-        "assert len(bench_app.registered_commands) == 10\n"
+        "assert len(bench_app.registered_commands) == 11\n"
         "heavy = ('torch', 'transformers', 'langchain_core', 'fastapi', 'uvicorn')\n"
         "print(json.dumps([m for m in heavy if m in sys.modules]))\n"
     )

@@ -56,6 +56,7 @@ class KVLayer(CacheLayerMixin):
         self.host_keys: torch.Tensor | None = None
         self.host_values: torch.Tensor | None = None
         self.state = LayerState()  # the method's statistics
+        self.since_refresh = 0  # tokens appended without a selection (`KVMethod.refresh_every`)
         self.incoming: torch.Tensor | None = None  # this call's values (B, Hkv, q, D), on device
         self._host_copied: Any = None  # CUDA event recorded after the last host copy
 
@@ -106,6 +107,7 @@ class KVLayer(CacheLayerMixin):
                 )
         self.state.crop(keep)
         self.length = keep
+        self.since_refresh = self.cache.method.refresh_every  # choose again at the next update
 
     def host_synchronize(self) -> None:
         """Wait until the host copies started so far have landed (CUDA; no-op elsewhere)."""
@@ -140,14 +142,23 @@ class KVLayer(CacheLayerMixin):
         if self.state.accumulated is not None:
             self.state.accumulated = torch.nn.functional.pad(self.state.accumulated, (0, q))
         new_pos = self.q_pos.expand(b, h, q)
-        plan = self.cache.plan_for(self)
-        if plan is None:  # no compression (yet): a plain growing cache
+        every = method.refresh_every
+        if self.compressed and self.since_refresh + q < every:
+            # between refreshes: keep the slots as chosen, append this call's tokens
+            self.since_refresh += q
+            plan = None
+        else:
+            plan = self.cache.plan_for(self)
+        if plan is None:  # no compression (yet), or between refreshes: append
             self.keys = torch.cat([self.keys, key_states], dim=-2)
             self.values = torch.cat([self.values, value_states], dim=-2)
             self.positions = torch.cat([self.positions, new_pos], dim=-1)
         else:
             self._select(plan, key_states, value_states, old)
             self.compressed = True
+            self.since_refresh = 0
+            if every > 1:
+                self._pack()
         attend_next(self)
         return self.keys, self.values
 
@@ -173,6 +184,20 @@ class KVLayer(CacheLayerMixin):
         )
         stays = keep.gather(2, self.positions.clamp(min=0)) & (self.positions >= 0)
         self.positions = torch.where(stays, self.positions, torch.full_like(self.positions, -1))
+
+    def _pack(self) -> None:
+        """Move the filled slots to the front and drop the empty tail, so slots freed at a
+        refresh do not pile up behind the tokens appended between refreshes."""
+        assert self.keys is not None and self.values is not None and self.positions is not None
+        filled = self.positions >= 0
+        count = int(filled.sum(-1).max()) if filled.numel() else 0
+        # stable: filled slots first, in their current order
+        order = torch.sort((~filled).to(torch.int8), dim=-1, stable=True).indices[..., :count]
+        self.positions = self.positions.gather(2, order)
+        self.keys = self.keys.gather(2, order[..., None].expand(*order.shape, self.keys.shape[-1]))
+        self.values = self.values.gather(
+            2, order[..., None].expand(*order.shape, self.values.shape[-1])
+        )
 
     def _host_append(self, k: torch.Tensor, v: torch.Tensor, old: int) -> None:
         # earlier copies (rows before `old`, which `source` may read this step) have landed

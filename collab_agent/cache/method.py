@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import torch
 
 from collab_agent.cache.attention import use_kv_attention
-from collab_agent.cache.budget import BudgetOf, check_budget, check_budget_of
+from collab_agent.cache.budget import BudgetOf, CacheConfigError, check_budget, check_budget_of
 from collab_agent.cache.compressed import CompressedCache
 
 if TYPE_CHECKING:
@@ -53,10 +53,17 @@ class KVMethod:
         ``budget`` and later tokens are added to the allowance one for one (kvpress's). ``None``:
         whoever makes the cache decides, `TransformersBackend` ``context``, `new_cache` alone
         ``prompt``.
+    refresh_every : int, default 1 (keyword only)
+        Once compressed, choose the kept tokens every this many decoded tokens; in between, new
+        tokens are only appended, so the cache holds up to ``refresh_every - 1`` tokens over its
+        budget and a choice made at a refresh stands until the next. 1 (the default) chooses at
+        every step, the methods as published; larger values trade that for fewer per-step
+        selections (see `bench kv-step`).
     """
 
     budget: float = 0.2
     budget_of: BudgetOf | None = field(default=None, kw_only=True)
+    refresh_every: int = field(default=1, kw_only=True)
     reversible: ClassVar[bool] = False
     has_marginal: ClassVar[bool] = False
     _hooks: list[Any] = field(default_factory=list, init=False, repr=False, compare=False)
@@ -65,6 +72,14 @@ class KVMethod:
         self.budget = check_budget(self.budget)
         if self.budget_of is not None:
             check_budget_of(self.budget_of)
+        if (
+            not isinstance(self.refresh_every, int)
+            or isinstance(self.refresh_every, bool)
+            or self.refresh_every < 1
+        ):
+            raise CacheConfigError(
+                "refresh_every", f"must be an integer >= 1, got {self.refresh_every!r}"
+            )
 
     # ---- what users call ---------------------------------------------------------------------
 

@@ -18,6 +18,7 @@ BENCH_MODULES = (
     "kv",
     "kv_gsm8k",
     "kv_collab",
+    "kv_step",
     "batch",
     "serve",
     "stream_ttft",
