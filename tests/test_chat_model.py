@@ -177,6 +177,8 @@ def test_auto_tool_choice_still_answers_in_text() -> None:
     assert len(small.requests) == 2
     (offered,) = large.requests  # the tools offered to the large model, no reasoning
     assert offered.purpose == "answer" and offered.reasoning == "" and offered.tools
+    assert offered.messages[0]["role"] == "system" and "never estimate" in str(offered.messages[0])
+    assert offered.messages[-1] == {"role": "user", "content": "Say hello"}
 
 
 def test_reasoning_that_guesses_what_a_tool_gives_yields_to_the_tools_call() -> None:

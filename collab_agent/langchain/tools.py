@@ -55,6 +55,12 @@ TOOLS_INSTRUCTION = (
 )
 """Reasoning instruction when tools are bound and the model may call one (``tool_choice`` auto)."""
 
+TOOL_TURN_NOTE = (
+    "When one of the tools can give a value the answer needs (a rate, a price, a current "
+    "fact), call it; never estimate that value yourself."
+)
+"""Closes the system message of the offered tool turn (see `offer_tools`)."""
+
 FORCED_TOOL_INSTRUCTION = (
     "Think step by step. Write your reasoning as short steps separated by a blank line. "
     "When you are done, call {which} in a <tool_call></tool_call> block as described in the tools section."
@@ -273,7 +279,7 @@ async def offer_tools(
         answer,
         role="large",
         conversation_id=f"{answer.trace.conversation_id}:tools",
-        messages=list(messages),
+        messages=_with_system_note(messages, TOOL_TURN_NOTE),
         reasoning="",
         stop=(),
         tools=tools,
@@ -312,6 +318,16 @@ async def _ask_answerer(
         await release_shielded(backend, conversation_id=request.conversation_id)
     answer.trace.record(role, generation)
     return generation
+
+
+def _with_system_note(messages: list[dict[str, Any]], note: str) -> list[dict[str, Any]]:
+    """``messages`` with ``note`` closing the system message (one is added when there is none)."""
+    out = [dict(m) for m in messages]
+    if out and out[0].get("role") == "system" and isinstance(out[0].get("content"), str):
+        out[0]["content"] = f"{out[0]['content']}\n\n{note}"
+    else:
+        out.insert(0, {"role": "system", "content": note})
+    return out
 
 
 def _forced_call(text: str) -> str:

@@ -445,13 +445,15 @@ class OpenAIBackend:
         yield generation
 
     async def _detokenize(self, ids: list[int]) -> str | None:
-        """The text of token ids (llama.cpp's ``/detokenize``; ``None`` on other servers)."""
+        """The text of token ids (llama.cpp's ``/detokenize``; ``None`` on other servers).
+        Idempotent, so a dropped connection (of the probe too) is retried like a request."""
+        return await self._http.with_retries(self._detokenize_once, ids)
+
+    async def _detokenize_once(self, ids: list[int]) -> str | None:
         server = self.server or await self.probe()
         if server.dialect != "llama.cpp":
             return None
-        data = await self._http.with_retries(  # idempotent: a dropped connection is retried
-            self._http.post, f"{self.root_url}/detokenize", {"tokens": ids}, "detokenize"
-        )
+        data = await self._http.post(f"{self.root_url}/detokenize", {"tokens": ids}, "detokenize")
         content = data.get("content") if isinstance(data, Mapping) else None
         return content if isinstance(content, str) else None
 

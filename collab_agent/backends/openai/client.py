@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import anyio
+import httpx2
 import openai
 from pydantic import SecretStr
 from tenacity import (
@@ -47,6 +48,14 @@ BODY_CHARS = 300
 PROBLEM_CHARS = 200
 """How much of a decoding problem (or an unusable answer) an error message quotes."""
 _OVERFLOW_WORDS = ("exceed", "length", "too long", "maximum", "overflow")
+
+
+POOL_LIMITS = httpx2.Limits(
+    max_connections=1000, max_keepalive_connections=100, keepalive_expiry=2.0
+)
+"""The SDK's pool sizes, with idle connections dropped after 2 s: llama.cpp's server closes an
+idle keep-alive connection after 5 s, the SDK's own expiry, so a connection reused at that
+moment failed with "Server disconnected without sending a response" (seen under load)."""
 
 
 @dataclass(frozen=True)
@@ -136,7 +145,8 @@ class HttpClient:
             entry = self._clients.get(id(loop))
             if entry is not None and entry.loop is loop:
                 return entry
-            client = openai.AsyncOpenAI(**self._options)
+            http = openai.DefaultAsyncHttpxClient(limits=POOL_LIMITS)
+            client = openai.AsyncOpenAI(**self._options, http_client=http)
             entry = _LoopClient(loop, client, self._close_at_loop_end(loop, client), anyio.Lock())
             self._clients[id(loop)] = entry
         await entry.closer.__anext__()  # runs to its yield: now the loop finalises it at its end

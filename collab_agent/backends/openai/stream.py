@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import anyio
-import httpx
+import httpx2
 import openai
 
 from collab_agent.backends.openai.client import HttpClient
@@ -110,7 +110,7 @@ class OpenStream:
             return False
         except (openai.OpenAIError, TimeoutError) as error:
             typed = http.typed(error, self.what)
-        except httpx.HTTPError as error:  # the connection broke mid-stream
+        except httpx2.HTTPError as error:  # the connection broke mid-stream
             typed = BackendConnectionError(
                 http.scrub(f"{http.name} ({self.what} at {http.base_url}): the stream "
                            f"broke ({type(error).__name__}: {error})")
