@@ -290,15 +290,17 @@ def test_a_failing_batch_cancels_the_other_inputs() -> None:
 def test_ctrl_c_during_a_sync_invoke_is_a_keyboard_interrupt_and_cancels_the_call() -> None:
     small = ScriptedBackend(["step"] * 3, delay=5.0)
     model = CollabChatModel(small=small, large=Steady(), policy=SmallOnly())
-    timer = threading.Timer(0.3, os.kill, (os.getpid(), signal.SIGINT))  # a real Ctrl-C
-    timer.start()
-    start = time.perf_counter()
-    try:
-        with pytest.raises(KeyboardInterrupt):
-            model.invoke("2 + 2?")
-    finally:
-        timer.cancel()
-    assert small.cancelled == 1 and time.perf_counter() - start < 3.0
+    sent: list[float] = []
+
+    def ctrl_c_once_the_call_is_in_flight() -> None:  # a real Ctrl-C, not a fixed delay that
+        if wait_until(lambda: small.requests, within_s=60):  # a loaded machine can outlast
+            sent.append(time.perf_counter())
+            os.kill(os.getpid(), signal.SIGINT)
+
+    threading.Thread(target=ctrl_c_once_the_call_is_in_flight, daemon=True).start()
+    with pytest.raises(KeyboardInterrupt):
+        model.invoke("2 + 2?")
+    assert sent and small.cancelled == 1 and time.perf_counter() - sent[0] < 3.0
     assert small.released  # the conversation's state was freed on the way out
 
 
