@@ -297,9 +297,15 @@ def test_ctrl_c_during_a_sync_invoke_is_a_keyboard_interrupt_and_cancels_the_cal
             sent.append(time.perf_counter())
             os.kill(os.getpid(), signal.SIGINT)
 
-    threading.Thread(target=ctrl_c_once_the_call_is_in_flight, daemon=True).start()
-    with pytest.raises(KeyboardInterrupt):
-        model.invoke("2 + 2?")
+    # A shell that starts the tests in the background (nohup, no job control) hands them SIGINT
+    # ignored; Ctrl-C at a terminal has Python's own handler, which this test is about.
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        threading.Thread(target=ctrl_c_once_the_call_is_in_flight, daemon=True).start()
+        with pytest.raises(KeyboardInterrupt):
+            model.invoke("2 + 2?")
+    finally:
+        signal.signal(signal.SIGINT, previous)
     assert sent and small.cancelled == 1 and time.perf_counter() - sent[0] < 3.0
     assert small.released  # the conversation's state was freed on the way out
 
