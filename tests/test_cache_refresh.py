@@ -4,29 +4,14 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers import Qwen2Config, Qwen2ForCausalLM
+from test_cache_smallkv import VOCAB, tiny
+from transformers import Qwen2ForCausalLM
 
 from collab_agent.cache import H2O, CacheConfigError, CompressedCache, SmallKV
 from collab_agent.cache.generate import prefill
 
-VOCAB = 512
 STEPS = 12
 EVERY = 4
-
-
-def tiny(seed: int, layers: int, heads: int, hidden: int) -> Qwen2ForCausalLM:
-    torch.manual_seed(seed)
-    config = Qwen2Config(
-        vocab_size=VOCAB,
-        hidden_size=hidden,
-        intermediate_size=2 * hidden,
-        num_hidden_layers=layers,
-        num_attention_heads=heads,
-        num_key_value_heads=2,
-        max_position_embeddings=1024,
-        initializer_range=0.2,
-    )
-    return Qwen2ForCausalLM(config).eval()
 
 
 @pytest.fixture(scope="module")
