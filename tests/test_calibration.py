@@ -28,7 +28,7 @@ from collab_agent.calibration import (
     threshold_for_fraction,
     threshold_options,
 )
-from collab_agent.errors import CapabilityError, ConfigError
+from collab_agent.errors import BackendError, CapabilityError, ConfigError
 from collab_agent.evaluation.datasets import Problem
 from collab_agent.policies import (
     CognitiveOffload,
@@ -251,6 +251,43 @@ async def test_replay_without_a_large_model_names_what_is_missing() -> None:
     assert recording.signals["small_uncertainty"]["measured_steps"] == len(trace.steps)
     with pytest.raises(CapabilityError, match="no large model given"):
         await replay_signals([(PROBLEMS[0], trace, True)], candidates_by_name(["large_surprise"]))
+
+
+# ------------------------------------------------------------------------- runs of a policy
+class FailingSmall(Synthetic):
+    """The small model of the synthetic pair, whose server fails on problem 3."""
+
+    async def generate(self, request: GenerateRequest) -> Generation:
+        if self._where(request)[0] == 3:
+            raise BackendError("small model: server error")
+        return await super().generate(request)
+
+
+async def test_a_policy_run_answers_concurrently_in_problem_order_on_fresh_conversations() -> None:
+    seen: list[tuple[str, str]] = []
+    run = await run_policy(
+        make_reasoner,
+        SmallOnly(),
+        PROBLEMS,
+        grader=grader,
+        concurrency=4,
+        on_problem=lambda policy, problem: seen.append((policy, problem.problem_id)),
+    )
+    assert [p.problem_id for p in run.problems] == [p.id for p in PROBLEMS]
+    assert sorted(seen) == sorted(("small-only", p.id) for p in PROBLEMS)
+    assert run.accuracy == 0.5  # the odd problems go wrong
+    again = await run_policy(make_reasoner, SmallOnly(), PROBLEMS[:1], grader=grader)
+    ids = [p.conversation_id for p in run.problems + again.problems]
+    assert len(set(ids)) == len(ids) and all(i.startswith("calibrate-small-only-p") for i in ids)
+
+
+async def test_a_failing_problem_stops_the_policy_run() -> None:
+    def failing(policy: Policy) -> Reasoner:
+        return Reasoner(FailingSmall("small"), Synthetic("large"), policy, sampling=GREEDY)
+
+    with pytest.raises(ExceptionGroup) as info:  # raised out of the runner's task group
+        await run_policy(failing, SmallOnly(), PROBLEMS[:5], grader=grader, concurrency=2)
+    assert info.group_contains(BackendError, match="server error")
 
 
 # ------------------------------------------------------------------------- statistics
