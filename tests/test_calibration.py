@@ -25,6 +25,7 @@ from collab_agent.calibration import (
     replay_signals,
     run_policy,
     save_policy_file,
+    signal_quality,
     threshold_for_fraction,
     threshold_options,
 )
@@ -296,6 +297,24 @@ def test_auroc() -> None:
     assert auroc([0.1, 0.2, 0.8, 0.9], [True, True, False, False]) == 0.0
     assert auroc([0.5, 0.5], [True, False]) == 0.5
     assert auroc([0.3, 0.4], [True, True]) is None
+
+
+def test_signal_quality_scores_measured_steps_and_each_problem_by_its_top_step() -> None:
+    records = {
+        "wrong": [
+            StepRecord(0, 5, {"s": 0.9}),
+            StepRecord(1, 5, {"s": None}),
+            StepRecord(2, 5, {"s": 0.7}),
+        ],
+        "right": [StepRecord(0, 5, {"s": 0.1}), StepRecord(1, 5, {"s": 0.8})],
+        "unmeasured": [StepRecord(0, 5, {"s": None})],
+    }
+    quality = signal_quality(records, {"wrong": True, "right": False, "unmeasured": True}, "s")
+    assert quality["step_auroc"] == 0.75  # 0.7 ranks below the right problem's 0.8
+    assert quality["problem_auroc"] == 1.0  # 0.9 against 0.8; no value, no problem score
+    assert quality["measured_steps"] == 4
+    assert quality["mean_in_wrong"] == pytest.approx(0.8)
+    assert quality["mean_in_right"] == pytest.approx(0.45)
 
 
 def test_threshold_for_fraction_is_token_weighted() -> None:
