@@ -25,10 +25,11 @@ from collab_agent.calibration import (
     replay_signals,
     run_policy,
     save_policy_file,
+    signal_quality,
     threshold_for_fraction,
     threshold_options,
 )
-from collab_agent.errors import CapabilityError, ConfigError
+from collab_agent.errors import BackendError, CapabilityError, ConfigError
 from collab_agent.evaluation.datasets import Problem
 from collab_agent.policies import (
     CognitiveOffload,
@@ -253,12 +254,67 @@ async def test_replay_without_a_large_model_names_what_is_missing() -> None:
         await replay_signals([(PROBLEMS[0], trace, True)], candidates_by_name(["large_surprise"]))
 
 
+# ------------------------------------------------------------------------- runs of a policy
+class FailingSmall(Synthetic):
+    """The small model of the synthetic pair, whose server fails on problem 3."""
+
+    async def generate(self, request: GenerateRequest) -> Generation:
+        if self._where(request)[0] == 3:
+            raise BackendError("small model: server error")
+        return await super().generate(request)
+
+
+async def test_a_policy_run_answers_concurrently_in_problem_order_on_fresh_conversations() -> None:
+    seen: list[tuple[str, str]] = []
+    run = await run_policy(
+        make_reasoner,
+        SmallOnly(),
+        PROBLEMS,
+        grader=grader,
+        concurrency=4,
+        on_problem=lambda policy, problem: seen.append((policy, problem.problem_id)),
+    )
+    assert [p.problem_id for p in run.problems] == [p.id for p in PROBLEMS]
+    assert sorted(seen) == sorted(("small-only", p.id) for p in PROBLEMS)
+    assert run.accuracy == 0.5  # the odd problems go wrong
+    again = await run_policy(make_reasoner, SmallOnly(), PROBLEMS[:1], grader=grader)
+    ids = [p.conversation_id for p in run.problems + again.problems]
+    assert len(set(ids)) == len(ids) and all(i.startswith("calibrate-small-only-p") for i in ids)
+
+
+async def test_a_failing_problem_stops_the_policy_run() -> None:
+    def failing(policy: Policy) -> Reasoner:
+        return Reasoner(FailingSmall("small"), Synthetic("large"), policy, sampling=GREEDY)
+
+    with pytest.raises(ExceptionGroup) as info:  # raised out of the runner's task group
+        await run_policy(failing, SmallOnly(), PROBLEMS[:5], grader=grader, concurrency=2)
+    assert info.group_contains(BackendError, match="server error")
+
+
 # ------------------------------------------------------------------------- statistics
 def test_auroc() -> None:
     assert auroc([0.1, 0.2, 0.8, 0.9], [False, False, True, True]) == 1.0
     assert auroc([0.1, 0.2, 0.8, 0.9], [True, True, False, False]) == 0.0
     assert auroc([0.5, 0.5], [True, False]) == 0.5
     assert auroc([0.3, 0.4], [True, True]) is None
+
+
+def test_signal_quality_scores_measured_steps_and_each_problem_by_its_top_step() -> None:
+    records = {
+        "wrong": [
+            StepRecord(0, 5, {"s": 0.9}),
+            StepRecord(1, 5, {"s": None}),
+            StepRecord(2, 5, {"s": 0.7}),
+        ],
+        "right": [StepRecord(0, 5, {"s": 0.1}), StepRecord(1, 5, {"s": 0.8})],
+        "unmeasured": [StepRecord(0, 5, {"s": None})],
+    }
+    quality = signal_quality(records, {"wrong": True, "right": False, "unmeasured": True}, "s")
+    assert quality["step_auroc"] == 0.75  # 0.7 ranks below the right problem's 0.8
+    assert quality["problem_auroc"] == 1.0  # 0.9 against 0.8; no value, no problem score
+    assert quality["measured_steps"] == 4
+    assert quality["mean_in_wrong"] == pytest.approx(0.8)
+    assert quality["mean_in_right"] == pytest.approx(0.45)
 
 
 def test_threshold_for_fraction_is_token_weighted() -> None:

@@ -461,3 +461,64 @@ def test_cascade_router_re_solves_the_least_confident_problems_with_the_large_mo
     assert one["large_token_ratio"] == pytest.approx(200 / 600)
     assert all_["accuracy"] == pytest.approx(2 / 3) and all_["large_token_ratio"] == 1.0
     assert cascade_router(records, {}) == []  # no traces, no cascade
+
+
+# ------------------------------------------------------------------------- the loop, reused
+def _run_jobs_setup(
+    small: AnsweringBackend, large: AnsweringBackend
+) -> tuple[list[Any], Any, dict[str, Any]]:
+    from collab_agent.evaluation.runner import Job
+    from collab_agent.policies import SmallOnly
+    from collab_agent.reasoner import Reasoner
+
+    policy = SmallOnly()
+    jobs = [Job(policy, p) for p in PROBLEMS]
+    outcomes: dict[str, Any] = {}
+
+    def reasoner_for(policy: Any, sample: int) -> Reasoner:
+        return Reasoner(small, large, policy, sampling=GREEDY)
+
+    return jobs, reasoner_for, outcomes
+
+
+async def test_run_jobs_hands_a_failed_run_to_done_and_answers_the_rest() -> None:
+    from collab_agent.evaluation.runner import run_jobs
+
+    small, large = pair()
+    small.fail_on, small.delay = "3 * 3", 0.01
+    jobs, reasoner_for, outcomes = _run_jobs_setup(small, large)
+
+    def done(job: Any, outcome: Any, seconds: float) -> None:
+        outcomes[job.problem.id] = (job.conversation_id, outcome, seconds)
+
+    await run_jobs(jobs, reasoner_for, done, concurrency=2)
+    assert sorted(outcomes) == ["p1", "p2", "p3"]
+    assert isinstance(outcomes["p2"][1], BackendError)
+    for key in ("p1", "p3"):
+        conversation_id, trace, seconds = outcomes[key]
+        assert conversation_id == f"eval:small-only:{key}:0" == trace.conversation_id
+        assert trace.answer and seconds > 0
+    assert small.max_in_flight == 2
+
+
+async def test_run_jobs_stops_at_a_failure_unless_errors_are_kept() -> None:
+    from collab_agent.evaluation.runner import run_jobs
+
+    small, large = pair()
+    small.fail_on = "3 * 3"
+    jobs, reasoner_for, outcomes = _run_jobs_setup(small, large)
+
+    def done(job: Any, outcome: Any, seconds: float) -> None:
+        outcomes[job.problem.id] = outcome
+
+    with pytest.raises(ExceptionGroup) as info:  # raised out of the task group
+        await run_jobs(jobs, reasoner_for, done, keep_errors=False)
+    assert info.group_contains(BackendError)
+    assert not any(isinstance(o, Exception) for o in outcomes.values())
+
+    def misconfigured(policy: Any, sample: int) -> Any:
+        raise ConfigError("policy", "cannot run")
+
+    with pytest.raises(ExceptionGroup) as info:
+        await run_jobs(jobs, misconfigured, done)  # a ConfigError stops even with kept errors
+    assert info.group_contains(ConfigError)

@@ -14,7 +14,7 @@ import json
 import math
 import os
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -124,6 +124,62 @@ def resolve_policies(
     return resolved
 
 
+@dataclass(eq=False)
+class Job:
+    """One run of `run_jobs`: ``policy`` on ``problem``, sample ``sample``, as conversation
+    ``conversation_id`` (default ``eval:POLICY:PROBLEM:SAMPLE``)."""
+
+    policy: Policy
+    problem: Problem
+    sample: int = 0
+    conversation_id: str = ""
+
+    def __post_init__(self) -> None:
+        if not self.conversation_id:
+            self.conversation_id = f"eval:{self.policy.name}:{self.problem.id}:{self.sample}"
+
+
+async def run_jobs(
+    jobs: Iterable[Job],
+    reasoner_for: Callable[[Policy, int], Reasoner],
+    done: Callable[[Job, Trace | Exception, float], None],
+    *,
+    concurrency: int = 1,
+    problem_timeout_s: float | None = None,
+    keep_errors: bool = True,
+) -> None:
+    """The loop of `evaluate` (and of calibration): answer every job with the reasoner
+    ``reasoner_for(policy, sample)``, up to ``concurrency`` at once in one task group, and call
+    ``done(job, trace, seconds)`` as each one finishes.
+
+    With ``keep_errors``, a run that fails (a timeout after ``problem_timeout_s`` included, or an
+    error ``done`` raises for its trace) is handed to ``done`` as the exception in place of the
+    trace, and the other runs go on; a `ConfigError` (a misconfigured policy or backend fails
+    every problem) always stops the loop. Without ``keep_errors`` every error stops it.
+    """
+    limiter = anyio.CapacityLimiter(concurrency)
+
+    async def run_one(job: Job) -> None:
+        async with limiter:
+            started = time.perf_counter()
+            try:
+                with anyio.fail_after(problem_timeout_s) if problem_timeout_s else nullcontext():
+                    trace = await reasoner_for(job.policy, job.sample).run(
+                        job.problem.messages(), conversation_id=job.conversation_id
+                    )
+                done(job, trace, time.perf_counter() - started)
+            except ConfigError:
+                raise  # a misconfigured policy or backend fails every problem: stop now
+            except Exception as error:  # recorded, retried by the next run
+                if not keep_errors:
+                    raise
+                done(job, error, time.perf_counter() - started)
+
+    async with anyio.create_task_group() as tg:
+        for job in jobs:
+            tg.start_soon(run_one, job)
+
+
 async def evaluate(
     data: Sequence[Problem] | str | os.PathLike[str],
     policies: Sequence[str | Policy] | Mapping[str, Policy] | str,
@@ -224,7 +280,6 @@ async def evaluate(
         if (policy.name, problem.id, s) not in done
     ]
     results: list[ProblemRecord] = [r for k, r in done.items() if k in wanted]
-    limiter = anyio.CapacityLimiter(concurrency)
 
     def reasoner_for(policy: Policy, sample: int) -> Reasoner:
         sample_seed = None if seed is None else seed + sample
@@ -241,53 +296,40 @@ async def evaluate(
             answer_max_tokens=answer_max_tokens,
         )
 
-    async def run_one(policy: Policy, problem: Problem, sample: int, advance: Any) -> None:
-        async with limiter:
-            started = time.perf_counter()
-            conversation_id = f"eval:{policy.name}:{problem.id}:{sample}"
-            trace: Trace | None = None
-            try:
-                with anyio.fail_after(problem_timeout_s) if problem_timeout_s else nullcontext():
-                    trace = await reasoner_for(policy, sample).run(
-                        problem.messages(), conversation_id=conversation_id
-                    )
-                record = ProblemRecord.from_trace(policy.name, problem, sample, trace)
-                record.judge_scores = _pop_judge_scores(policy, conversation_id)
-            except TimeoutError:
-                record = ProblemRecord(
-                    policy.name,
-                    problem.id,
-                    sample,
-                    problem.answer,
-                    error=f"timeout after {problem_timeout_s} s",
-                    latency_s=time.perf_counter() - started,
+    def finished(job: Job, outcome: Trace | Exception, seconds: float, advance: Any) -> None:
+        policy, problem, sample = job.policy, job.problem, job.sample
+        trace = outcome if isinstance(outcome, Trace) else None
+        if trace is not None:
+            record = ProblemRecord.from_trace(policy.name, problem, sample, trace)
+            record.judge_scores = _pop_judge_scores(policy, job.conversation_id)
+        else:
+            error = (
+                f"timeout after {problem_timeout_s} s"
+                if isinstance(outcome, TimeoutError)
+                else f"{type(outcome).__name__}: {outcome}"
+            )
+            record = ProblemRecord(
+                policy.name, problem.id, sample, problem.answer, error=error, latency_s=seconds
+            )
+        results.append(record)
+        if out_dir is not None:
+            _append(out_dir / RECORDS_FILE, record.to_dict())
+            if trace is not None:
+                _append(
+                    out_dir / TRACES_FILE,
+                    {"policy": policy.name, "problem_id": problem.id, "sample": sample}
+                    | {"trace": trace.to_dict()},
                 )
-            except ConfigError:
-                raise  # a misconfigured policy or backend fails every problem: stop now
-            except Exception as error:  # recorded, retried by the next run
-                record = ProblemRecord(
-                    policy.name,
-                    problem.id,
-                    sample,
-                    problem.answer,
-                    error=f"{type(error).__name__}: {error}",
-                    latency_s=time.perf_counter() - started,
-                )
-            results.append(record)
-            if out_dir is not None:
-                _append(out_dir / RECORDS_FILE, record.to_dict())
-                if trace is not None:
-                    _append(
-                        out_dir / TRACES_FILE,
-                        {"policy": policy.name, "problem_id": problem.id, "sample": sample}
-                        | {"trace": trace.to_dict()},
-                    )
-            advance(record)
+        advance(record)
 
     with _progress_bar(progress, total=len(wanted), done=len(wanted) - len(jobs)) as advance:
-        async with anyio.create_task_group() as tg:
-            for policy, problem, sample in jobs:
-                tg.start_soon(run_one, policy, problem, sample, advance)
+        await run_jobs(
+            [Job(policy, problem, sample) for policy, problem, sample in jobs],
+            reasoner_for,
+            lambda job, outcome, seconds: finished(job, outcome, seconds, advance),
+            concurrency=concurrency,
+            problem_timeout_s=problem_timeout_s,
+        )
 
     order = {p.name: i for i, p in enumerate(resolved)}
     results.sort(key=lambda r: (order.get(r.policy, 0), r.problem_id, r.sample))
@@ -383,9 +425,11 @@ __all__ = [  # the record names are re-exported from records.py, where they move
     "SUMMARY_FILE",
     "TRACES_FILE",
     "EvalReport",
+    "Job",
     "ProblemRecord",
     "evaluate",
     "read_records",
     "read_traces",
     "resolve_policies",
+    "run_jobs",
 ]
