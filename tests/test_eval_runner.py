@@ -54,6 +54,7 @@ class AnsweringBackend:
         score: str = "9",
         delay: float = 0.0,
         fail_on: str | None = None,
+        hang_on: str | None = None,
         price: float = 0.0,
     ) -> None:
         self.name = name
@@ -61,6 +62,8 @@ class AnsweringBackend:
         self.score = score
         self.delay = delay
         self.fail_on = fail_on
+        self.hang_on = hang_on
+        self.hanging = anyio.Event()
         self.price = price
         self.requests: list[GenerateRequest] = []
         self.in_flight = 0
@@ -76,6 +79,9 @@ class AnsweringBackend:
             question = next(m["content"] for m in request.messages if m["role"] == "user")
             if self.fail_on and self.fail_on in question:
                 raise BackendError(f"{self.name}: server error")
+            if self.hang_on and self.hang_on in question:
+                self.hanging.set()
+                await anyio.sleep_forever()
             if request.purpose == "judge":
                 text = self.score
             elif not request.reasoning:
@@ -179,11 +185,14 @@ async def test_a_rerun_skips_what_is_done(tmp_path: Path) -> None:
 
 
 async def test_resume_after_an_interrupted_run(tmp_path: Path) -> None:
-    small, large = pair(delay=0.05)
-    small.delay = 0.05
+    small, large = pair()
+    small.hang_on = "10 - 7"  # the last problem: interrupt the run there, whatever the load
     policies = ["small-only", "large-only"]
-    with anyio.move_on_after(0.25):  # interrupt in the middle
-        await evaluate(PROBLEMS, policies, small=small, large=large, out=tmp_path)
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(lambda: evaluate(PROBLEMS, policies, small=small, large=large, out=tmp_path))
+        await small.hanging.wait()
+        tg.cancel_scope.cancel()
+    small.hang_on = None
     finished = read_records(tmp_path)
     assert 0 < len(finished) < 6
     # a kill during a write leaves half a line: it is ignored
