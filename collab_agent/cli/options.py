@@ -31,8 +31,8 @@ SplitterOption = Annotated[
     str | None,
     typer.Option(
         "--splitter",
-        help="Where a reasoning step ends: line (a line break; short lines merge) or blank-line "
-        "(the papers', the default).",
+        help="Where a reasoning step ends: line (a line break; short lines merge; the bundled "
+        "pair's default) or blank-line (the papers'; other models' default).",
     ),
 ]
 TemperatureOption = Annotated[float, typer.Option("--temperature", help="0 is greedy.")]
