@@ -153,8 +153,9 @@ class BatchedTransformersBackend(TransformersBackend):
     """`TransformersBackend` with the decode steps of concurrent conversations batched.
 
     Same outputs as `TransformersBackend` (text, stop reasons, logprobs, token counts, prefix
-    reuse, `score`, `release`), many conversations at once: requests arriving while a batch runs
-    join it at the next step (continuous batching). See the module docstring for the scheme.
+    reuse, `score`, `release`, the ``on_generation`` observer, called as each row finishes), many
+    conversations at once: requests arriving while a batch runs join it at the next step
+    (continuous batching). See the module docstring for the scheme.
 
     Args:
         model: a transformers causal LM with full-attention layers (Qwen2, Llama, ...).
@@ -614,6 +615,8 @@ class BatchedTransformersBackend(TransformersBackend):
             cached_tokens=row.cached_tokens,
             seconds=time.perf_counter() - row.started,
         )
+        if self.on_generation is not None:
+            self.on_generation(row.request, row.prompt, row.decoder.sampled)
         self._finished.append(row)
 
     def _fail(self, row: _Row, exc: Exception) -> None:
