@@ -11,6 +11,7 @@ import functools
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from collab_agent._hf import IMPORT_LOCK
 from collab_agent.backends.base import GenerateRequest, TokenizedBackend
 from collab_agent.backends.gguf import gguf_tokenizer
 from collab_agent.errors import CapabilityError
@@ -45,9 +46,10 @@ def spec_tokenizer(spec: str) -> Any:
     if parsed.kind == "llamacpp":
         return gguf_tokenizer(parsed.target)
     if parsed.kind == "hf":
-        from transformers import AutoTokenizer
+        with IMPORT_LOCK:
+            from transformers import AutoTokenizer
 
-        return AutoTokenizer.from_pretrained(parsed.target)
+            return AutoTokenizer.from_pretrained(parsed.target)
     raise CapabilityError(
         f"{spec}: the server's tokenizer cannot be read offline; pass "
         "OpenAIBackend(..., tokenizer=PATH_OR_BUNDLED_NAME) as the model to count tokens"
