@@ -15,9 +15,9 @@ import pytest
 import torch
 
 from collab_agent.backends.base import GREEDY, GenerateRequest, Sampling
+from collab_agent.backends.decoding import tokens_before
 from collab_agent.backends.local import (
     TransformersBackend,
-    _tokens_before,
     common_prefix_length,
     find_stop,
     render_prompt,
@@ -152,7 +152,7 @@ def test_merged_delimiter_token_is_found_and_counted(tiny_pair: TinyPair) -> Non
     text = tokenizer.decode(ids)
     position, stop = find_stop(text, ["\n\n"])
     assert text[:position] == "Add them." and stop == "\n\n"
-    assert _tokens_before(lengths, position) == pieces.index(".\n\n") + 1
+    assert tokens_before(lengths, position) == pieces.index(".\n\n") + 1
 
 
 def test_find_stop_picks_the_earliest():

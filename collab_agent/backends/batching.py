@@ -41,15 +41,9 @@ import anyio.to_thread
 
 from collab_agent import _checks
 from collab_agent._hf import IMPORT_LOCK
-from collab_agent.backends.base import GenerateRequest, Generation, StopReason
-from collab_agent.backends.detokenize import IncrementalText, find_stop
-from collab_agent.backends.local import (
-    ConversationCache,
-    TransformersBackend,
-    _tokens_before,
-    sample_next,
-    top_alternatives,
-)
+from collab_agent.backends.base import GenerateRequest, Generation
+from collab_agent.backends.decoding import SequenceDecoder, seeded_generator
+from collab_agent.backends.local import ConversationCache, TransformersBackend
 from collab_agent.errors import BackendError, CapabilityError
 from collab_agent.limits import OverloadedError
 
@@ -65,23 +59,15 @@ class _Row:
     request: GenerateRequest
     started: float
     entry: ConversationCache | None = None
-    prompt_tokens: int = 0
+    prompt: list[int] = field(default_factory=list)
     cached_tokens: int = 0
-    decoded: IncrementalText | None = None  # the generated tokens and their text
-    logprobs: list[float] = field(default_factory=list)
-    top: list[dict[str, float]] = field(default_factory=list)  # alternatives per kept token
+    decoder: SequenceDecoder | None = None  # the generated tokens, their text and logprobs
     pending: int = -1  # sampled, not yet forwarded
     last_logits: Any = None  # logits after the last forwarded token
-    generator: Any = None
     cancelled: bool = False  # set by the caller's task, read by the worker between steps
     result: Generation | None = None
     error: BaseException | None = None
     wake: anyio.Event | None = None
-
-    @property
-    def tokens(self) -> list[int]:
-        """The generated tokens kept so far."""
-        return [] if self.decoded is None else self.decoded.tokens
 
     @property
     def done(self) -> bool:
@@ -168,8 +154,9 @@ class BatchedTransformersBackend(TransformersBackend):
     """`TransformersBackend` with the decode steps of concurrent conversations batched.
 
     Same outputs as `TransformersBackend` (text, stop reasons, logprobs, token counts, prefix
-    reuse, `score`, `release`), many conversations at once: requests arriving while a batch runs
-    join it at the next step (continuous batching). See the module docstring for the scheme.
+    reuse, `score`, `release`, the ``on_generation`` observer, called as each row finishes), many
+    conversations at once: requests arriving while a batch runs join it at the next step
+    (continuous batching). See the module docstring for the scheme.
 
     Args:
         model: a transformers causal LM with full-attention layers (Qwen2, Llama, ...).
@@ -448,15 +435,16 @@ class BatchedTransformersBackend(TransformersBackend):
 
     def _checkout_row(self, row: _Row) -> list[int]:
         """Tokenise the request and check out its conversation's cache; the ids to prefill."""
-        import torch
-
         request = row.request
         prompt = self.prompt_ids(request)
         entry, reused = self._checkout(request, prompt, None)
-        row.entry, row.prompt_tokens, row.cached_tokens = entry, len(prompt), reused
-        sampling = request.sampling
-        if sampling.temperature > 0 and sampling.seed is not None:
-            row.generator = torch.Generator(device=self.device).manual_seed(sampling.seed)
+        row.entry, row.prompt, row.cached_tokens = entry, prompt, reused
+        row.decoder = SequenceDecoder(
+            request,
+            self.tokenizer,
+            self.eos_token_ids,
+            seeded_generator(request.sampling, self.device),
+        )
         if reused == len(prompt) and entry.next_logits is not None:
             return []
         return prompt[reused:]
@@ -614,50 +602,24 @@ class BatchedTransformersBackend(TransformersBackend):
             self._advance(row, logits[i], logprobs[i])
 
     def _advance(self, row: _Row, logits: torch.Tensor, logprobs: torch.Tensor) -> None:
-        """Sample the row's next token and check end of turn, stop strings and the limit
-        (the same rules as `TransformersBackend`)."""
-        request = row.request
-        token = sample_next(logits, request.sampling, row.generator)
-        if token in self.eos_token_ids:
-            self._finish(row, "eos")
-            return
-        if row.decoded is None:
-            row.decoded = IncrementalText(self.tokenizer)
-        decoded = row.decoded
-        row.logprobs.append(float(logprobs[token]))
-        if request.top_logprobs:
-            row.top.append(top_alternatives(logprobs, request.top_logprobs, self.tokenizer))
-        checked = len(decoded.text)
-        found = None
-        if decoded.push(token):  # only the tail the new text can complete is searched
-            found = find_stop(decoded.text, request.stop, checked)
-        if found is not None:
-            position, stop = found
-            kept = _tokens_before(decoded.lengths, position)
-            del decoded.tokens[kept:], row.logprobs[kept:], row.top[kept:]
-            self._finish(row, "step", decoded.text[:position], stop)
-        elif len(decoded.tokens) >= request.max_tokens:
-            self._finish(row, "length")
+        """Sample the row's next token with its `SequenceDecoder` (the same rules as
+        `TransformersBackend`); finish the row when its sequence ended."""
+        assert row.decoder is not None
+        token = row.decoder.advance(logits, logprobs)
+        if token is None:
+            self._finish(row)
         else:
             row.pending = token
 
-    def _finish(
-        self, row: _Row, reason: StopReason, text: str | None = None, stop: str | None = None
-    ) -> None:
-        if text is None:
-            text = "" if row.decoded is None else row.decoded.final_text()
-        request = row.request
-        row.result = Generation(
-            text=text,
-            stop_reason=reason,
-            logprobs=list(row.logprobs) if request.logprobs else None,
-            top_logprobs=list(row.top) if request.top_logprobs else None,
-            prompt_tokens=row.prompt_tokens,
+    def _finish(self, row: _Row) -> None:
+        assert row.decoder is not None
+        row.result = row.decoder.generation(
+            prompt_tokens=len(row.prompt),
             cached_tokens=row.cached_tokens,
-            completion_tokens=len(row.tokens),
             seconds=time.perf_counter() - row.started,
-            stop_string=stop,
         )
+        if self.on_generation is not None:
+            self.on_generation(row.request, row.prompt, row.decoder.sampled)
         self._finished.append(row)
 
     def _fail(self, row: _Row, exc: Exception) -> None:

@@ -7,9 +7,11 @@ the way vLLM's prefix cache serves a remote model. When the other model wrote a 
 step is prefilled; when a step is rejected, the cache rolls back to before it.
 
 The decode loop is our own (one forward per token with the cache, not ``model.generate``), so
-that chosen-token logprobs, stop strings and cancellation are exact and cheap. The per-conversation
-cache logic lives in small functions (`prompt_token_ids`, `ConversationCache.reuse`,
-`PrefixCacheStore`, `sample_next`, `find_stop`) that a batched scheduler can reuse.
+that chosen-token logprobs, stop strings and cancellation are exact and cheap; what each sampled
+token means (end of turn, stop strings, limits, logprobs, streamed text) is decided by the
+`SequenceDecoder` of decoding.py, which the batching backend drives per row too. The
+per-conversation cache logic lives in small pieces (`prompt_token_ids`, `ConversationCache.reuse`,
+`PrefixCacheStore`) that a batched scheduler can reuse.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import anyio
@@ -33,9 +35,10 @@ from anyio.lowlevel import RunVar
 
 from collab_agent import _checks
 from collab_agent._hf import IMPORT_LOCK
-from collab_agent.backends.base import GenerateRequest, Generation, Sampling, StopReason
+from collab_agent.backends.base import GenerateRequest, Generation
 from collab_agent.backends.capabilities import Compacting, DeviceMemory
-from collab_agent.backends.detokenize import IncrementalText, find_stop, stop_holdback
+from collab_agent.backends.decoding import SequenceDecoder, sample_next, seeded_generator
+from collab_agent.backends.detokenize import find_stop
 from collab_agent.errors import BackendError, ConfigError
 
 if TYPE_CHECKING:
@@ -215,35 +218,6 @@ class PrefixCacheStore:
 
 
 # =========================================================================== decoding helpers
-def sample_next(logits: torch.Tensor, sampling: Sampling, generator: torch.Generator | None) -> int:
-    """The next token: argmax when temperature is 0, else top-p sampling at the temperature."""
-    import torch
-
-    if sampling.temperature == 0.0:
-        return int(torch.argmax(logits).item())
-    probs = torch.softmax(logits.float() / sampling.temperature, dim=-1)
-    if sampling.top_p < 1.0:
-        sorted_probs, order = torch.sort(probs, descending=True)
-        before = torch.cumsum(sorted_probs, dim=-1) - sorted_probs
-        sorted_probs[before >= sampling.top_p] = 0.0  # keeps at least the top token
-        choice = torch.multinomial(sorted_probs, 1, generator=generator)
-        return int(order[choice].item())
-    return int(torch.multinomial(probs, 1, generator=generator).item())
-
-
-def _tokens_before(prefix_lengths: Sequence[int], position: int) -> int:
-    """How many tokens contribute text before ``position``, given the decoded length after each
-    token (a token that straddles the position counts: its text starts before it)."""
-    count = 0
-    start = 0
-    for length in prefix_lengths:
-        if start >= position:
-            break
-        count += 1
-        start = length
-    return count
-
-
 def end_of_turn_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> frozenset[int]:
     """Token ids that end generation: the model's EOS ids, the tokenizer's, end-of-turn tokens."""
     ids: set[int] = set()
@@ -259,36 +233,11 @@ def end_of_turn_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) 
     return frozenset(ids)
 
 
-def top_alternatives(logprobs: torch.Tensor, k: int, tokenizer: Any) -> dict[str, float]:
-    """The ``k`` most likely next tokens as ``{token text: logprob}`` from one row of log-softmax
-    scores (what OpenAI's ``top_logprobs`` returns; tokens decoding to the same text are summed)."""
-    import torch
-
-    values, ids = torch.topk(logprobs, k)
-    out: dict[str, float] = {}
-    for value, token_id in zip(values.tolist(), ids.tolist(), strict=True):
-        text = str(tokenizer.decode([token_id], skip_special_tokens=False))
-        previous = out.get(text)
-        out[text] = value if previous is None else math.log(math.exp(previous) + math.exp(value))
-    return out
-
-
 class _Cancelled(Exception):
     """The caller went away; the worker stopped at the next token."""
 
 
 # =========================================================================== the backend
-@dataclass
-class _Decoded:
-    text: str
-    stop_reason: StopReason
-    tokens: list[int]
-    logprobs: list[float]
-    stop_string: str | None
-    sampled: list[int]  # every token sampled, past the stop string too (not an end of turn)
-    top: list[dict[str, float]] = field(default_factory=list)  # alternatives per kept token
-
-
 class TransformersBackend:
     """A local transformers causal LM as a `Backend`, with per-conversation prefix KV reuse.
 
@@ -650,7 +599,7 @@ class TransformersBackend:
                     logits = entry.next_logits
                 else:
                     logits = self._forward(entry, prompt[reused:])[-1]
-                decoded = self._decode(logits, entry, request, cancel, on_text)
+                decoder = self._decode(logits, entry, request, cancel, on_text)
                 if isinstance(entry.kv, Compacting):  # back within budget between calls
                     entry.kv.compact()
             ok = True
@@ -664,18 +613,8 @@ class TransformersBackend:
                 self._store.put(request.conversation_id, entry)
         seconds = time.perf_counter() - started
         if self.on_generation is not None:
-            self.on_generation(request, prompt, decoded.sampled)
-        return Generation(
-            text=decoded.text,
-            stop_reason=decoded.stop_reason,
-            logprobs=decoded.logprobs if request.logprobs else None,
-            top_logprobs=decoded.top if request.top_logprobs else None,
-            prompt_tokens=len(prompt),
-            cached_tokens=reused,
-            completion_tokens=len(decoded.tokens),
-            seconds=seconds,
-            stop_string=decoded.stop_string,
-        )
+            self.on_generation(request, prompt, decoder.sampled)
+        return decoder.generation(prompt_tokens=len(prompt), cached_tokens=reused, seconds=seconds)
 
     def _decode(
         self,
@@ -684,51 +623,24 @@ class TransformersBackend:
         request: GenerateRequest,
         cancel: threading.Event,
         on_text: TextSink | None = None,
-    ) -> _Decoded:
-        """The decode loop: sample, check end of turn and stop strings, forward the token.
-        ``on_text`` gets the settled text as it grows, less a tail that could start a stop
-        string (the rest of the final text is the caller's to show)."""
-        import torch
-
-        sampling = request.sampling
-        generator = None
-        if sampling.temperature > 0 and sampling.seed is not None:
-            generator = torch.Generator(device=logits.device).manual_seed(sampling.seed)
-        decoded = IncrementalText(self.tokenizer)
-        tokens = decoded.tokens
-        logprobs: list[float] = []
-        top: list[dict[str, float]] = []
-        shown = 0
+    ) -> SequenceDecoder:
+        """The decode loop: a `SequenceDecoder` samples and checks each token, the model
+        forwards it. ``on_text`` gets the settled text as it grows, less a tail that could start
+        a stop string (the rest of the final text is the caller's to show)."""
+        decoder = SequenceDecoder(
+            request,
+            self.tokenizer,
+            self.eos_token_ids,
+            seeded_generator(request.sampling, logits.device),
+        )
         while True:
-            token = sample_next(logits, sampling, generator)
-            if token in self.eos_token_ids:
-                return _Decoded(decoded.final_text(), "eos", tokens, logprobs, None, tokens, top)
-            row = torch.log_softmax(logits.float(), dim=-1)
-            logprobs.append(float(row[token]))
-            if request.top_logprobs:
-                top.append(top_alternatives(row, request.top_logprobs, self.tokenizer))
-            checked = len(decoded.text)
-            if decoded.push(token):
-                found = find_stop(decoded.text, request.stop, checked)
-                if found is not None:
-                    position, stop = found
-                    kept = _tokens_before(decoded.lengths, position)
-                    return _Decoded(
-                        decoded.text[:position],
-                        "step",
-                        tokens[:kept],
-                        logprobs[:kept],
-                        stop,
-                        list(tokens),
-                        top[:kept],
-                    )
-                if on_text is not None:
-                    upto = len(decoded.text) - stop_holdback(decoded.text, request.stop)
-                    if upto > shown:
-                        on_text(decoded.text[shown:upto])
-                        shown = upto
-            if len(tokens) >= request.max_tokens:
-                return _Decoded(decoded.final_text(), "length", tokens, logprobs, None, tokens, top)
+            token = decoder.advance(logits)
+            if on_text is not None:
+                delta = decoder.take_delta()
+                if delta:
+                    on_text(delta)
+            if token is None:
+                return decoder
             if cancel.is_set():
                 raise _Cancelled
             logits = self._forward(entry, [token])[-1]
