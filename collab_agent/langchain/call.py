@@ -31,6 +31,7 @@ from collab_agent.errors import CallTimeoutError, ConfigError
 from collab_agent.langchain.callbacks import traced
 from collab_agent.langchain.errors import langchain_typed
 from collab_agent.langchain.messages import chunk, convert_messages, usage_metadata
+from collab_agent.langchain.structured import check_response_format
 from collab_agent.langchain.tools import (
     ToolChoice,
     convert_tools,
@@ -41,7 +42,6 @@ from collab_agent.langchain.tools import (
 from collab_agent.policies.base import Policy
 from collab_agent.reasoner import AnswerEvent, Reasoner, StepEvent, TokenEvent
 from collab_agent.streaming import AnswerReveal
-from collab_agent.structured import check_response_format
 
 if TYPE_CHECKING:
     from collab_agent.langchain.chat_model import CollabChatModel

@@ -3,7 +3,7 @@
 The class holds the fields (each documented) and the overrides: ``_generate`` / ``_agenerate`` /
 ``_stream`` / ``_astream`` run one call (`collab_agent.langchain.call`), ``bind_tools`` and
 ``with_structured_output`` bind tools and response formats (`collab_agent.langchain.tools`,
-`collab_agent.structured`), ``get_num_tokens*`` count with each model's own tokenizer, and
+`collab_agent.langchain.structured`), ``get_num_tokens*`` count with each model's own tokenizer, and
 ``batch`` / ``abatch`` bound their concurrency. Messages are converted by
 `collab_agent.langchain.messages`; spec strings become backends in
 `collab_agent.langchain.backends`.
@@ -34,12 +34,12 @@ from collab_agent.errors import CapabilityError, CollabError, ConfigError
 from collab_agent.langchain.backends import OwnedBackends, spec_backend
 from collab_agent.langchain.call import Call, check_policy, prepare, stream_chunks
 from collab_agent.langchain.messages import aggregate, convert_messages
+from collab_agent.langchain.structured import METHODS, response_format_for
 from collab_agent.langchain.tools import convert_tools, parse_tool_choice
 from collab_agent.limits import map_limited
 from collab_agent.policies.base import Policy
 from collab_agent.prompting import FORMATS, ReasoningFormat
 from collab_agent.splitting import resolve_splitter
-from collab_agent.structured import METHODS, response_format_for
 
 __all__ = ["CollabChatModel"]
 
