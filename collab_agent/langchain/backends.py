@@ -66,8 +66,8 @@ def spec_backend(
     if not kind.shared:
         with owned.lock:
             if role not in owned.backends:
-                key = None if api_key is None else api_key.get_secret_value()
-                owned.backends[role] = load_backend(parsed, api_key=key, **options)
+                secret = None if api_key is None else api_key.get_secret_value()
+                owned.backends[role] = load_backend(parsed, api_key=secret, **options)
             return owned.backends[role]
     key = (str(parsed), json.dumps(options, sort_keys=True, default=repr))
     with _LOCAL_BACKENDS_LOCK:
