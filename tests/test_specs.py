@@ -15,7 +15,7 @@ from collab_agent.backends.specs import (
     parse_spec,
 )
 from collab_agent.chat_model import CollabChatModel
-from collab_agent.errors import ConfigError
+from collab_agent.errors import CapabilityError, ConfigError
 from collab_agent.langchain import backends as lc_backends
 from collab_agent.policies.fixed import LargeOnly
 from collab_agent.testing import ScriptedBackend
@@ -148,3 +148,25 @@ def test_the_server_sets_a_kind_up_for_concurrent_requests_by_its_flags(
     _probe_kind(monkeypatch, seen, batches=batches)
     load_served_backend("probe:x", parallel=4, threads=1, api_key_env="K")
     assert seen == [LoadOptions(options, "K", threads=1, parallel=4)]
+
+
+class Words:
+    """A tokenizer of one token per word."""
+
+    def __call__(self, text: str, add_special_tokens: bool = True) -> dict[str, list[int]]:
+        return {"input_ids": [len(word) for word in text.split()]}
+
+
+def test_a_kind_that_declares_its_tokenizer_counts_tokens_without_loading_a_model(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    seen: list[LoadOptions] = []
+    monkeypatch.setitem(KINDS, "probe", Kind(lambda spec, given: seen.append(given) or Echo("")))
+    monkeypatch.setitem(
+        KINDS, "worded", Kind(lambda spec, given: Echo(""), tokenizer=lambda spec: Words())
+    )
+    model = CollabChatModel(small="worded:small-counted", large="worded:large-counted")
+    assert model.get_num_tokens("What is 17 * 23?") == 5
+    with pytest.raises(CapabilityError, match="cannot be read offline"):
+        CollabChatModel(small="probe:uncounted", large="worded:large-counted").get_num_tokens("q")
+    assert seen == []  # no backend was built to count

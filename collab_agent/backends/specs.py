@@ -91,6 +91,8 @@ class Kind:
             own, with its own key, and closes it.
         batches: a local model that runs concurrent conversations as one batch when given
             ``max_batch_size``; a server kind serves them through ``LoadOptions.parallel``.
+        tokenizer: the tokenizer of the model a spec names, read from local files only (no
+            weights loaded, no server started); ``None``: not readable offline.
     """
 
     load: Callable[[ModelSpec, LoadOptions], Backend]
@@ -99,6 +101,7 @@ class Kind:
     server: bool = False
     shared: bool = True
     batches: bool = False
+    tokenizer: Callable[[ModelSpec], Any] | None = None
 
 
 # ============================================================================ loaders
@@ -149,6 +152,26 @@ def _llamacpp(spec: ModelSpec, given: LoadOptions) -> Backend:
     return llamacpp_backend(spec.target, **options)
 
 
+# ============================================================================ tokenizers
+def _tiny_tokenizer(spec: ModelSpec) -> Any:
+    from collab_agent.backends.tiny import qwen_tokenizer
+
+    return qwen_tokenizer()
+
+
+def _gguf_tokenizer(spec: ModelSpec) -> Any:
+    """From a GGUF file's metadata: ``bundled:NAME`` specs and ``llamacpp:`` targets."""
+    from collab_agent.backends.gguf import gguf_tokenizer
+
+    return gguf_tokenizer(f"bundled:{spec.target}" if spec.kind == "bundled" else spec.target)
+
+
+def _hf_tokenizer(spec: ModelSpec) -> Any:
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(spec.target)
+
+
 # ============================================================================ parsers
 def _tiny(rest: str, spec: str) -> ModelSpec:
     if not rest.isdigit():
@@ -164,11 +187,16 @@ def _model_at_url(rest: str, spec: str) -> ModelSpec:
 
 
 KINDS: dict[SpecKind, Kind] = {
-    "bundled": Kind(_local, usage="bundled:NAME", batches=True),
-    "hf": Kind(_local, usage="hf:PATH", batches=True),
+    "bundled": Kind(_local, usage="bundled:NAME", batches=True, tokenizer=_gguf_tokenizer),
+    "hf": Kind(_local, usage="hf:PATH", batches=True, tokenizer=_hf_tokenizer),
     "openai": Kind(_openai, _model_at_url, usage="openai:MODEL@URL", server=True, shared=False),
-    "llamacpp": Kind(_llamacpp, usage="llamacpp:bundled:NAME, llamacpp:PATH.gguf", server=True),
-    "tiny": Kind(_local, _tiny, usage="tiny[:SEED]", batches=True),
+    "llamacpp": Kind(
+        _llamacpp,
+        usage="llamacpp:bundled:NAME, llamacpp:PATH.gguf",
+        server=True,
+        tokenizer=_gguf_tokenizer,
+    ),
+    "tiny": Kind(_local, _tiny, usage="tiny[:SEED]", batches=True, tokenizer=_tiny_tokenizer),
 }
 """Every spec kind: ``KIND:REST`` is read by ``KINDS[KIND]``; a new backend is one line here."""
 
