@@ -40,6 +40,7 @@ import anyio
 import anyio.to_thread
 
 from collab_agent import _checks
+from collab_agent._hf import IMPORT_LOCK
 from collab_agent.backends.base import GenerateRequest, Generation, StopReason
 from collab_agent.backends.detokenize import IncrementalText, find_stop
 from collab_agent.backends.local import (
@@ -245,7 +246,8 @@ class BatchedTransformersBackend(TransformersBackend):
         self._driving = False
 
     def _check_full_attention(self) -> None:
-        from transformers.cache_utils import DynamicLayer
+        with IMPORT_LOCK:
+            from transformers.cache_utils import DynamicLayer
 
         layers = getattr(self._new_cache(), "layers", [])
         if not layers or any(type(layer) is not DynamicLayer for layer in layers):
@@ -255,7 +257,8 @@ class BatchedTransformersBackend(TransformersBackend):
             )
 
     def _cache_from(self, kv: list[tuple[torch.Tensor, torch.Tensor]]) -> Any:
-        from transformers import DynamicCache
+        with IMPORT_LOCK:
+            from transformers import DynamicCache
 
         return DynamicCache(ddp_cache_data=kv, config=self.model.config)
 

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from collab_agent._hf import IMPORT_LOCK
 from collab_agent.backends.base import Role
 from collab_agent.errors import ConfigError, ModelNotInstalledError
 
@@ -344,7 +345,8 @@ def _dequantized(gguf: Path) -> dict[str, Any]:
     """Ask transformers to unpack every GGUF block into dense weights (recent transformers keep
     them packed by default, which cannot be saved as safetensors)."""
     try:
-        from transformers import GgufConfig
+        with IMPORT_LOCK:
+            from transformers import GgufConfig
     except ImportError:  # older transformers always dequantise
         return {}
     return {"quantization_config": GgufConfig(gguf_file=str(gguf), dequantize=True)}
@@ -379,7 +381,9 @@ def bundled_path(name: str) -> Path:
         if (target / _COMPLETE).is_file():
             return target
         import torch
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        with IMPORT_LOCK:
+            from transformers import AutoModelForCausalLM, AutoTokenizer
 
         gguf = _verified_gguf(model)
         build = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{model.name}."))
@@ -409,6 +413,11 @@ def load_tokenizer(name: str = TOKENIZER_SOURCE) -> PreTrainedTokenizerBase:
 
     Does not convert the model: the first call reads the tokenizer from the GGUF alone.
     """
+    with IMPORT_LOCK:
+        return _load_tokenizer(name)
+
+
+def _load_tokenizer(name: str) -> PreTrainedTokenizerBase:
     from transformers import AutoTokenizer
 
     model = get(name)
@@ -435,10 +444,13 @@ def load_model(name: str, *, dtype: Any = None, device: Any = None) -> PreTraine
     """The bundled model ``name`` as a transformers causal LM (bf16 unless ``dtype`` says
     otherwise), in eval mode, on ``device`` (CPU by default)."""
     import torch
-    from transformers import AutoModelForCausalLM
+
+    with IMPORT_LOCK:
+        from transformers import AutoModelForCausalLM
 
     path = bundled_path(name)
-    lm = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype or torch.bfloat16)
+    with IMPORT_LOCK:
+        lm = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype or torch.bfloat16)
     if device is not None:
         lm = lm.to(device)
     return lm.eval()

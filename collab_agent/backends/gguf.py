@@ -6,6 +6,8 @@ import functools
 from pathlib import Path
 from typing import Any
 
+from collab_agent._hf import IMPORT_LOCK
+
 __all__ = ["gguf_tokenizer"]
 
 
@@ -16,7 +18,8 @@ def gguf_tokenizer(model: str) -> Any:
         from collab_agent.backends import bundled
 
         return bundled.load_tokenizer(model.removeprefix("bundled:"))
-    from transformers import AutoTokenizer
-
     path = Path(model).expanduser()
-    return AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    with IMPORT_LOCK:
+        from transformers import AutoTokenizer
+
+        return AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)

@@ -32,6 +32,7 @@ import anyio.to_thread
 from anyio.lowlevel import RunVar
 
 from collab_agent import _checks
+from collab_agent._hf import IMPORT_LOCK
 from collab_agent.backends.base import GenerateRequest, Generation, Sampling, StopReason
 from collab_agent.backends.capabilities import Compacting, DeviceMemory
 from collab_agent.backends.detokenize import IncrementalText, find_stop, stop_holdback
@@ -393,7 +394,9 @@ class TransformersBackend:
             **options: passed to the constructor (``max_cached_conversations``, ...).
         """
         import torch
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        with IMPORT_LOCK:
+            from transformers import AutoModelForCausalLM, AutoTokenizer
 
         if device is None:
             device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -404,13 +407,17 @@ class TransformersBackend:
 
             bundled_name = bundled.get(target).name
             model = bundled.load_model(bundled_name, dtype=torch_dtype, device=device)
-            tokenizer = AutoTokenizer.from_pretrained(str(bundled.bundled_path(bundled_name)))
+            with IMPORT_LOCK:
+                tokenizer = AutoTokenizer.from_pretrained(str(bundled.bundled_path(bundled_name)))
             return cls(model, tokenizer, name=bundled_name, device=device, **options)
         try:
-            tokenizer = AutoTokenizer.from_pretrained(target, trust_remote_code=trust_remote_code)
-            model = AutoModelForCausalLM.from_pretrained(
-                target, dtype=torch_dtype, trust_remote_code=trust_remote_code
-            )
+            with IMPORT_LOCK:
+                tokenizer = AutoTokenizer.from_pretrained(
+                    target, trust_remote_code=trust_remote_code
+                )
+                model = AutoModelForCausalLM.from_pretrained(
+                    target, dtype=torch_dtype, trust_remote_code=trust_remote_code
+                )
         except OSError as exc:
             raise ConfigError(
                 "name_or_path", f"cannot load {name_or_path!r} with transformers: {exc}"
@@ -576,11 +583,13 @@ class TransformersBackend:
         if self.kv_method is not None:
             return self.kv_method.new_cache(budget_of="context")
         if self._observed is not None:
-            from collab_agent.cache.base import ObservedCache
+            with IMPORT_LOCK:
+                from collab_agent.cache.base import ObservedCache
 
             tokens, window = self._observed
             return ObservedCache(tokens, keep_last=True, window=window)
-        from transformers import DynamicCache
+        with IMPORT_LOCK:
+            from transformers import DynamicCache
 
         return DynamicCache(config=self.model.config)
 

@@ -167,9 +167,12 @@ def _gguf_tokenizer(spec: ModelSpec) -> Any:
 
 
 def _hf_tokenizer(spec: ModelSpec) -> Any:
-    from transformers import AutoTokenizer
+    from collab_agent._hf import IMPORT_LOCK
 
-    return AutoTokenizer.from_pretrained(spec.target)
+    with IMPORT_LOCK:  # a first load may run in a worker thread
+        from transformers import AutoTokenizer
+
+        return AutoTokenizer.from_pretrained(spec.target)
 
 
 # ============================================================================ parsers

@@ -13,6 +13,7 @@ from __future__ import annotations
 import functools
 from typing import TYPE_CHECKING, Any, Literal, NamedTuple
 
+from collab_agent._hf import IMPORT_LOCK
 from collab_agent.errors import ConfigError
 
 if TYPE_CHECKING:
@@ -67,7 +68,9 @@ def tiny_qwen2(
         ``(model, tokenizer)``, the model in eval mode, float32, on CPU.
     """
     import torch
-    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    with IMPORT_LOCK:
+        from transformers import Qwen2Config, Qwen2ForCausalLM
 
     if size not in SHAPES:
         raise ConfigError("size", f"must be one of {sorted(SHAPES)}, got {size!r}")

@@ -9,6 +9,7 @@ import json
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
+from collab_agent._hf import IMPORT_LOCK
 from collab_agent.errors import CapabilityError
 from collab_agent.types import GenerateRequest
 
@@ -47,9 +48,10 @@ class Prompts:
 
                 self._tokenizer = bundled.load_tokenizer(source.removeprefix("bundled:"))
             else:
-                from transformers import AutoTokenizer
+                with IMPORT_LOCK:
+                    from transformers import AutoTokenizer
 
-                self._tokenizer = AutoTokenizer.from_pretrained(source)
+                    self._tokenizer = AutoTokenizer.from_pretrained(source)
         return self._tokenizer
 
     async def render(self, request: GenerateRequest, post: Post, root_url: str) -> str:
