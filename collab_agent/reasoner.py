@@ -27,6 +27,7 @@ from collab_agent.backends.base import (
     release_shielded,
 )
 from collab_agent.backends.capabilities import Degradable
+from collab_agent.backends.constraints import require_constraint
 from collab_agent.breaker import CircuitBreaker
 from collab_agent.context import fit_budget
 from collab_agent.errors import BackendUnavailableError, ConfigError
@@ -36,7 +37,6 @@ from collab_agent.prompting import STEPWISE, ReasoningFormat, validate_messages
 from collab_agent.session import Session
 from collab_agent.splitting import StepSplitter, choose_splitter, merge
 from collab_agent.streaming import StepReveal
-from collab_agent.structured import require_constraint
 from collab_agent.trace import Firing, Step, Trace
 
 

@@ -122,6 +122,49 @@ async def test_sync_invoke_works_inside_a_running_event_loop() -> None:
     assert model.invoke("What is 2 + 3?").content == "5"
 
 
+@pytest.mark.parametrize("entry", ["invoke", "ainvoke", "stream", "astream"])
+def test_each_entry_point_gives_the_same_message_and_reports_each_chunk_once(entry: str) -> None:
+    """The sync methods are their async twins run on a portal: same message, same tokens."""
+    import asyncio
+
+    from langchain_core.callbacks import BaseCallbackHandler
+
+    class Tokens(BaseCallbackHandler):
+        def __init__(self) -> None:
+            self.tokens: list[tuple[str, str]] = []
+
+        def on_llm_new_token(self, token: str, *, chunk: Any = None, **kwargs: Any) -> None:
+            if kwargs.get("parent_run_id") is None:  # the chat model's run, not a child run
+                reasoning = chunk.message.additional_kwargs.get("reasoning_content", "")
+                self.tokens.append((reasoning, token))
+
+    model, _, _ = pair(
+        ["Then 6 * 7.", "Final answer: 42, as you asked"],
+        ["Multiply."],
+        stream_granularity="step",
+    )
+    handler = Tokens()
+    config: Any = {"callbacks": [handler]}
+    stop = [", as"]
+    if entry == "invoke":
+        message: Any = model.invoke("6 * 7?", stop=stop, config=config)
+    elif entry == "ainvoke":
+        message = asyncio.run(model.ainvoke("6 * 7?", stop=stop, config=config))
+    elif entry == "stream":
+        message = sum(model.stream("6 * 7?", stop=stop, config=config), AIMessageChunk(""))
+    else:
+
+        async def collect() -> Any:
+            return [c async for c in model.astream("6 * 7?", stop=stop, config=config)]
+
+        message = sum(asyncio.run(collect()), AIMessageChunk(""))
+    assert message.content == "42"
+    assert message.additional_kwargs["reasoning_content"] == "Multiply.\n\nThen 6 * 7."
+    assert message.response_metadata["collab"]["steps_by_author"] == {"small": 1, "large": 1}
+    # Two steps, the answer, the closing chunk: each reported once, in order.
+    assert handler.tokens == [("Multiply.", ""), ("\n\nThen 6 * 7.", ""), ("", "42"), ("", "")]
+
+
 def test_batch_runs_each_conversation() -> None:
     small = ScriptedBackend(["Final answer: a", "Final answer: b"], name="srm")
     model = CollabChatModel(small=small, large=ScriptedBackend([]), policy=SmallOnly())

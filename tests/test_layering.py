@@ -39,9 +39,8 @@ FORBIDDEN = ("langchain", "langgraph", "collab_agent.chat_model", "collab_agent.
              "collab_agent.cli", "collab_agent.calibrate_cli")  # fmt: skip
 """What the foundation may not import, eagerly or lazily, directly or through our modules."""
 
-KNOWN_FORBIDDEN = {("collab_agent.structured", "langchain_core.utils.function_calling")}
-"""Forbidden edges still to remove: the backends call `structured`'s ``missing_constraint`` and
-``llamacpp_schema``; the module's ``json_schema`` (not called by them) converts with LangChain."""
+KNOWN_FORBIDDEN: set[tuple[str, str]] = set()
+"""Forbidden edges still to remove, as ``(our module, what it imports)``."""
 
 KNOWN_PACKAGE_CYCLES: list[set[str]] = [
     # backends.batching uses the top-level limits, which wraps a backend
@@ -226,7 +225,8 @@ def test_the_foundation_imports_no_adapter(module: str) -> None:
 
 def test_the_forbidden_edge_check_reads_eager_and_lazy_imports() -> None:
     assert "langchain_core.exceptions" in _all_imports("collab_agent.langchain.errors")  # eager
-    assert "langchain_core.utils.function_calling" in _all_imports("collab_agent.structured")
+    lazy = _all_imports("collab_agent.langchain.chat_model")  # in with_structured_output
+    assert "langchain_core.output_parsers" in lazy
 
 
 def test_types_import_only_the_errors_and_the_argument_checks() -> None:

@@ -7,7 +7,8 @@ each protocol here is one optional extra, and the code that uses it says which i
 
 from __future__ import annotations
 
-from typing import Literal, Protocol, runtime_checkable
+from collections.abc import Mapping
+from typing import Any, Literal, Protocol, runtime_checkable
 
 from collab_agent.types import GenerateRequest
 
@@ -73,6 +74,16 @@ class Degradable(Protocol):
 
 
 @runtime_checkable
+class ConstrainedBackend(Protocol):
+    """Can constrain a generation to JSON (``GenerateRequest.response_format``) while decoding
+    (llama.cpp's ``json_schema``, an OpenAI-compatible ``response_format``)."""
+
+    def constrains(self, response_format: Mapping[str, Any]) -> bool:
+        """Whether this backend enforces ``response_format`` while decoding."""
+        ...
+
+
+@runtime_checkable
 class DeviceMemory(Protocol):
     """A KV cache that counts the bytes it keeps on the accelerator (a compressed cache keeps
     part of itself on the host)."""
@@ -90,6 +101,7 @@ class Compacting(Protocol):
 __all__ = [
     "Closable",
     "Compacting",
+    "ConstrainedBackend",
     "Degradable",
     "DeviceMemory",
     "PrefillCounting",

@@ -400,7 +400,7 @@ class TransformersBackend:
                 constrained decoding (no maintained grammar library is a dependency).
         """
         if request.response_format is not None:
-            from collab_agent.structured import missing_constraint
+            from collab_agent.backends.constraints import missing_constraint
 
             raise missing_constraint(self.name, request.response_format)
         return await self._in_worker(self._generate_sync, request)
@@ -415,7 +415,7 @@ class TransformersBackend:
         worker, so the backend is free for the next call; the conversation's cache is kept.
         """
         if request.response_format is not None:
-            from collab_agent.structured import missing_constraint
+            from collab_agent.backends.constraints import missing_constraint
 
             raise missing_constraint(self.name, request.response_format)
         if self._closed:

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from collab_agent import _checks
@@ -62,27 +62,46 @@ class LoadOptions:
         api_key_env: the environment variable holding a server's API key.
         threads: CPU threads to compute with (``None``: the backend's default).
         parallel: conversations the caller runs at once (``None``: one).
+        api_key: a server's API key given directly, used instead of ``api_key_env``'s (never
+            shown in a repr).
     """
 
     options: dict[str, Any]
     api_key_env: str = "OPENAI_API_KEY"
     threads: int | None = None
     parallel: int | None = None
+    api_key: str | None = field(default=None, repr=False)
 
 
 @dataclass(frozen=True)
 class Kind:
-    """One spec kind: how its spec is read and how its backend is built.
+    """One spec kind: how its spec is read, how its backend is built, and what that backend is.
+
+    The flags say what callers may do with a kind's backends (the chat model, the server), so
+    they never test a kind by its name.
 
     Attributes:
         load: the backend for a parsed spec.
         parse: the `ModelSpec` for the text after ``KIND:`` (default: that text as the target).
         usage: the spec's syntax, for error messages.
+        server: its backend sends requests to a server, and takes ``max_retries`` and a
+            per-request ``timeout`` (seconds) as options.
+        shared: one backend per spec and options may serve the whole process (it holds no
+            secret and no connection tied to one event loop); ``False``: each owner builds its
+            own, with its own key, and closes it.
+        batches: a local model that runs concurrent conversations as one batch when given
+            ``max_batch_size``; a server kind serves them through ``LoadOptions.parallel``.
+        tokenizer: the tokenizer of the model a spec names, read from local files only (no
+            weights loaded, no server started); ``None``: not readable offline.
     """
 
     load: Callable[[ModelSpec, LoadOptions], Backend]
     parse: Callable[[str, str], ModelSpec] | None = None
     usage: str = ""
+    server: bool = False
+    shared: bool = True
+    batches: bool = False
+    tokenizer: Callable[[ModelSpec], Any] | None = None
 
 
 # ============================================================================ loaders
@@ -113,11 +132,11 @@ def _local(spec: ModelSpec, given: LoadOptions) -> Backend:
 
 
 def _openai(spec: ModelSpec, given: LoadOptions) -> Backend:
-    """An OpenAI-compatible server; the key from ``given.api_key_env``."""
+    """An OpenAI-compatible server; the key given, else from ``given.api_key_env``."""
     from collab_agent.backends.openai import OpenAIBackend
 
     assert spec.base_url is not None
-    api_key = os.environ.get(given.api_key_env)
+    api_key = given.api_key if given.api_key is not None else os.environ.get(given.api_key_env)
     return OpenAIBackend(spec.target, base_url=spec.base_url, api_key=api_key, **given.options)
 
 
@@ -131,6 +150,29 @@ def _llamacpp(spec: ModelSpec, given: LoadOptions) -> Backend:
     if given.parallel is not None:
         options.setdefault("n_parallel", given.parallel)
     return llamacpp_backend(spec.target, **options)
+
+
+# ============================================================================ tokenizers
+def _tiny_tokenizer(spec: ModelSpec) -> Any:
+    from collab_agent.backends.tiny import qwen_tokenizer
+
+    return qwen_tokenizer()
+
+
+def _gguf_tokenizer(spec: ModelSpec) -> Any:
+    """From a GGUF file's metadata: ``bundled:NAME`` specs and ``llamacpp:`` targets."""
+    from collab_agent.backends.gguf import gguf_tokenizer
+
+    return gguf_tokenizer(f"bundled:{spec.target}" if spec.kind == "bundled" else spec.target)
+
+
+def _hf_tokenizer(spec: ModelSpec) -> Any:
+    from collab_agent._hf import IMPORT_LOCK
+
+    with IMPORT_LOCK:  # a first load may run in a worker thread
+        from transformers import AutoTokenizer
+
+        return AutoTokenizer.from_pretrained(spec.target)
 
 
 # ============================================================================ parsers
@@ -148,11 +190,16 @@ def _model_at_url(rest: str, spec: str) -> ModelSpec:
 
 
 KINDS: dict[SpecKind, Kind] = {
-    "bundled": Kind(_local, usage="bundled:NAME"),
-    "hf": Kind(_local, usage="hf:PATH"),
-    "openai": Kind(_openai, _model_at_url, usage="openai:MODEL@URL"),
-    "llamacpp": Kind(_llamacpp, usage="llamacpp:bundled:NAME, llamacpp:PATH.gguf"),
-    "tiny": Kind(_local, _tiny, usage="tiny[:SEED]"),
+    "bundled": Kind(_local, usage="bundled:NAME", batches=True, tokenizer=_gguf_tokenizer),
+    "hf": Kind(_local, usage="hf:PATH", batches=True, tokenizer=_hf_tokenizer),
+    "openai": Kind(_openai, _model_at_url, usage="openai:MODEL@URL", server=True, shared=False),
+    "llamacpp": Kind(
+        _llamacpp,
+        usage="llamacpp:bundled:NAME, llamacpp:PATH.gguf",
+        server=True,
+        tokenizer=_gguf_tokenizer,
+    ),
+    "tiny": Kind(_local, _tiny, usage="tiny[:SEED]", batches=True, tokenizer=_tiny_tokenizer),
 }
 """Every spec kind: ``KIND:REST`` is read by ``KINDS[KIND]``; a new backend is one line here."""
 
@@ -174,6 +221,14 @@ def parse_spec(spec: str) -> ModelSpec:
     return found.parse(rest, spec) if found.parse else ModelSpec(kind, rest)
 
 
+def spec_kind(spec: ModelSpec) -> Kind:
+    """The `Kind` of a parsed spec; `ConfigError` for a kind not in `KINDS`."""
+    kind = KINDS.get(spec.kind)
+    if kind is None:
+        raise ConfigError("model spec", f"unknown kind {spec.kind!r} in {spec}")
+    return kind
+
+
 def resolve_pair(models: str | None, small: str | None, large: str | None) -> tuple[str, str]:
     """The (small, large) specs from a ``--models`` preset and/or explicit ``--small/--large``."""
     if models is not None and models not in PRESETS:
@@ -186,12 +241,14 @@ def load_backend(
     spec: str | ModelSpec,
     *,
     api_key_env: str = "OPENAI_API_KEY",
+    api_key: str | None = None,
     threads: int | None = None,
     parallel: int | None = None,
     **options: Any,
 ) -> Backend:
     """Build the backend a spec names. ``options`` go to the backend's constructor
-    (``dtype``, ``device`` for local models; ``timeout``, ``price`` for servers).
+    (``dtype``, ``device`` for local models; ``timeout``, ``price`` for servers). A server's
+    API key is ``api_key`` when given, else the environment variable ``api_key_env``.
 
     ``threads`` sets the CPU threads a model computes with: torch's for local models (a process-
     wide setting), the server's for ``llamacpp:`` specs; remote servers ignore it. On a machine
@@ -206,7 +263,5 @@ def load_backend(
         _checks.positive_int("threads", threads)
     if parallel is not None:
         _checks.positive_int("parallel", parallel)
-    kind = KINDS.get(parsed.kind)
-    if kind is None:
-        raise ConfigError("model spec", f"unknown kind {parsed.kind!r} in {parsed}")
-    return kind.load(parsed, LoadOptions(options, api_key_env, threads, parallel))
+    kind = spec_kind(parsed)
+    return kind.load(parsed, LoadOptions(options, api_key_env, threads, parallel, api_key))

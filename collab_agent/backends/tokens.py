@@ -11,7 +11,6 @@ import functools
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from collab_agent._hf import IMPORT_LOCK
 from collab_agent.backends.base import GenerateRequest, TokenizedBackend
 from collab_agent.backends.gguf import gguf_tokenizer
 from collab_agent.errors import CapabilityError
@@ -31,29 +30,19 @@ def spec_tokenizer(spec: str) -> Any:
     """The tokenizer of the model a spec string names, read from local files only.
 
     Raises:
-        CapabilityError: an ``openai:`` spec (the server's tokenizer is not readable here; pass
-            an `OpenAIBackend` built with ``tokenizer=`` instead).
+        CapabilityError: a kind whose tokenizer is not readable offline (``openai:``: the
+            server's; pass an `OpenAIBackend` built with ``tokenizer=`` instead).
     """
-    from collab_agent.backends.specs import parse_spec
+    from collab_agent.backends.specs import parse_spec, spec_kind
 
     parsed = parse_spec(spec)
-    if parsed.kind == "tiny":
-        from collab_agent.backends.tiny import qwen_tokenizer
-
-        return qwen_tokenizer()
-    if parsed.kind == "bundled":
-        return gguf_tokenizer(f"bundled:{parsed.target}")
-    if parsed.kind == "llamacpp":
-        return gguf_tokenizer(parsed.target)
-    if parsed.kind == "hf":
-        with IMPORT_LOCK:
-            from transformers import AutoTokenizer
-
-            return AutoTokenizer.from_pretrained(parsed.target)
-    raise CapabilityError(
-        f"{spec}: the server's tokenizer cannot be read offline; pass "
-        "OpenAIBackend(..., tokenizer=PATH_OR_BUNDLED_NAME) as the model to count tokens"
-    )
+    read = spec_kind(parsed).tokenizer
+    if read is None:
+        raise CapabilityError(
+            f"{spec}: the server's tokenizer cannot be read offline; pass "
+            "OpenAIBackend(..., tokenizer=PATH_OR_BUNDLED_NAME) as the model to count tokens"
+        )
+    return read(parsed)
 
 
 def backend_tokenizer(backend: Any) -> Any:

@@ -50,31 +50,24 @@ def spec_backend(
     timeout: float | None,
     api_key: SecretStr | None,
 ) -> Backend:
-    """The backend ``spec`` names for ``role``: a server (``openai:``) built once into
-    ``owned``, with ``api_key`` when given; a local model loaded once per process. Server specs
-    get ``max_retries`` and ``timeout / (max_retries + 1)`` per request unless the options say."""
-    from collab_agent.backends.specs import load_backend, parse_spec
+    """The backend ``spec`` names for ``role``: one its kind does not share (``openai:``,
+    `Kind.shared`) built once into ``owned``, with ``api_key`` when given; a shared one (a local
+    model, a llama.cpp server) loaded once per process. Server kinds (`Kind.server`) get
+    ``max_retries`` and ``timeout / (max_retries + 1)`` per request unless the options say."""
+    from collab_agent.backends.specs import load_backend, parse_spec, spec_kind
 
     parsed = parse_spec(spec)
+    kind = spec_kind(parsed)
     options = dict(backend_options)
-    if parsed.kind in ("openai", "llamacpp"):
+    if kind.server:
         options.setdefault("max_retries", max_retries)
         if timeout is not None:
             options.setdefault("timeout", timeout / (options["max_retries"] + 1))
-    if parsed.kind == "openai":
+    if not kind.shared:
         with owned.lock:
             if role not in owned.backends:
-                if api_key is not None:
-                    from collab_agent.backends.openai import OpenAIBackend
-
-                    owned.backends[role] = OpenAIBackend(
-                        parsed.target,
-                        str(parsed.base_url),
-                        api_key.get_secret_value(),
-                        **options,
-                    )
-                else:
-                    owned.backends[role] = load_backend(parsed, **options)
+                secret = None if api_key is None else api_key.get_secret_value()
+                owned.backends[role] = load_backend(parsed, api_key=secret, **options)
             return owned.backends[role]
     key = (str(parsed), json.dumps(options, sort_keys=True, default=repr))
     with _LOCAL_BACKENDS_LOCK:

@@ -1,6 +1,10 @@
 """One call of the chat model: its options checked and mapped to a `Reasoner` before any model
 runs (`prepare`), then run as LangChain chunks (`stream_chunks`).
 
+`stream_chunks` is the one core of LangChain's four entry points: ``_astream`` yields its chunks,
+``_agenerate`` aggregates them (`generate`), and the sync ``_stream`` / ``_generate`` run the same
+two on a portal (`collab_agent._portal`).
+
 `stream_chunks` yields the reasoning in ``additional_kwargs["reasoning_content"]`` (so
 ``content_blocks`` shows a reasoning block): with ``stream_granularity="token"`` (default) token
 by token for large-model steps and small-model steps the policy cannot reject, and a step the
@@ -14,6 +18,7 @@ why). ``invoke`` aggregates the same chunks.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 from collections.abc import AsyncIterator, Mapping, Sequence
@@ -22,15 +27,16 @@ from typing import TYPE_CHECKING, Any
 
 import anyio
 from langchain_core.messages import AIMessageChunk, BaseMessage
-from langchain_core.outputs import ChatGenerationChunk
+from langchain_core.outputs import ChatGenerationChunk, ChatResult
 
 from collab_agent import _checks, defaults
 from collab_agent.backends.base import Sampling
 from collab_agent.backends.detokenize import cut_at_stop
 from collab_agent.errors import CallTimeoutError, ConfigError
-from collab_agent.langchain.callbacks import traced
+from collab_agent.langchain.callbacks import notify, traced
 from collab_agent.langchain.errors import langchain_typed
-from collab_agent.langchain.messages import chunk, convert_messages, usage_metadata
+from collab_agent.langchain.messages import aggregate, chunk, convert_messages, usage_metadata
+from collab_agent.langchain.structured import check_response_format
 from collab_agent.langchain.tools import (
     ToolChoice,
     convert_tools,
@@ -41,12 +47,11 @@ from collab_agent.langchain.tools import (
 from collab_agent.policies.base import Policy
 from collab_agent.reasoner import AnswerEvent, Reasoner, StepEvent, TokenEvent
 from collab_agent.streaming import AnswerReveal
-from collab_agent.structured import check_response_format
 
 if TYPE_CHECKING:
     from collab_agent.langchain.chat_model import CollabChatModel
 
-__all__ = ["CALL_OPTIONS", "Call", "check_policy", "prepare", "stream_chunks"]
+__all__ = ["CALL_OPTIONS", "Call", "check_policy", "generate", "prepare", "stream_chunks"]
 
 CALL_OPTIONS = {
     "tools",
@@ -265,6 +270,27 @@ async def stream_chunks(
         ),
         generation_info={"finish_reason": finish},
     )
+
+
+async def generate(
+    model: CollabChatModel,
+    messages: list[BaseMessage],
+    stop: list[str] | None,
+    kwargs: Mapping[str, Any],
+    run_manager: Any = None,
+) -> ChatResult:
+    """The whole call as one result (``invoke``): `stream_chunks` aggregated, each chunk
+    reported to ``run_manager`` (sync or async) as a new token. Cancelled, it closes the chunks
+    (and with them the reasoner, which frees the conversation's state) before it ends."""
+    chunks: list[ChatGenerationChunk] = []
+    async with contextlib.aclosing(
+        stream_chunks(model, messages, stop, kwargs, run_manager)  # type: ignore[type-var]
+    ) as stream:
+        async for item in stream:
+            if run_manager:
+                await notify(run_manager.on_llm_new_token, item.text, chunk=item)
+            chunks.append(item)
+    return aggregate(chunks)
 
 
 def _timed_out(timeout: float | None) -> CallTimeoutError:

@@ -78,9 +78,9 @@ class TracedBackend:
         try:
             generation = await self.backend.generate(request)
         except BaseException as error:
-            await _call(run.on_llm_error, error)
+            await notify(run.on_llm_error, error)
             raise
-        await _call(run.on_llm_end, _result(self.backend, generation))
+        await notify(run.on_llm_end, _result(self.backend, generation))
         return generation
 
     async def stream(self, request: GenerateRequest) -> AsyncIterator[str | Generation]:
@@ -90,12 +90,12 @@ class TracedBackend:
         try:
             async for item in stream_generation(self.backend, request):
                 if isinstance(item, Generation):
-                    await _call(run.on_llm_end, _result(self.backend, item))
+                    await notify(run.on_llm_end, _result(self.backend, item))
                 else:
-                    await _call(run.on_llm_new_token, item)
+                    await notify(run.on_llm_new_token, item)
                 yield item
         except BaseException as error:
-            await _call(run.on_llm_error, error)
+            await notify(run.on_llm_error, error)
             raise
 
     async def _start(self, request: GenerateRequest) -> Any:
@@ -124,12 +124,13 @@ class TracedBackend:
             },
         }
         serialized = {"name": self.backend.name}
-        (run,) = await _call(manager.on_llm_start, serialized, [_prompt(request)], **options)  # type: ignore[attr-defined]
+        (run,) = await notify(manager.on_llm_start, serialized, [_prompt(request)], **options)  # type: ignore[attr-defined]
         return run
 
 
-async def _call(method: Any, *args: Any, **kwargs: Any) -> Any:
-    """``method(...)``, awaited when it is an async callback manager's."""
+async def notify(method: Any, *args: Any, **kwargs: Any) -> Any:
+    """``method(...)`` of a sync or async callback or run manager, awaited when it is async's
+    (a sync manager's handlers then run on the calling event loop's thread)."""
     result = method(*args, **kwargs)
     return await result if inspect.isawaitable(result) else result
 

@@ -3,7 +3,7 @@
 The class holds the fields (each documented) and the overrides: ``_generate`` / ``_agenerate`` /
 ``_stream`` / ``_astream`` run one call (`collab_agent.langchain.call`), ``bind_tools`` and
 ``with_structured_output`` bind tools and response formats (`collab_agent.langchain.tools`,
-`collab_agent.structured`), ``get_num_tokens*`` count with each model's own tokenizer, and
+`collab_agent.langchain.structured`), ``get_num_tokens*`` count with each model's own tokenizer, and
 ``batch`` / ``abatch`` bound their concurrency. Messages are converted by
 `collab_agent.langchain.messages`; spec strings become backends in
 `collab_agent.langchain.backends`.
@@ -32,14 +32,14 @@ from collab_agent.backends.tokens import backend_tokenizer, prompt_tokens, text_
 from collab_agent.breaker import CircuitBreaker
 from collab_agent.errors import CapabilityError, CollabError, ConfigError
 from collab_agent.langchain.backends import OwnedBackends, spec_backend
-from collab_agent.langchain.call import Call, check_policy, prepare, stream_chunks
-from collab_agent.langchain.messages import aggregate, convert_messages
+from collab_agent.langchain.call import Call, check_policy, generate, prepare, stream_chunks
+from collab_agent.langchain.messages import convert_messages
+from collab_agent.langchain.structured import METHODS, response_format_for
 from collab_agent.langchain.tools import convert_tools, parse_tool_choice
 from collab_agent.limits import map_limited
 from collab_agent.policies.base import Policy
 from collab_agent.prompting import FORMATS, ReasoningFormat
 from collab_agent.splitting import resolve_splitter
-from collab_agent.structured import METHODS, response_format_for
 
 __all__ = ["CollabChatModel"]
 
@@ -553,6 +553,9 @@ class CollabChatModel(BaseChatModel):
         )
 
     # ------------------------------------------------------------------ LangChain entry points
+    # One async core (`collab_agent.langchain.call`); each sync method runs its async twin's
+    # core on a blocking portal of its own, so sync calls from many threads at once, or from a
+    # thread whose event loop runs (Jupyter), never share or block a loop.
     def _stream(
         self,
         messages: list[BaseMessage],
@@ -583,14 +586,7 @@ class CollabChatModel(BaseChatModel):
         run_manager: CallbackManagerForLLMRun | None = None,
         **kwargs: Any,
     ) -> ChatResult:
-        chunks: list[ChatGenerationChunk] = []
-        for chunk in _portal.iterate_sync(
-            lambda: stream_chunks(self, messages, stop, kwargs, run_manager)
-        ):
-            if run_manager:
-                run_manager.on_llm_new_token(chunk.text, chunk=chunk)
-            chunks.append(chunk)
-        return aggregate(chunks)
+        return _portal.run_sync(generate, self, messages, stop, kwargs, run_manager)
 
     async def _agenerate(
         self,
@@ -599,9 +595,4 @@ class CollabChatModel(BaseChatModel):
         run_manager: AsyncCallbackManagerForLLMRun | None = None,
         **kwargs: Any,
     ) -> ChatResult:
-        chunks: list[ChatGenerationChunk] = []
-        async for chunk in stream_chunks(self, messages, stop, kwargs, run_manager):
-            if run_manager:
-                await run_manager.on_llm_new_token(chunk.text, chunk=chunk)
-            chunks.append(chunk)
-        return aggregate(chunks)
+        return await generate(self, messages, stop, kwargs, run_manager)

@@ -56,16 +56,15 @@ def load_served_pair(
 
 def load_served_backend(spec: str, parallel: int, threads: int | None, api_key_env: str) -> Any:
     """One backend for ``parallel`` conversations at once: a llama.cpp server with that many
-    slots, a local transformers model batching that many, a remote server as it is."""
-    from collab_agent.backends.specs import load_backend, parse_spec
+    slots (``parallel``), a local model of a kind that batches (`Kind.batches`) batching that
+    many, a remote server as it is."""
+    from collab_agent.backends.specs import load_backend, parse_spec, spec_kind
 
     parsed = parse_spec(spec)
     options: dict[str, Any] = {"threads": threads, "api_key_env": api_key_env}
-    if parsed.kind == "llamacpp":
-        options["parallel"] = parallel
-    elif parsed.kind in ("bundled", "hf", "tiny"):
+    if spec_kind(parsed).batches:
         options["max_batch_size"] = parallel
-    return load_backend(parsed, **options)
+    return load_backend(parsed, parallel=parallel, **options)
 
 
 def serve_forever(app: Any, host: str, port: int, grace_s: float) -> None:

@@ -264,7 +264,7 @@ class OpenAIBackend:
         rf = request.response_format
         if rf is None:
             return
-        from collab_agent.structured import llamacpp_schema, missing_constraint
+        from collab_agent.backends.constraints import llamacpp_schema, missing_constraint
 
         if not self.constrains(rf):
             raise missing_constraint(self.name, rf)

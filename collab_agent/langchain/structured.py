@@ -3,28 +3,25 @@
 
 The answer is generated under the engine's own constraint (llama.cpp's ``json_schema``, an
 OpenAI-compatible ``response_format`` on vLLM or a hosted API). A backend without constrained
-decoding raises `CapabilityError` naming the method and the backend before any model runs;
-the method is never silently changed to a prompted tool call.
+decoding raises `CapabilityError` naming the method and the backend before any model runs
+(`collab_agent.backends.constraints`); the method is never silently changed to a prompted tool
+call. This module turns LangChain's schemas (pydantic classes, TypedDicts) into
+``response_format``.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any, Protocol, runtime_checkable
+from typing import Any
 
-from collab_agent.errors import CapabilityError, ConfigError
+from langchain_core.utils.function_calling import convert_to_json_schema
+
+from collab_agent.errors import ConfigError
+
+__all__ = ["METHODS", "check_response_format", "closed", "response_format_for", "schema_of"]
 
 METHODS = ("function_calling", "json_schema", "json_mode")
 """The ``with_structured_output`` methods, as `ChatOpenAI` names them."""
-
-
-@runtime_checkable
-class ConstrainedBackend(Protocol):
-    """A backend that can constrain a generation to JSON (``GenerateRequest.response_format``)."""
-
-    def constrains(self, response_format: Mapping[str, Any]) -> bool:
-        """Whether this backend enforces ``response_format`` while decoding."""
-        ...
 
 
 def schema_of(schema: Any) -> dict[str, Any]:
@@ -33,8 +30,6 @@ def schema_of(schema: Any) -> dict[str, Any]:
         isinstance(schema, Mapping) and (schema.get("type") == "object")
     ):
         return dict(schema)
-    from langchain_core.utils.function_calling import convert_to_json_schema
-
     try:
         return dict(convert_to_json_schema(schema))
     except Exception as error:  # LangChain raises ValueError/TypeError
@@ -93,31 +88,3 @@ def check_response_format(value: Any) -> dict[str, Any] | None:
                 )
         return dict(value)
     return response_format_for(value, "json_schema", None)
-
-
-def require_constraint(backend: Any, response_format: Mapping[str, Any], role: str) -> None:
-    """Raise `CapabilityError` unless ``backend`` enforces ``response_format`` while decoding."""
-    if isinstance(backend, ConstrainedBackend) and backend.constrains(response_format):
-        return
-    method = "json_mode" if response_format.get("type") == "json_object" else "json_schema"
-    raise CapabilityError(
-        f"with_structured_output(method={method!r}) / response_format: the {role} model "
-        f"{getattr(backend, 'name', type(backend).__name__)} ({type(backend).__name__}) has no "
-        "constrained decoding here; serve it with llama.cpp (llamacpp: specs) or vLLM "
-        "(openai: specs), or use method='function_calling'"
-    )
-
-
-def llamacpp_schema(response_format: Mapping[str, Any]) -> dict[str, Any]:
-    """llama.cpp's ``json_schema`` field for an OpenAI ``response_format``."""
-    if response_format.get("type") == "json_object":
-        return {"type": "object"}
-    return dict(response_format["json_schema"]["schema"])
-
-
-def missing_constraint(name: str, response_format: Mapping[str, Any]) -> CapabilityError:
-    """The error a backend raises when asked for a constraint it cannot enforce."""
-    return CapabilityError(
-        f"{name}: cannot constrain decoding to {response_format.get('type')!r}; use a llama.cpp "
-        "or vLLM server, or method='function_calling'"
-    )
