@@ -101,3 +101,21 @@ def test_a_failed_model_call_is_a_child_run_with_its_error() -> None:
     (root,) = tracer.runs
     failed = [c for c in root.child_runs if c.error]
     assert [c.name for c in failed] == ["small: srm"]
+
+
+def test_a_sync_invoke_reports_its_answer_tokens_on_the_callers_thread() -> None:
+    import threading
+
+    from langchain_core.callbacks import BaseCallbackHandler
+
+    class Threads(BaseCallbackHandler):
+        def __init__(self) -> None:
+            self.seen: set[int] = set()
+
+        def on_llm_new_token(self, token: str, *, parent_run_id: Any = None, **kw: Any) -> None:
+            if parent_run_id is None:  # the chat model's own run, not a model call's child run
+                self.seen.add(threading.get_ident())
+
+    handler = Threads()
+    model().invoke("What is 2 + 2?", config={"callbacks": [handler]})
+    assert handler.seen == {threading.get_ident()}

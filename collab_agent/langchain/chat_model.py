@@ -33,7 +33,7 @@ from collab_agent.breaker import CircuitBreaker
 from collab_agent.errors import CapabilityError, CollabError, ConfigError
 from collab_agent.langchain.backends import OwnedBackends, spec_backend
 from collab_agent.langchain.call import Call, check_policy, generate, prepare, stream_chunks
-from collab_agent.langchain.messages import convert_messages
+from collab_agent.langchain.messages import aggregate, convert_messages
 from collab_agent.langchain.structured import METHODS, response_format_for
 from collab_agent.langchain.tools import convert_tools, parse_tool_choice
 from collab_agent.limits import map_limited
@@ -586,7 +586,17 @@ class CollabChatModel(BaseChatModel):
         run_manager: CallbackManagerForLLMRun | None = None,
         **kwargs: Any,
     ) -> ChatResult:
-        return _portal.run_sync(generate, self, messages, stop, kwargs, run_manager)
+        # The chunks come through the portal; their token callbacks run here, on the caller's
+        # thread, as with LangChain's other chat models (a Streamlit handler, for one, can only
+        # draw from its script's thread).
+        chunks: list[ChatGenerationChunk] = []
+        for chunk in _portal.iterate_sync(
+            lambda: stream_chunks(self, messages, stop, kwargs, run_manager)
+        ):
+            if run_manager:
+                run_manager.on_llm_new_token(chunk.text, chunk=chunk)
+            chunks.append(chunk)
+        return aggregate(chunks)
 
     async def _agenerate(
         self,
