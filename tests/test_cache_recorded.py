@@ -17,7 +17,9 @@ import torch
 from test_cache_smallkv import VOCAB, tiny
 
 from collab_agent.cache import H2O, CompressedCache, KVMethod, SmallKV
+from collab_agent.cache.attention import attention_probs, use_kv_attention
 from collab_agent.cache.generate import prefill
+from collab_agent.cache.observer import ObservedCache
 
 RECORDED = Path(__file__).parent / "data" / "kv_recorded_runs.json"
 STEPS = 10
@@ -103,3 +105,44 @@ if __name__ == "__main__":
     RECORDED.parent.mkdir(exist_ok=True)
     RECORDED.write_text(json.dumps({arm: record(arm, *models) for arm in ARMS}) + "\n")
     print(f"wrote {RECORDED}")
+
+
+def test_one_query_attention_masks_only_empty_slots():
+    """A decode step's query follows every key it sees: without the causal mask (and without
+    any mask when no slot is empty) the probabilities are the masked ones, bit for bit."""
+    gen = torch.Generator().manual_seed(5)
+    query = torch.randn(1, 8, 1, 16, generator=gen)
+    keys = torch.randn(1, 2, 40, 16, generator=gen)
+    q_pos = torch.tensor([57])
+    k_pos = torch.randperm(57, generator=gen)[:40].expand(1, 2, 40).clone()
+    k_pos[0, 0, ::3] = -1  # empty slots
+    causal = attention_probs(query, keys, q_pos, k_pos, 0.25)
+    assert torch.equal(attention_probs(query, keys, q_pos, k_pos, 0.25, causal=False), causal)
+    assert causal[0, 0, :, :, ::3].eq(0).all()
+    full = torch.arange(40).expand(1, 2, 40)
+    assert torch.equal(
+        attention_probs(query, keys, torch.tensor([40]), None, 0.25, causal=False),
+        attention_probs(query, keys, torch.tensor([40]), full, 0.25),
+    )
+
+
+@torch.no_grad()
+def test_srm_decode_steps_record_the_same_statistics_after_calibration(pair):
+    """Once calibration is over the SRM's one-token steps take a shorter path; its statistics
+    (accumulated attention, the window and its sum, the last row) equal those of the full path
+    (a cache still calibrating) through a window wrap-around."""
+    _, small = pair
+    use_kv_attention(small)  # the attention that lets the cache layers record
+    ids = torch.randint(0, VOCAB, (1, 150), generator=torch.Generator().manual_seed(8))
+    caches = [ObservedCache(128, keep_last=True, window=32) for _ in range(2)]
+    for cache in caches:
+        small.model(input_ids=ids[:, :110], cache=cache, use_cache=True)
+    for layer in caches[1].layers:
+        layer.calibrating = False
+    for t in range(110, 150):
+        for cache in caches:
+            small.model(input_ids=ids[:, t : t + 1], cache=cache, use_cache=True)
+    for slow, fast in zip(caches[0].layers, caches[1].layers, strict=True):
+        for name in ("accumulated", "window_sum", "ring", "last"):
+            assert torch.equal(getattr(slow, name), getattr(fast, name)), name
+        assert fast.seen == slow.seen == 150

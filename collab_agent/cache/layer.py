@@ -349,7 +349,9 @@ class KVLayer(CacheLayerMixin):
             return sdpa_attention_forward(
                 module, query, key, value, mask, scaling=scaling, **kwargs
             )
-        probs = attention_probs(query, key, self.q_pos, positions, scaling)
+        # one query (a decode step) comes after every token held: only empty slots are masked
+        one = query.shape[2] == 1
+        probs = attention_probs(query, key, self.q_pos, positions, scaling, causal=not one)
         method.observe(self.cache, self, probs, self.q_pos, positions)
         out = torch.matmul(probs.to(value.dtype), value.unsqueeze(2))  # (B, Hkv, G, q, D)
         if method.has_marginal and self.marginal_values is not None:
