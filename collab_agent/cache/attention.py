@@ -54,13 +54,16 @@ def attention_probs(
     query: torch.Tensor,
     keys: torch.Tensor,
     q_pos: torch.Tensor,
-    k_pos: torch.Tensor,
+    k_pos: torch.Tensor | None,
     scaling: float,
+    causal: bool = True,
 ) -> torch.Tensor:
     """Softmax attention probabilities in float32, causal by original position.
 
     query ``(B, H, q, D)``, keys ``(B, Hkv, S, D)``, q_pos ``(q,)``, k_pos ``(B, Hkv, S)`` with -1
     for an empty slot. Returns ``(B, Hkv, G, q, S)`` with ``G = H // Hkv`` (GQA groups).
+    ``causal=False`` says every key precedes every query (a one-token decode step), so only
+    empty slots are masked; ``k_pos=None`` with it says there is no empty slot either.
     """
     b, h, q, d = query.shape
     hkv = keys.shape[1]
@@ -69,8 +72,13 @@ def attention_probs(
     # groups instead made torch copy them per group (60x slower on CPU at q=1, same result)
     qg = query.reshape(b, hkv, g * q, d)
     logits = torch.matmul(qg, keys.transpose(-1, -2)).reshape(b, hkv, g, q, -1).float() * scaling
-    allowed = (k_pos[:, :, None, None, :] >= 0) & (k_pos[:, :, None, None, :] <= q_pos[:, None])
-    logits = logits.masked_fill(~allowed, float("-inf"))
+    if causal:
+        if k_pos is None:
+            raise ValueError("causal attention needs the keys' positions")
+        allowed = (k_pos[:, :, None, None, :] >= 0) & (k_pos[:, :, None, None, :] <= q_pos[:, None])
+        logits = logits.masked_fill(~allowed, float("-inf"))
+    elif k_pos is not None:
+        logits = logits.masked_fill((k_pos < 0)[:, :, None, None, :], float("-inf"))
     return torch.softmax(logits, dim=-1)
 
 

@@ -48,6 +48,8 @@ class CompressedCache(Cache):
         # (conversation id, the token ids the cache holds) when a backend owns the cache: lets
         # SmallKV use the assistant backend's own attention over the same conversation
         self.conversation: tuple[str, list[int]] | None = None
+        # the last plan made and what it was made from: every layer of a step asks for the same
+        self._plan_memo: tuple[tuple[Any, ...], bool, LayerPlan] | None = None
 
     @property
     def is_croppable(self) -> bool:
@@ -60,6 +62,7 @@ class CompressedCache(Cache):
         self.layers = []
         self.prompt_length = None
         self.state = None
+        self._plan_memo = None
 
     def crop(self, max_length: int) -> None:
         """Forget tokens from the end: ``-n`` removes ``n``, a length ``>= 0`` keeps that many
@@ -114,18 +117,32 @@ class CompressedCache(Cache):
                 return None
             if self.prompt_length is None or layer.layer_idx == 0:
                 self.prompt_length = layer.length - layer.q_pos.numel()
-        assert self.keys_batch(layer) > 0
-        budgets = self.row_budgets(self.keys_batch(layer))
-        if self.budget_of == "context":
-            allowance = torch.ceil(budgets * layer.length).long()
-            decoded = 0
-        else:
-            p = self.prompt_length or 0
-            allowance = torch.ceil(budgets * p).long() + (layer.length - p)
-            decoded = layer.length - p
-        if not layer.compressed and bool((allowance >= layer.length).all()):
+        batch = self.keys_batch(layer)
+        assert batch > 0
+        key = (
+            layer.length,
+            self.prompt_length,
+            batch,
+            None if self.budgets is None else tuple(self.budgets),
+            self.budget_of,
+            id(self.method),
+            self.method.budget,
+        )
+        if self._plan_memo is None or self._plan_memo[0] != key:
+            budgets = self.row_budgets(batch)
+            if self.budget_of == "context":
+                allowance = torch.ceil(budgets * layer.length).long()
+                decoded = 0
+            else:
+                p = self.prompt_length or 0
+                allowance = torch.ceil(budgets * p).long() + (layer.length - p)
+                decoded = layer.length - p
+            fits = bool((allowance >= layer.length).all())
+            self._plan_memo = (key, fits, self.method.layout(allowance, layer.length, decoded))
+        _, fits, plan = self._plan_memo
+        if not layer.compressed and fits:
             return None  # the whole context fits: stay exact
-        return self.method.layout(allowance, layer.length, decoded)
+        return plan
 
     def compact(self) -> None:
         """Bring every compressed layer back within its budget after a call (`KVLayer.compact`)."""

@@ -229,11 +229,11 @@ class KVLayer(CacheLayerMixin):
     def _select(self, plan: LayerPlan, k_new: torch.Tensor, v_new: torch.Tensor, old: int) -> None:
         """Choose the kept tokens from the method's scores and move them into the slots."""
         method = self.cache.method
-        b, h, q_new, _ = k_new.shape
+        q_new = k_new.shape[-2]
         n = self.length
         assert self.positions is not None
         scores = method.token_scores(self.cache, self).float()  # (B, Hkv, L)
-        alive = torch.ones(b, h, n, dtype=torch.bool, device=self.device)
+        alive: torch.Tensor | None = None  # a reversible method may bring back any token
         if not method.reversible:
             alive = occupied(self.positions, n)
             alive[..., old:] = True
@@ -247,10 +247,19 @@ class KVLayer(CacheLayerMixin):
             self._gather_initial(keep_mask, k_new, v_new, old)
         else:
             self._refresh(keep_mask, k_new, v_new, old)
-        if method.has_marginal:
-            rest = scores.masked_fill(keep_mask | ~alive, float("-inf"))
-            marginal_mask = top_mask(rest, plan.marginal.to(self.device)) & alive
+        if method.has_marginal and (int(plan.marginal.max()) > 0 or self._holds_marginal()):
+            dropped = keep_mask if alive is None else keep_mask | ~alive
+            rest = scores.masked_fill(dropped, float("-inf"))
+            marginal_mask = top_mask(rest, plan.marginal.to(self.device))
+            if alive is not None:
+                marginal_mask &= alive
             self._refresh_marginal(marginal_mask, v_new, old)
+
+    def _holds_marginal(self) -> bool:
+        """Whether any marginal slot holds a token (a plan without marginal tokens must free
+        them; with none held, its refresh would change nothing)."""
+        mpos = self.marginal_positions
+        return mpos is not None and mpos.numel() > 0 and bool((mpos >= 0).any())
 
     def source(
         self, tok: torch.Tensor, k_new: torch.Tensor | None, v_new: torch.Tensor, old: int
@@ -340,7 +349,9 @@ class KVLayer(CacheLayerMixin):
             return sdpa_attention_forward(
                 module, query, key, value, mask, scaling=scaling, **kwargs
             )
-        probs = attention_probs(query, key, self.q_pos, positions, scaling)
+        # one query (a decode step) comes after every token held: only empty slots are masked
+        one = query.shape[2] == 1
+        probs = attention_probs(query, key, self.q_pos, positions, scaling, causal=not one)
         method.observe(self.cache, self, probs, self.q_pos, positions)
         out = torch.matmul(probs.to(value.dtype), value.unsqueeze(2))  # (B, Hkv, G, q, D)
         if method.has_marginal and self.marginal_values is not None:

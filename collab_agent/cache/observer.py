@@ -14,7 +14,7 @@ from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-from collab_agent.cache.attention import attend_next, probs_in_chunks
+from collab_agent.cache.attention import attend_next, attention_probs, probs_in_chunks
 
 if TYPE_CHECKING:
     from torch import nn
@@ -95,6 +95,11 @@ class ObservedLayer(DynamicLayer):
     ) -> tuple[torch.Tensor, None]:
         b, h, q, _ = query.shape
         n = key.shape[-2]
+        if q == 1 and n == self.seen and not self.calibrating:
+            self._record_step(query, key, scaling)
+            return sdpa_attention_forward(
+                module, query, key, value, mask, scaling=scaling, **kwargs
+            )
         k_pos = torch.arange(n, device=key.device).expand(b, key.shape[1], n)
         acc = torch.zeros(b, h, n, dtype=torch.float32, device=key.device)
         if self.accumulated is not None:
@@ -135,6 +140,36 @@ class ObservedLayer(DynamicLayer):
         self._enter_window(torch.cat(recent, dim=2), torch.cat(recent_pos), n)
         out = sdpa_attention_forward(module, query, key, value, mask, scaling=scaling, **kwargs)
         return out
+
+    def _record_step(self, query: torch.Tensor, key: torch.Tensor, scaling: float) -> None:
+        """`attend`'s statistics of a one-token decode step once calibration is over, in fewer
+        operations, with the same values: the query comes after every key (no mask), is one row
+        of the window, and the only row of ``last``."""
+        n = key.shape[-2]
+        probs = attention_probs(query, key, self._q_pos, None, scaling, causal=False)
+        row = probs.flatten(1, 2)  # (B, H, 1, n)
+        if self.accumulated is None:
+            acc = torch.zeros(row.shape[0], row.shape[1], n, dtype=torch.float32, device=key.device)
+        else:
+            acc = torch.nn.functional.pad(self.accumulated, (0, n - self.accumulated.shape[-1]))
+        acc.add_(row.sum(2))
+        self.accumulated = acc
+        self.last = row if self.keep_last else None
+        self.last_query = self.last_q_pos = None
+        self.scaling = scaling
+        position = self.seen - 1
+        if self.window_sum is None or self.ring is None or self.ring.shape[-1] < n:
+            self._enter_window(row, self._q_pos, n)
+            return
+        total = torch.nn.functional.pad(self.window_sum, (0, n - self.window_sum.shape[-1]))
+        slot = position % self.window
+        total -= self.ring[:, :, slot, :n]  # the row leaving the window
+        self.ring[:, :, slot, :n] = row[:, :, 0]
+        self.ring[:, :, slot, n:] = 0.0
+        total += row[:, :, 0]
+        if slot == self.window - 1:
+            total = self.ring[..., :n].sum(2)
+        self.window_sum = total
 
     def crop_to(self, keep: int) -> None:
         """Forget every token from position ``keep`` on: keys, values and statistics. The

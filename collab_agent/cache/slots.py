@@ -33,14 +33,19 @@ def occupied(positions: torch.Tensor, length: int) -> torch.Tensor:
 
 
 def kept_mask(
-    scores: torch.Tensor, n_recent: torch.Tensor, n_keep: torch.Tensor, alive: torch.Tensor
+    scores: torch.Tensor,
+    n_recent: torch.Tensor,
+    n_keep: torch.Tensor,
+    alive: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``(B, H, L)`` mask of the tokens kept: the last ``n_recent[b]`` always, then the best
-    scores up to ``n_keep[b]`` in all, never a token outside ``alive``."""
+    scores up to ``n_keep[b]`` in all, never a token outside ``alive`` (None: every token)."""
     n = scores.shape[-1]
     idx = torch.arange(n, device=scores.device)
     recent = idx >= (n - n_recent)[:, None, None]
-    scores = scores.masked_fill(recent, float("inf")).masked_fill(~alive, float("-inf"))
+    scores = scores.masked_fill(recent, float("inf"))
+    if alive is not None:
+        scores = scores.masked_fill(~alive, float("-inf"))
     return top_mask(scores, n_keep)
 
 
@@ -79,7 +84,7 @@ def refresh_slots(
     have = occupied(positions, want.shape[-1])
     incoming = want & ~have
     n_in = incoming.sum(-1)
-    m = int(n_in.max()) if n_in.numel() else 0
+    least, m = (int(x) for x in torch.aminmax(n_in)) if n_in.numel() else (0, 0)
     if m == 0:
         return (positions, *stores)
     free = positions < 0
@@ -95,15 +100,20 @@ def refresh_slots(
     k_in, v_in = source(in_tok, k_new if len(stores) == 2 else None, v_new, old)
     out = []
     sources = [k_in, v_in] if len(stores) == 2 else [v_in]
+    # every (row, head) takes m tokens (a decode step's usual case): no slot is written
+    # with its own content
+    whole = least == m
     # in place: the slot stores belong to this layer alone (`clone` deep-copies them), and an
     # out-of-place scatter copied every slot on every decode step
     for store, src in zip(stores, sources, strict=True):
         assert src is not None
         d = store.shape[-1]
         idx = slot[..., None].expand(b, h, m, d)
-        cur = store.gather(2, idx)
-        store.scatter_(2, idx, torch.where(in_ok[..., None], src.to(store.dtype), cur))
+        src = src.to(store.dtype)
+        if not whole:
+            src = torch.where(in_ok[..., None], src, store.gather(2, idx))
+        store.scatter_(2, idx, src)
         out.append(store)
-    cur_pos = positions.gather(2, slot)
-    positions.scatter_(2, slot, torch.where(in_ok, in_tok, cur_pos))
+    new_pos = in_tok if whole else torch.where(in_ok, in_tok, positions.gather(2, slot))
+    positions.scatter_(2, slot, new_pos)
     return (positions, *out)
