@@ -17,7 +17,6 @@ from typing import Any, Literal
 
 import anyio
 
-from collab_agent import _checks, defaults
 from collab_agent.backends.base import (
     Backend,
     GenerateRequest,
@@ -28,16 +27,22 @@ from collab_agent.backends.base import (
 )
 from collab_agent.backends.capabilities import Degradable
 from collab_agent.breaker import CircuitBreaker
-from collab_agent.context import fit_budget
+from collab_agent.core.config import ReasoningConfig
+from collab_agent.core.context import fit_budget
+from collab_agent.core.formats import (
+    ReasoningFormat,
+    StepSplitter,
+    choose_splitter,
+    merge,
+    validate_messages,
+)
+from collab_agent.core.session import Session
+from collab_agent.core.streaming import StepReveal
+from collab_agent.core.trace import Firing, Step, Trace
 from collab_agent.errors import BackendUnavailableError, ConfigError
 from collab_agent.policies.base import Policy
 from collab_agent.policies.trigreason import TrigReason
-from collab_agent.prompting import STEPWISE, ReasoningFormat, validate_messages
-from collab_agent.session import Session
-from collab_agent.splitting import StepSplitter, choose_splitter, merge
-from collab_agent.streaming import StepReveal
 from collab_agent.structured import require_constraint
-from collab_agent.trace import Firing, Step, Trace
 
 
 @dataclass(frozen=True)
@@ -91,19 +96,10 @@ class Reasoner:
         small: the small reasoning model (SRM).
         large: the large reasoning model (LRM).
         policy: who writes each step (default: `TrigReason()` with the paper's settings).
-        format: how reasoning is laid out (`STEPWISE` for instruct models, `THINK` for ``<think>``).
-        splitter: where a step ends (``"blank-line"``, ``"line"`` or a `StepSplitter`); replaces
-            the format's own. ``None``: the one the bundled model metadata gives the pair
-            unless the format is ``<think>``, else the format's (blank line).
-        sampling: sampling of every call (default: `collab_agent.defaults`, greedy; paper:
-            temperature 0.6, top-p 0.95).
-        budget: most reasoning tokens of accepted steps (paper: 8192). ``None`` (default):
-            `defaults.REASONING_BUDGET`, capped to what each model's context leaves after the
-            prompt and the answer; an explicit budget that cannot fit raises
-            `ContextLengthError` before any model runs.
-        max_steps: most reasoning steps.
-        step_max_tokens: most tokens of one step; a longer step continues in the next.
-        answer_max_tokens: most tokens of the answer.
+        format, splitter, sampling, budget, max_steps, step_max_tokens, answer_max_tokens:
+            each overrides that setting of ``config`` when given (``sampling`` sets
+            temperature, top-p and seed); see `ReasoningConfig`. After construction they hold
+            the settings the reasoner runs with (``format`` with the chosen splitter).
         on_large_unavailable: ``"fail"`` raises when the large model stays unreachable after its
             retries; ``"degrade"`` lets the small model write the step and marks it degraded.
             ``None`` (default) takes the large backend's own ``on_unavailable`` setting, else
@@ -121,26 +117,27 @@ class Reasoner:
         response_format: OpenAI's ``json_object`` / ``json_schema`` format: the answer is
             always generated (never kept from the reasoning) under the backend's constrained
             decoding; a backend without it raises `CapabilityError` here, before any call.
+        config: the reasoning settings (default `ReasoningConfig()`, from
+            `collab_agent.defaults`); after construction, those the reasoner runs with.
     """
 
     small: Backend
     large: Backend
     policy: Policy = field(default_factory=TrigReason)
-    format: ReasoningFormat = STEPWISE
+    format: ReasoningFormat | None = None
     splitter: StepSplitter | str | None = None
-    sampling: Sampling = field(
-        default_factory=lambda: Sampling(defaults.TEMPERATURE, defaults.TOP_P)
-    )
+    sampling: Sampling | None = None
     budget: int | None = None
-    max_steps: int = defaults.MAX_STEPS
-    step_max_tokens: int = defaults.STEP_MAX_TOKENS
-    answer_max_tokens: int = defaults.ANSWER_MAX_TOKENS
+    max_steps: int | None = None
+    step_max_tokens: int | None = None
+    answer_max_tokens: int | None = None
     on_large_unavailable: Literal["fail", "degrade"] | None = None
     release_on_finish: bool = True
     breaker: CircuitBreaker | None = field(default_factory=CircuitBreaker)
     deadline: float | None = None
     response_format: Mapping[str, Any] | None = None
     stream_tokens: bool = False
+    config: ReasoningConfig | None = None
 
     def __post_init__(self) -> None:
         for role in ("small", "large"):
@@ -148,20 +145,32 @@ class Reasoner:
                 raise ConfigError(
                     role, "must be a Backend with a name and an async generate(request) method"
                 )
-        self.format = replace(
-            self.format,
+        config = (self.config or ReasoningConfig()).override(
+            format=self.format,
+            splitter=self.splitter,
+            sampling=self.sampling,
+            budget=self.budget,
+            max_steps=self.max_steps,
+            step_max_tokens=self.step_max_tokens,
+            answer_max_tokens=self.answer_max_tokens,
+        )
+        fmt = replace(
+            config.format,
             splitter=choose_splitter(
-                self.splitter,
+                config.splitter,
                 str(self.small.name),
                 str(self.large.name),
-                self.format.splitter,
-                think=bool(self.format.close),
+                config.format.splitter,
+                think=bool(config.format.close),
             ),
         )
-        self.splitter = self.format.splitter
-        for name in ("budget", "max_steps", "step_max_tokens", "answer_max_tokens"):
-            if name != "budget" or self.budget is not None:
-                _checks.positive_int(name, getattr(self, name))
+        self.config = replace(config, format=fmt, splitter=fmt.splitter)
+        self.format, self.splitter, self.sampling = fmt, fmt.splitter, config.sampling
+        self.budget, self.max_steps = config.budget, config.max_steps
+        self.step_max_tokens, self.answer_max_tokens = (
+            config.step_max_tokens,
+            config.answer_max_tokens,
+        )
         if self.on_large_unavailable is None:
             self.on_large_unavailable = (
                 self.large.on_unavailable if isinstance(self.large, Degradable) else "fail"
@@ -176,6 +185,13 @@ class Reasoner:
                 require_constraint(getattr(self, role), self.response_format, role)
         for trigger in self.policy.triggers:  # a missing capability fails now, not mid-run
             trigger.check(self.small, self.large)
+
+    @property
+    def settings(self) -> ReasoningConfig:
+        """The settings this reasoner runs with: ``config`` with the keyword arguments applied
+        and the splitter chosen."""
+        assert self.config is not None  # set in __post_init__
+        return self.config
 
     async def run(
         self,
@@ -204,26 +220,32 @@ class Reasoner:
         budget = await anyio.to_thread.run_sync(
             lambda: fit_budget(
                 {"small": self.small, "large": self.large},
-                self.format.messages(conversation),
+                self.settings.format.messages(conversation),
                 tools,
-                budget=self.budget,
-                answer_max_tokens=self.answer_max_tokens,
+                budget=self.settings.budget,
+                answer_max_tokens=self.settings.answer_max_tokens,
             )
         )
         trace = Trace(
             conversation_id=conversation_id or uuid.uuid4().hex,
             policy=self.policy.name,
-            splitter=self.format.splitter.name,
+            splitter=self.settings.format.splitter.name,
         )
         session = Session.open(
-            self.small, self.large, trace, conversation, self.format, self.sampling, tools
+            self.small,
+            self.large,
+            trace,
+            conversation,
+            self.settings.format,
+            self.settings.sampling,
+            tools,
         )
         started = time.perf_counter()
         try:
             handoff_left, handoff_trigger = 0, None
             while trace.stop_reason is None:
                 remaining = budget - trace.reasoning_tokens
-                if len(trace.steps) >= self.max_steps:
+                if len(trace.steps) >= self.settings.max_steps:
                     trace.stop_reason = "max_steps"
                     break
                 if remaining <= 0:
@@ -243,7 +265,7 @@ class Reasoner:
                     handoff_left -= 1
                 written = _Written()
                 async for token in self._step(
-                    session, author, trigger, min(remaining, self.step_max_tokens), written
+                    session, author, trigger, min(remaining, self.settings.step_max_tokens), written
                 ):
                     yield token
                 step = written.step
@@ -327,13 +349,13 @@ class Reasoner:
         degraded), continued past the delimiter while the splitter finds it too short.
         With ``fallback``, an unreachable large model (degrade mode) hands it to the small one;
         without, ``out.generation`` stays ``None``."""
-        splitter = self.format.splitter
-        reveal = StepReveal(self.format) if show else None
+        splitter = self.settings.format.splitter
+        reveal = StepReveal(self.settings.format) if show else None
         generation: Generation | None = None
         while generation is None or (
             splitter.needs_more(generation)
             and generation.completion_tokens < max_tokens
-            and self.format.end_of_reasoning(generation.text) is None
+            and self.settings.format.end_of_reasoning(generation.text) is None
         ):
             so_far = "" if generation is None else generation.text + splitter.delimiter
             request = session.request(
@@ -409,11 +431,11 @@ class Reasoner:
     def _finish_step(self, trace: Trace, step: Step) -> bool:
         """Cut the step at the end of reasoning, note why reasoning stopped, and append it
         unless it held only the answer. Returns whether it was appended."""
-        end = self.format.end_of_reasoning(step.text)
+        end = self.settings.format.end_of_reasoning(step.text)
         if end is not None:
             trace.stop_reason = "answer"
             trace.answer_truncated = step.stop_reason == "length"
-            trace.answer = self.format.extract_answer(step.text[end:])
+            trace.answer = self.settings.format.extract_answer(step.text[end:])
             trace.answer_author = step.author
             step.text = step.text[:end].rstrip()
             step.stop_reason = "answer"
@@ -436,16 +458,20 @@ class Reasoner:
             and trace.answer_author == role
             and bool(trace.answer)
             and not trace.answer_truncated  # cut off by the step's token limit: write it whole
-            and not self.format.close  # a <think> model's answer follows in further paragraphs
+            and not self.settings.format.close  # a <think> model's answer follows in further paragraphs
         )
         if keep and self.response_format is None:  # a constrained answer is always generated
             out.answer = AnswerEvent(trace.answer, role, trace, raw_text=trace.answer)
             return
         reasoning = session.prefix()
-        begun = trace.stop_reason == "answer" and self.format.close and trace.answer_author == role
-        prefix = self.format.answer_prefix(reasoning) + (trace.answer if begun else "")
+        begun = (
+            trace.stop_reason == "answer"
+            and self.settings.format.close
+            and trace.answer_author == role
+        )
+        prefix = self.settings.format.answer_prefix(reasoning) + (trace.answer if begun else "")
         request = session.request(
-            prefix, stop=(), max_tokens=self.answer_max_tokens, purpose="answer"
+            prefix, stop=(), max_tokens=self.settings.answer_max_tokens, purpose="answer"
         )
         if self.response_format is not None:
             request = replace(request, response_format=self.response_format)

@@ -21,11 +21,11 @@ from collab_agent.backends.base import (
     stream_generation,
 )
 from collab_agent.backends.capabilities import PrefillCounting, Scoring, can_score
+from collab_agent.core.formats import ReasoningFormat
 from collab_agent.errors import CapabilityError
-from collab_agent.prompting import ReasoningFormat
 
 if TYPE_CHECKING:
-    from collab_agent.trace import Step, Trace
+    from collab_agent.core.trace import Step, Trace
 
 
 @dataclass

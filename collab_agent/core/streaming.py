@@ -9,7 +9,7 @@ reasoning the trace then cuts off.
 from __future__ import annotations
 
 from collab_agent.backends.detokenize import stop_holdback
-from collab_agent.prompting import ReasoningFormat
+from collab_agent.core.formats import ReasoningFormat
 
 
 class StepReveal:
