@@ -1,4 +1,5 @@
-"""How a conversation plus partial reasoning becomes a request, and how reasoning ends.
+"""The reasoning format: how a conversation plus partial reasoning becomes a request, where a
+step ends, and how reasoning ends.
 
 Two formats cover the models we meet:
 
@@ -12,12 +13,12 @@ The step splitter is part of the format: TrigReason and SpecReason split reasoni
 a blank line (``"\\n\\n"``, `BLANK_LINE`, both formats' default); a pair of instruct models that
 write no blank line gets `LINE` instead (`splitter_for_pair`).
 
-Steps. TrigReason and SpecReason end a step at a blank line (``"\\n\\n"``), which ``<think>`` models
-write between paragraphs. Instruct models often write a whole solution with single line breaks
-and no blank line, so a blank-line split gives one huge step and the large model's priming step
-swallows the whole answer. `LINE` ends a step at a line break instead, and merges a step shorter
-than ``min_tokens`` with the lines after it, so list markers, headings and one-line fragments do
-not each become a step (and do not each cost the triggers a decision).
+Why two splitters: ``<think>`` models write a blank line between paragraphs, but instruct
+models often write a whole solution with single line breaks and no blank line, so a blank-line
+split gives one huge step and the large model's priming step swallows the whole answer. `LINE`
+ends a step at a line break instead, and merges a step shorter than ``min_tokens`` with the
+lines after it, so list markers, headings and one-line fragments do not each become a step (and
+do not each cost the triggers a decision).
 
 A step is generated up to ``delimiter``; while it holds fewer than ``min_tokens`` tokens and
 ended at the delimiter, the same model continues it past the delimiter (`needs_more`,
