@@ -9,6 +9,8 @@ from typing import TYPE_CHECKING
 
 from collab_agent.backends.base import Backend
 from collab_agent.backends.specs import PRESETS, load_backend
+from collab_agent.core.config import ReasoningConfig
+from collab_agent.core.trace import Firing, Step, Trace, Usage
 from collab_agent.errors import (
     BackendError,
     BackendUnavailableError,
@@ -34,7 +36,6 @@ from collab_agent.policies import (
     TrigReason,
 )
 from collab_agent.testing import ScriptedBackend, ScriptedStep
-from collab_agent.trace import Firing, Step, Trace, Usage
 from collab_agent.types import GREEDY, GenerateRequest, Generation, Role, Sampling
 
 if TYPE_CHECKING:
@@ -42,8 +43,8 @@ if TYPE_CHECKING:
     from collab_agent.backends.openai import OpenAIBackend
     from collab_agent.breaker import CircuitBreaker
     from collab_agent.cache import SmallKV
+    from collab_agent.core.reasoner import Reasoner
     from collab_agent.langchain import CollabChatModel
-    from collab_agent.reasoner import Reasoner
 
 __all__ = [
     "GREEDY",
@@ -70,6 +71,7 @@ __all__ = [
     "OpenAIBackend",
     "Policy",
     "Reasoner",
+    "ReasoningConfig",
     "Reject",
     "Role",
     "Sampling",
@@ -91,7 +93,7 @@ __version__ = "0.1.0"
 
 _LAZY = {
     "CollabChatModel": "collab_agent.langchain",
-    "Reasoner": "collab_agent.reasoner",
+    "Reasoner": "collab_agent.core.reasoner",
     "CircuitBreaker": "collab_agent.breaker",
     "TransformersBackend": "collab_agent.backends.local",
     "OpenAIBackend": "collab_agent.backends.openai",

@@ -4,7 +4,7 @@ README "Defaults" shows them beside the paper's settings. They are tuned for the
 instruct pair (Qwen2.5-Coder 0.5B/1.5B), which writes 5-10 short steps per problem: the paper's
 20 priming steps would leave the small model nothing to write, and greedy decoding makes runs
 repeatable. The reasoning budget is capped to what each model's context leaves after the prompt
-and the answer when it is not set explicitly (`collab_agent.context`).
+and the answer when it is not set explicitly (`collab_agent.core.context`).
 """
 
 from __future__ import annotations

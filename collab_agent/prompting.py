@@ -1,184 +1,23 @@
-"""How a conversation plus partial reasoning becomes a request, and how reasoning ends.
+"""Moved to `collab_agent.core.formats`; kept so ``from collab_agent.prompting import ...`` works."""
 
-Two formats cover the models we meet:
-
-- `STEPWISE` for instruct models without ``<think>`` (the bundled Qwen2.5-Coder pair): a system
-  instruction asks for short steps separated by a blank line and a last line
-  ``Final answer: ...``; reasoning ends at that marker (or ``\\boxed{``).
-- `THINK` for reasoning models (R1-Distill, Qwen3): the assistant text opens with ``<think>``;
-  reasoning ends at ``</think>``, and the answer follows it.
-
-The step splitter is part of the format: TrigReason and SpecReason split reasoning into steps at
-a blank line (``"\\n\\n"``, `BLANK_LINE`, both formats' default); a pair of instruct models that
-write no blank line gets `LINE` instead (`collab_agent.splitting.splitter_for_pair`).
-"""
-
-from __future__ import annotations
-
-import re
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
-from typing import Any
-
-from collab_agent.errors import InvalidMessagesError
-from collab_agent.splitting import BLANK_LINE, StepSplitter
-from collab_agent.types import Message
-
-STEP_DELIMITER = BLANK_LINE.delimiter
-
-STEPWISE_INSTRUCTION = (
-    "Think step by step. Write your reasoning as short steps separated by a blank line. "
-    "When you are done, write a last line of the form 'Final answer: <answer>'."
+from collab_agent.core.formats import (
+    FORMATS,
+    STEP_DELIMITER,
+    STEPWISE,
+    STEPWISE_INSTRUCTION,
+    THINK,
+    ReasoningFormat,
+    normalise_step,
+    validate_messages,
 )
 
-_ROLES = {"system", "user", "assistant", "tool"}
-
-
-@dataclass(frozen=True)
-class ReasoningFormat:
-    """How reasoning is laid out in the assistant turn.
-
-    Attributes:
-        name: short name (``"stepwise"``, ``"think"``).
-        instruction: text added to the system prompt (``None`` adds nothing).
-        open: text that starts the assistant turn's reasoning (``"<think>\\n"`` or ``""``).
-        close: text that ends reasoning (``"</think>"``); empty when reasoning ends at an answer
-            marker instead.
-        answer_markers: markers (matched case-insensitively) that start the answer.
-        answer_lead: text placed after the reasoning to make a model write the answer when
-            reasoning stopped without one (budget, step cap, end of turn).
-        splitter: where a step ends (`BLANK_LINE` or `LINE`); its ``delimiter`` is the stop
-            string of every step.
-    """
-
-    name: str
-    instruction: str | None
-    open: str = ""
-    close: str = ""
-    answer_markers: tuple[str, ...] = ()
-    answer_lead: str = "Final answer:"
-    splitter: StepSplitter = BLANK_LINE
-
-    @property
-    def delimiter(self) -> str:
-        """The stop string that ends a step (the splitter's)."""
-        return self.splitter.delimiter
-
-    # ------------------------------------------------------------------ requests
-    def messages(self, conversation: Sequence[Message]) -> list[dict[str, Any]]:
-        """The conversation with this format's instruction merged into the system prompt."""
-        messages = [dict(m) for m in conversation]
-        if not self.instruction:
-            return messages
-        if messages and messages[0].get("role") == "system":
-            content = messages[0].get("content") or ""
-            messages[0]["content"] = (
-                f"{content}\n\n{self.instruction}" if content else self.instruction
-            )
-        else:
-            messages.insert(0, {"role": "system", "content": self.instruction})
-        return messages
-
-    def reasoning_prefix(self, steps: Sequence[tuple[str, bool]]) -> str:
-        """The assistant text so far: ``open`` then each step, a delimiter after each that
-        ended at one (``(text, ended_at_delimiter)`` pairs)."""
-        parts = [self.open]
-        for text, delimited in steps:
-            parts.append(text)
-            if delimited:
-                parts.append(self.delimiter)
-        return "".join(parts)
-
-    def answer_prefix(self, reasoning: str) -> str:
-        """Assistant text after which a model writes the answer."""
-        reasoning = reasoning.rstrip()
-        if self.close:
-            return f"{reasoning}\n{self.close}\n\n"
-        return f"{reasoning}{self.delimiter}{self.answer_lead}"
-
-    # ------------------------------------------------------------------ detection
-    def end_of_reasoning(self, text: str) -> int | None:
-        """Index in ``text`` where reasoning ends (close tag or answer marker), else ``None``."""
-        found: list[int] = []
-        if self.close:
-            i = text.find(self.close)
-            if i >= 0:
-                found.append(i)
-        lowered = text.lower()
-        for marker in self.answer_markers:
-            i = lowered.find(marker.lower())
-            if i >= 0:
-                found.append(i)
-        return min(found) if found else None
-
-    def extract_answer(self, text: str) -> str:
-        """The answer part of the text that ended reasoning (after the close tag or marker)."""
-        if self.close and self.close in text:
-            return text.split(self.close, 1)[1].strip()
-        lowered = text.lower()
-        for marker in self.answer_markers:
-            i = lowered.find(marker.lower())
-            if i >= 0:
-                if marker.endswith(":"):
-                    return text[i + len(marker) :].strip()
-                return text[i:].strip()
-        return text.strip()
-
-
-STEPWISE = ReasoningFormat(
-    name="stepwise",
-    instruction=STEPWISE_INSTRUCTION,
-    answer_markers=("Final answer:", "\\boxed{"),
-)
-THINK = ReasoningFormat(
-    name="think",
-    instruction=None,
-    open="<think>\n",
-    close="</think>",
-    answer_lead="",
-)
-FORMATS = {f.name: f for f in (STEPWISE, THINK)}
-
-
-def validate_messages(messages: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
-    """Check a conversation before any model runs; return plain dict copies.
-
-    Raises:
-        InvalidMessagesError: no messages, an unknown role, content that is not text, or a last
-            message that is not from the user or a tool.
-    """
-    if not messages:
-        raise InvalidMessagesError(
-            "messages: the conversation is empty; give at least one user message"
-        )
-    checked: list[dict[str, Any]] = []
-    for i, message in enumerate(messages):
-        if not isinstance(message, Mapping):
-            raise InvalidMessagesError(
-                f"messages[{i}]: expected a mapping with 'role' and 'content', got {type(message).__name__}"
-            )
-        role = message.get("role")
-        if role not in _ROLES:
-            raise InvalidMessagesError(
-                f"messages[{i}].role: {role!r} is not one of {sorted(_ROLES)}"
-            )
-        content = message.get("content")
-        if content is not None and not isinstance(content, str):
-            raise InvalidMessagesError(
-                f"messages[{i}].content: expected text, got {type(content).__name__}"
-            )
-        checked.append(dict(message))
-    last = checked[-1]["role"]
-    if last not in ("user", "tool"):
-        raise InvalidMessagesError(
-            f"messages[-1].role: the last message must come from the user or a tool, got {last!r}"
-        )
-    return checked
-
-
-_WHITESPACE = re.compile(r"\s+")
-
-
-def normalise_step(text: str) -> str:
-    """Lower-case, whitespace-collapsed text, for comparing steps."""
-    return _WHITESPACE.sub(" ", text.strip().lower())
+__all__ = [
+    "FORMATS",
+    "STEPWISE",
+    "STEPWISE_INSTRUCTION",
+    "STEP_DELIMITER",
+    "THINK",
+    "ReasoningFormat",
+    "normalise_step",
+    "validate_messages",
+]

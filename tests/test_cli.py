@@ -31,6 +31,17 @@ def test_run_on_tiny_models_prints_the_trace_as_json() -> None:
     assert trace["usage"]["large"]["calls"] >= 1
 
 
+def test_runs_reasoning_options_reach_the_reasoner() -> None:
+    done = collab_agent(
+        "run", "What is 2 + 2?", "--models", "tiny", "--budget", "32", "--json",
+        "--max-steps", "2", "--step-max-tokens", "4", "--answer-max-tokens", "3",
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    trace = json.loads(done.stdout)
+    assert len(trace["steps"]) == 2 and trace["stop_reason"] == "max_steps"
+    assert all(step["tokens"] <= 4 for step in trace["steps"])
+
+
 def test_models_lists_the_three_bundled_models() -> None:
     done = collab_agent("models", "--json")
     assert done.returncode == 0, done.stderr
@@ -49,6 +60,8 @@ def test_models_lists_the_three_bundled_models() -> None:
         (["run", "q", "--models", "huge"], "--models"),
         (["run", "q", "--models", "tiny", "--policy", "no-such-policy"], "policy"),
         (["run", "q", "--models", "tiny", "--budget", "0"], "budget"),
+        (["run", "q", "--models", "tiny", "--max-steps", "0"], "max_steps"),
+        (["run", "q", "--models", "tiny", "--top-p", "0", "--temperature", "0.5"], "top_p"),
     ],
 )
 def test_bad_arguments_give_one_clear_line_and_exit_code_2(args: list[str], fragment: str) -> None:

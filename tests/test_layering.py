@@ -24,7 +24,28 @@ import pytest
 PACKAGE = "collab_agent"
 ROOT = Path(__file__).resolve().parents[1] / PACKAGE
 
-LOWER_LAYERS = ("collab_agent.types", "collab_agent.trace", "collab_agent.prompting")
+CORE_LAYERS = {
+    "collab_agent.core.trace": "data",
+    "collab_agent.core.formats": "data",
+    "collab_agent.core.config": "data",
+    "collab_agent.core.streaming": "loop",
+    "collab_agent.core.context": "loop",
+    "collab_agent.core.session": "loop",
+    "collab_agent.core.reasoner": "loop",
+}
+"""The step loop's package in two layers: plain data (the trace, the reasoning formats and the
+settings) below the policies, which read them; the loop (reasoner, session, context check,
+streamed reveal) above the policies and the backends, which it drives."""
+
+OLD_PATHS = ("reasoner", "session", "trace", "context", "streaming", "prompting", "splitting")
+"""Top-level modules that moved into `core` and stay as re-export shims."""
+
+LOWER_LAYERS = (
+    "collab_agent.types",
+    "collab_agent.trace",
+    "collab_agent.prompting",
+    *(m for m, layer in CORE_LAYERS.items() if layer == "data"),
+)
 """Modules that must load without the backends layer (and every module of `policies`)."""
 
 TYPES_MAY_IMPORT = {"collab_agent.types", "collab_agent._checks", "collab_agent.errors"}
@@ -36,8 +57,15 @@ FOUNDATION = ("collab_agent.types", "collab_agent.backends", "collab_agent.cache
 """Modules (and packages) that must not reach the adapters above them."""
 
 FORBIDDEN = ("langchain", "langgraph", "collab_agent.chat_model", "collab_agent.evaluation",
-             "collab_agent.cli", "collab_agent.calibrate_cli")  # fmt: skip
-"""What the foundation may not import, eagerly or lazily, directly or through our modules."""
+             "collab_agent.cli", "collab_agent.calibrate_cli", "collab_agent.langchain",
+             "collab_agent.core.reasoner", "collab_agent.core.session",
+             "collab_agent.reasoner", "collab_agent.session")  # fmt: skip
+"""What the foundation may not import, eagerly or lazily, directly or through our modules: the
+adapters and the step loop."""
+
+LOOP_FORBIDDEN = tuple(f for f in FORBIDDEN if not f.startswith(("collab_agent.core",
+                       "collab_agent.reasoner", "collab_agent.session")))  # fmt: skip
+"""What the step loop (every module of `core`) may not import: the adapters above it."""
 
 KNOWN_FORBIDDEN: set[tuple[str, str]] = set()
 """Forbidden edges still to remove, as ``(our module, what it imports)``."""
@@ -257,14 +285,62 @@ def test_lower_layers_load_without_the_backends_at_run_time() -> None:
     assert [m for m in loaded if m.startswith("collab_agent.backends")] == []
 
 
+def _package_of(module: str) -> str:
+    """The top-level module or subpackage ``module`` belongs to; `core`'s two layers count as
+    two packages (``collab_agent.core:data``, ``collab_agent.core:loop``)."""
+    if module in CORE_LAYERS:
+        return f"collab_agent.core:{CORE_LAYERS[module]}"
+    return ".".join(module.split(".")[:2])
+
+
 def _by_package(graph: dict[str, set[str]]) -> dict[str, set[str]]:
     """The graph between the top-level modules and subpackages (``collab_agent.policies``...)."""
     collapsed: dict[str, set[str]] = defaultdict(set)
     for module, targets in graph.items():
-        source = ".".join(module.split(".")[:2])
-        collapsed[source].update(".".join(t.split(".")[:2]) for t in targets)
+        source = _package_of(module)
+        collapsed[source].update(_package_of(t) for t in targets)
         collapsed[source].discard(source)
     return collapsed
+
+
+def test_every_core_module_has_a_layer() -> None:
+    assert sorted(m for m in MODULES if m.startswith("collab_agent.core.")) == sorted(CORE_LAYERS)
+
+
+@pytest.mark.parametrize("module", sorted(CORE_LAYERS))
+def test_the_step_loop_imports_no_adapter(module: str) -> None:
+    loaded = _loaded_by(module, _graph({"eager", "lazy"}, with_packages=True))
+    bad = [
+        f"{name} <- {_chain(reached, loaded)}"
+        for reached in loaded
+        for name in sorted(_all_imports(reached))
+        if (name.split(".")[0] in LOOP_FORBIDDEN or name.startswith(LOOP_FORBIDDEN))
+        and (reached, name) not in KNOWN_FORBIDDEN
+    ]
+    assert bad == []
+
+
+def test_the_policies_sit_between_the_core_data_and_the_loop() -> None:
+    packages = _by_package(_graph({"eager", "lazy"}, with_packages=False))
+    assert "collab_agent.core:data" in packages["collab_agent.policies"]
+    assert "collab_agent.policies" in packages["collab_agent.core:loop"]
+    assert "collab_agent.core:loop" not in packages["collab_agent.core:data"]
+    # eager only: the splitter reads the bundled models' metadata when it is called
+    eager = _by_package(_graph({"eager"}, with_packages=False))
+    assert not eager["collab_agent.core:data"] & {
+        "collab_agent.policies",
+        "collab_agent.backends",
+        "collab_agent.core:loop",
+    }
+
+
+@pytest.mark.parametrize("old", OLD_PATHS)
+def test_the_moved_modules_are_shims_of_core(old: str) -> None:
+    """The old paths import only their `core` module, so they can never drift from it."""
+    assert {t for t, _ in _imports(f"collab_agent.{old}")} <= {
+        f"collab_agent.core.{old}",
+        "collab_agent.core.formats",
+    }
 
 
 def test_no_new_import_cycle_between_modules() -> None:

@@ -88,9 +88,9 @@ async def run_bench(
 ) -> dict[str, Any]:
     """Run every policy on every problem with ``large`` behind a fresh `SimulatedLink`."""
     from collab_agent.backends.network import SimulatedLink
+    from collab_agent.core.reasoner import Reasoner
     from collab_agent.evaluation.grading import extract_answer, is_correct
     from collab_agent.policies.registry import resolve_policy
-    from collab_agent.reasoner import Reasoner
 
     results: dict[str, Any] = {}
     for name in policies:

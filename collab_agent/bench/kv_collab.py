@@ -115,8 +115,8 @@ class MethodRun:
         reasoner_options: dict[str, Any],
     ) -> None:
         from collab_agent.backends.local import TransformersBackend
+        from collab_agent.core.reasoner import Reasoner
         from collab_agent.policies import TrigReason
-        from collab_agent.reasoner import Reasoner
 
         self.name = name
         self.method = make_cache(name, small, budget)

@@ -132,8 +132,8 @@ async def measure(
 ) -> dict[str, Any]:
     """Run TrigReason on ``problems`` and return the figures (see the module docstring)."""
     from collab_agent.backends.base import GREEDY
+    from collab_agent.core.reasoner import Reasoner
     from collab_agent.policies import TrigReason
-    from collab_agent.reasoner import Reasoner
 
     say = log or (lambda message: print(message, file=sys.stderr, flush=True))
     backends = {"small": small, "large": large}

@@ -108,11 +108,11 @@ def calibrate_command(
         record_signals,
         save_policy_file,
     )
+    from collab_agent.core.config import ReasoningConfig
+    from collab_agent.core.formats import STEPWISE, THINK
+    from collab_agent.core.reasoner import Reasoner
     from collab_agent.evaluation.datasets import load_dataset, resolve_dataset
     from collab_agent.policies.base import Policy
-    from collab_agent.prompting import STEPWISE, THINK
-    from collab_agent.reasoner import Reasoner
-    from collab_agent.types import Sampling
 
     stderr = Console(stderr=True)
     data_path = resolve_dataset(data)
@@ -125,20 +125,18 @@ def calibrate_command(
     small_backend, large_backend = load_pair(
         None, small_spec, large_spec, threads=threads, parallel=concurrency
     )
-    sampling = Sampling(temperature=temperature, top_p=1.0 if temperature == 0 else 0.95)
+    config = ReasoningConfig(
+        format=THINK if think else STEPWISE,
+        temperature=temperature,
+        top_p=1.0 if temperature == 0 else 0.95,
+        budget=budget,
+        max_steps=max_steps,
+        step_max_tokens=step_max_tokens,
+        answer_max_tokens=answer_max_tokens,
+    )
 
     def make_reasoner(policy: Policy) -> Reasoner:
-        return Reasoner(
-            small_backend,
-            large_backend,
-            policy,
-            format=THINK if think else STEPWISE,
-            sampling=sampling,
-            budget=budget,
-            max_steps=max_steps,
-            step_max_tokens=step_max_tokens,
-            answer_max_tokens=answer_max_tokens,
-        )
+        return Reasoner(small_backend, large_backend, policy, config=config)
 
     def progress(policy: str, run: Any) -> None:
         mark = "[green]right[/]" if run.correct else "[red]wrong[/]"

@@ -122,12 +122,11 @@ def eval_command(
     """Run policies on a data set and compare accuracy, small-model share, LRM use and latency."""
     from rich.console import Console
 
+    from collab_agent.core.config import ReasoningConfig
+    from collab_agent.core.formats import STEPWISE, THINK, resolve_splitter
     from collab_agent.evaluation.datasets import resolve_dataset
     from collab_agent.evaluation.report import markdown_table, summary_table
     from collab_agent.evaluation.runner import PLOT_FILE, evaluate
-    from collab_agent.prompting import STEPWISE, THINK
-    from collab_agent.splitting import resolve_splitter
-    from collab_agent.types import Sampling
 
     stderr = Console(stderr=True)
     step_splitter = resolve_splitter(splitter, "--splitter") if splitter else None
@@ -143,8 +142,16 @@ def eval_command(
     from collab_agent.evaluation.sweep import expand_sweeps, parse_sweep
 
     swept = expand_sweeps([parse_sweep(s) for s in sweep or ()], options)
-    sampling = Sampling(
-        temperature=temperature, top_p=1.0 if temperature == 0 else top_p, seed=seed
+    config = ReasoningConfig(  # a bad setting fails before any model loads
+        format=THINK if think else STEPWISE,
+        splitter=step_splitter,
+        temperature=temperature,
+        top_p=1.0 if temperature == 0 else top_p,
+        seed=seed,
+        budget=budget,
+        max_steps=max_steps,
+        step_max_tokens=step_max_tokens,
+        answer_max_tokens=answer_max_tokens,
     )
 
     if report_only:
@@ -186,14 +193,7 @@ def eval_command(
             limit=limit,
             out=out_dir,
             resume=not fresh,
-            sampling=sampling,
-            seed=seed,
-            format=THINK if think else STEPWISE,
-            splitter=step_splitter,
-            budget=budget,
-            max_steps=max_steps,
-            step_max_tokens=step_max_tokens,
-            answer_max_tokens=answer_max_tokens,
+            config=config,
             policy_options=options,
             problem_timeout_s=timeout,
             progress=True,

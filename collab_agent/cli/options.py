@@ -36,6 +36,9 @@ SplitterOption = Annotated[
     ),
 ]
 TemperatureOption = Annotated[float, typer.Option("--temperature", help="0 is greedy.")]
+TopPOption = Annotated[
+    float, typer.Option("--top-p", help="Nucleus sampling mass when temperature > 0.")
+]
 ThinkOption = Annotated[
     bool, typer.Option("--think/--no-think", help="The models reason inside <think> ... </think>.")
 ]
@@ -74,4 +77,5 @@ __all__ = [
     "TemperatureOption",
     "ThinkOption",
     "ThreadsOption",
+    "TopPOption",
 ]

@@ -14,15 +14,19 @@ from rich.text import Text
 from collab_agent import defaults
 from collab_agent.cli.backends import load_pair, run_then_close
 from collab_agent.cli.options import (
+    AnswerMaxTokensOption,
     ApiKeyEnvOption,
     LargeOption,
+    MaxStepsOption,
     ModelsOption,
     PrimingOption,
     SmallOption,
     SplitterOption,
+    StepMaxTokensOption,
     TemperatureOption,
     ThinkOption,
     ThreadsOption,
+    TopPOption,
 )
 
 stdout = Console()
@@ -46,11 +50,15 @@ def run(
     ] = "trigreason",
     priming: PrimingOption = defaults.PRIMING_STEPS,
     temperature: TemperatureOption = defaults.TEMPERATURE,
+    top_p: TopPOption = defaults.TOP_P,
     seed: Annotated[int | None, typer.Option(help="Sampling seed.")] = None,
     budget: Annotated[
         int | None,
         typer.Option(help="Most reasoning tokens (default: 1024, capped to the context)."),
     ] = None,
+    max_steps: MaxStepsOption = defaults.MAX_STEPS,
+    step_max_tokens: StepMaxTokensOption = defaults.STEP_MAX_TOKENS,
+    answer_max_tokens: AnswerMaxTokensOption = defaults.ANSWER_MAX_TOKENS,
     think: ThinkOption = False,
     api_key_env: ApiKeyEnvOption = "OPENAI_API_KEY",
     threads: ThreadsOption = None,
@@ -61,30 +69,29 @@ def run(
 ) -> None:
     """Answer one question, streaming each step with who wrote it and why."""
     started = time.perf_counter()
+    from collab_agent.core.config import ReasoningConfig
+    from collab_agent.core.formats import STEPWISE, THINK, resolve_splitter
+    from collab_agent.core.reasoner import Reasoner
     from collab_agent.policies.registry import resolve_policy
-    from collab_agent.prompting import STEPWISE, THINK
-    from collab_agent.reasoner import Reasoner
-    from collab_agent.splitting import resolve_splitter
-    from collab_agent.types import Sampling
 
+    config = ReasoningConfig(  # a bad setting fails before any model loads
+        format=THINK if think else STEPWISE,
+        splitter=resolve_splitter(splitter, "--splitter") if splitter else None,
+        temperature=temperature,
+        top_p=1.0 if temperature == 0 else top_p,
+        seed=seed,
+        budget=budget,
+        max_steps=max_steps,
+        step_max_tokens=step_max_tokens,
+        answer_max_tokens=answer_max_tokens,
+    )
     options: dict[str, Any] = {"priming_steps": priming} if policy == "trigreason" else {}
     chosen = resolve_policy(policy, allow_code=True, **options)  # the user's own choice
-    step_splitter = resolve_splitter(splitter, "--splitter") if splitter else None
     small_backend, large_backend = load_pair(
         models, small, large, api_key_env=api_key_env, threads=threads
     )
     load_seconds = time.perf_counter() - started
-    reasoner = Reasoner(
-        small_backend,
-        large_backend,
-        chosen,
-        format=THINK if think else STEPWISE,
-        splitter=step_splitter,
-        sampling=Sampling(
-            temperature=temperature, top_p=1.0 if temperature == 0 else defaults.TOP_P, seed=seed
-        ),
-        budget=budget,
-    )
+    reasoner = Reasoner(small_backend, large_backend, chosen, config=config)
 
     async def stream() -> Any:
         trace = None

@@ -13,10 +13,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from collab_agent.core.trace import Trace
 from collab_agent.evaluation.datasets import Problem
 from collab_agent.evaluation.grading import grade
 from collab_agent.policies.trigreason import confident_share
-from collab_agent.trace import Trace
 
 RECORDS_FILE = "records.jsonl"
 TRACES_FILE = "traces.jsonl"

@@ -21,8 +21,8 @@ from collab_agent.evaluation.sweep import family_of, pareto_frontier
 if TYPE_CHECKING:
     from rich.table import Table
 
+    from collab_agent.core.trace import Trace
     from collab_agent.evaluation.records import ProblemRecord
-    from collab_agent.trace import Trace
 
 REFERENCE_POLICY = "large-only"
 

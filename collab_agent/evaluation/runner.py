@@ -16,7 +16,7 @@ import os
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +24,10 @@ import anyio
 
 from collab_agent import _checks
 from collab_agent.backends.base import Backend
+from collab_agent.core.config import ReasoningConfig
+from collab_agent.core.formats import ReasoningFormat, StepSplitter, choose_splitter
+from collab_agent.core.reasoner import Reasoner
+from collab_agent.core.trace import Trace
 from collab_agent.errors import ConfigError
 from collab_agent.evaluation.datasets import Problem, load_dataset
 from collab_agent.evaluation.records import (
@@ -39,11 +43,7 @@ from collab_agent.evaluation.records import (
     read_traces,
 )
 from collab_agent.policies.base import Policy
-from collab_agent.prompting import STEPWISE, ReasoningFormat
-from collab_agent.reasoner import Reasoner
-from collab_agent.splitting import StepSplitter, choose_splitter
-from collab_agent.trace import Trace
-from collab_agent.types import GREEDY, Sampling
+from collab_agent.types import Sampling
 
 
 @dataclass
@@ -124,6 +124,13 @@ def resolve_policies(
     return resolved
 
 
+EVAL_CONFIG = ReasoningConfig(
+    temperature=0.0, top_p=1.0, max_steps=64, step_max_tokens=256, answer_max_tokens=64
+)
+"""The reasoning settings of an evaluation unless given: greedy, so runs repeat, and limits
+sized for short math answers."""
+
+
 @dataclass(eq=False)
 class Job:
     """One run of `run_jobs`: ``policy`` on ``problem``, sample ``sample``, as conversation
@@ -191,14 +198,15 @@ async def evaluate(
     limit: int | None = None,
     out: str | os.PathLike[str] | None = None,
     resume: bool = True,
-    sampling: Sampling = GREEDY,
+    config: ReasoningConfig = EVAL_CONFIG,
+    sampling: Sampling | None = None,
     seed: int | None = None,
-    format: ReasoningFormat = STEPWISE,
+    format: ReasoningFormat | None = None,
     splitter: StepSplitter | str | None = None,
     budget: int | None = None,
-    max_steps: int = 64,
-    step_max_tokens: int = 256,
-    answer_max_tokens: int = 64,
+    max_steps: int | None = None,
+    step_max_tokens: int | None = None,
+    answer_max_tokens: int | None = None,
     policy_options: Mapping[str, Mapping[str, Any]] | None = None,
     problem_timeout_s: float | None = None,
     progress: bool = False,
@@ -219,12 +227,12 @@ async def evaluate(
         out: folder for ``records.jsonl``, ``traces.jsonl``, ``summary.json`` and the plot;
             ``None`` keeps everything in memory.
         resume: skip runs already recorded in ``out`` (from an interrupted or smaller run).
-        sampling: sampling of every step (default greedy); with ``seed``, sample ``i`` uses
+        config: the reasoning settings of every run (default `EVAL_CONFIG`: greedy, at most
+            64 steps of 256 tokens and a 64-token answer); with a ``seed``, sample ``i`` uses
             seed ``seed + i``.
-        seed: base seed of the samples.
-        format: the reasoning format (`STEPWISE` or `THINK`).
-        splitter: where a step ends, as in `Reasoner` (``None``: the pair's default).
-        budget, max_steps, step_max_tokens, answer_max_tokens: as in `Reasoner`.
+        sampling, seed, format, splitter, budget, max_steps, step_max_tokens,
+            answer_max_tokens: each overrides that setting of ``config`` when given, as in
+            `Reasoner` (``splitter=None``: the pair's default).
         policy_options: keyword arguments per policy name given to its factory
             (``{"trigreason": {"priming_steps": 1}}``).
         problem_timeout_s: a run taking longer is stopped and recorded as an error.
@@ -249,27 +257,41 @@ async def evaluate(
     if not problems:
         raise ConfigError("data", "holds no problems")
     resolved = resolve_policies(policies, policy_options or {})
-    step_splitter = choose_splitter(
-        splitter, small.name, large.name, format.splitter, think=bool(format.close)
+    settings = config.override(
+        sampling=sampling,
+        seed=seed,
+        format=format,
+        splitter=splitter,
+        budget=budget,
+        max_steps=max_steps,
+        step_max_tokens=step_max_tokens,
+        answer_max_tokens=answer_max_tokens,
+    )
+    fmt = settings.format
+    settings = replace(
+        settings,
+        splitter=choose_splitter(
+            settings.splitter, small.name, large.name, fmt.splitter, think=bool(fmt.close)
+        ),
     )
     out_dir = Path(out) if out is not None else None
-    config = {
+    recorded = {
         "small": small.name,
         "large": large.name,
-        "format": format.name,
-        "splitter": step_splitter.name,
-        "sampling": asdict(sampling),
-        "seed": seed,
-        "budget": budget,
-        "max_steps": max_steps,
-        "step_max_tokens": step_max_tokens,
-        "answer_max_tokens": answer_max_tokens,
+        "format": fmt.name,
+        "splitter": settings.splitter.name if isinstance(settings.splitter, StepSplitter) else "",
+        "sampling": asdict(settings.sampling),
+        "seed": settings.seed,
+        "budget": settings.budget,
+        "max_steps": settings.max_steps,
+        "step_max_tokens": settings.step_max_tokens,
+        "answer_max_tokens": settings.answer_max_tokens,
         **(dict(describe) if describe else {}),
     }
     done: dict[tuple[str, str, int], ProblemRecord] = {}
     if out_dir is not None:
         out_dir.mkdir(parents=True, exist_ok=True)
-        _check_config(out_dir, config, resume)
+        _check_config(out_dir, recorded, resume)
         done = {r.key: r for r in read_records(out_dir) if r.error is None}
     wanted = {(p.name, q.id, s) for p in resolved for q in problems for s in range(samples)}
     jobs = [
@@ -282,19 +304,9 @@ async def evaluate(
     results: list[ProblemRecord] = [r for k, r in done.items() if k in wanted]
 
     def reasoner_for(policy: Policy, sample: int) -> Reasoner:
-        sample_seed = None if seed is None else seed + sample
-        return Reasoner(
-            small,
-            large,
-            policy,
-            format=format,
-            splitter=step_splitter,
-            sampling=Sampling(sampling.temperature, sampling.top_p, sample_seed),
-            budget=budget,
-            max_steps=max_steps,
-            step_max_tokens=step_max_tokens,
-            answer_max_tokens=answer_max_tokens,
-        )
+        base = settings.seed
+        sample_seed = None if base is None else base + sample
+        return Reasoner(small, large, policy, config=replace(settings, seed=sample_seed))
 
     def finished(job: Job, outcome: Trace | Exception, seconds: float, advance: Any) -> None:
         policy, problem, sample = job.policy, job.problem, job.sample

@@ -30,8 +30,10 @@ from langchain_core.messages import AIMessageChunk, BaseMessage
 from langchain_core.outputs import ChatGenerationChunk, ChatResult
 
 from collab_agent import _checks, defaults
-from collab_agent.backends.base import Sampling
 from collab_agent.backends.detokenize import cut_at_stop
+from collab_agent.core.config import ReasoningConfig
+from collab_agent.core.reasoner import AnswerEvent, Reasoner, StepEvent, TokenEvent
+from collab_agent.core.streaming import AnswerReveal
 from collab_agent.errors import CallTimeoutError, ConfigError
 from collab_agent.langchain.callbacks import notify, traced
 from collab_agent.langchain.errors import langchain_typed
@@ -45,8 +47,6 @@ from collab_agent.langchain.tools import (
     tool_format,
 )
 from collab_agent.policies.base import Policy
-from collab_agent.reasoner import AnswerEvent, Reasoner, StepEvent, TokenEvent
-from collab_agent.streaming import AnswerReveal
 
 if TYPE_CHECKING:
     from collab_agent.langchain.chat_model import CollabChatModel
@@ -130,8 +130,6 @@ def prepare(
     temperature = kwargs.get("temperature", model.temperature)
     top_p = kwargs.get("top_p", model.top_p)
     seed = kwargs.get("seed", model.seed)
-    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
-        raise ConfigError("seed", f"must be an integer or None, got {seed!r}")
     max_tokens = kwargs.get("max_tokens", model.max_tokens)
     if kwargs.get("max_completion_tokens") is not None:
         if kwargs.get("max_tokens") not in (None, kwargs["max_completion_tokens"]):
@@ -150,14 +148,18 @@ def prepare(
     _checks.positive_int("max_tokens", max_tokens)
     reasoner_fields: dict[str, Any] = {
         "policy": policy if policy is not None else model._policy(),
-        "format": reasoning_format,
-        "splitter": model.splitter,
+        "config": ReasoningConfig(
+            format=reasoning_format,
+            splitter=model.splitter,
+            temperature=temperature,
+            top_p=top_p,
+            seed=seed,
+            budget=model.reasoning_budget,
+            max_steps=model.max_steps,
+            step_max_tokens=model.step_max_tokens,
+            answer_max_tokens=max_tokens,
+        ),
         "stream_tokens": model.stream_granularity == "token",
-        "sampling": Sampling(temperature=temperature, top_p=top_p, seed=seed),
-        "budget": model.reasoning_budget,
-        "max_steps": model.max_steps,
-        "step_max_tokens": model.step_max_tokens,
-        "answer_max_tokens": max_tokens,
         "on_large_unavailable": model.on_large_unavailable,
         "breaker": model.circuit_breaker,
         "response_format": check_response_format(kwargs.get("response_format")),
@@ -210,12 +212,12 @@ async def stream_chunks(
                 if event.step_index != streaming_step:
                     streaming_step = event.step_index
                     if event.step_index > 0:
-                        text = reasoner.format.delimiter + text
+                        text = reasoner.settings.format.delimiter + text
                 yield chunk(reasoning=text)
             elif isinstance(event, StepEvent):
                 text = event.step.text[len(event.streamed) :]
                 if not event.streamed and event.step.index > 0:
-                    text = reasoner.format.delimiter + text
+                    text = reasoner.settings.format.delimiter + text
                 if text or not event.streamed:
                     yield chunk(reasoning=text)
             else:

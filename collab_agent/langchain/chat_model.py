@@ -30,6 +30,7 @@ from collab_agent.backends.base import Backend, Sampling
 from collab_agent.backends.specs import LARGE_BUNDLED, SMALL_BUNDLED
 from collab_agent.backends.tokens import backend_tokenizer, prompt_tokens, text_tokens
 from collab_agent.breaker import CircuitBreaker
+from collab_agent.core.formats import FORMATS, ReasoningFormat, resolve_splitter
 from collab_agent.errors import CapabilityError, CollabError, ConfigError
 from collab_agent.langchain.backends import OwnedBackends, spec_backend
 from collab_agent.langchain.call import Call, check_policy, generate, prepare, stream_chunks
@@ -38,8 +39,6 @@ from collab_agent.langchain.structured import METHODS, response_format_for
 from collab_agent.langchain.tools import convert_tools, parse_tool_choice
 from collab_agent.limits import map_limited
 from collab_agent.policies.base import Policy
-from collab_agent.prompting import FORMATS, ReasoningFormat
-from collab_agent.splitting import resolve_splitter
 
 __all__ = ["CollabChatModel"]
 

@@ -25,8 +25,8 @@ from langchain_core.messages import (
 from langchain_core.messages.utils import message_chunk_to_message
 from langchain_core.outputs import ChatGeneration, ChatGenerationChunk, ChatResult
 
+from collab_agent.core.trace import Trace
 from collab_agent.errors import InvalidMessagesError
-from collab_agent.trace import Trace
 
 __all__ = ["aggregate", "chunk", "convert_messages", "usage_metadata"]
 

@@ -26,9 +26,9 @@ from langchain_core.utils.function_calling import convert_to_openai_tool
 
 from collab_agent.backends.base import GenerateRequest, Generation, release_shielded
 from collab_agent.backends.toolcalls import parse_tool_calls
+from collab_agent.core.formats import STEPWISE_INSTRUCTION, ReasoningFormat
+from collab_agent.core.reasoner import AnswerEvent, Reasoner
 from collab_agent.errors import ConfigError
-from collab_agent.prompting import STEPWISE_INSTRUCTION, ReasoningFormat
-from collab_agent.reasoner import AnswerEvent, Reasoner
 from collab_agent.types import Role
 
 __all__ = [
@@ -207,7 +207,7 @@ async def parse_answer(
         return Answer(answer.text, [], [])
     calls = [{**c, "type": "tool_call"} for c in answer.tool_calls]
     raw = answer.raw_text or answer.text
-    prefilled = choice.forced and reasoner.format.answer_lead == choice.lead
+    prefilled = choice.forced and reasoner.settings.format.answer_lead == choice.lead
     generated_with_lead = prefilled and not raw.lstrip().startswith(TOOL_CALL_MARKERS)
     text = _forced_call(choice.lead + raw) if generated_with_lead else raw
     allowed = tools
@@ -229,7 +229,7 @@ async def parse_answer(
             calls, parsed = found, offered
     content = parsed.content
     if not calls:
-        content = _final_answer(reasoner.format, content)
+        content = _final_answer(reasoner.settings.format, content)
     if not parallel_tool_calls:
         calls = calls[:1]
     return Answer(content, calls, parsed.invalid_tool_calls)
@@ -245,7 +245,7 @@ async def force_tool_call(
     """One more answer by the answering model, its text opened with a ``<tool_call>`` block;
     recorded in the trace like every call."""
     trace = answer.trace
-    fmt = reasoner.format
+    fmt = reasoner.settings.format
     reasoning = fmt.reasoning_prefix([(s.text, s.stop_reason == "step") for s in trace.steps])
     prefix = fmt.answer_prefix(reasoning)
     if not prefix.endswith(choice.lead):
@@ -305,8 +305,8 @@ async def _ask_answerer(
         messages=messages,
         reasoning=reasoning,
         stop=stop,
-        max_tokens=reasoner.answer_max_tokens,
-        sampling=reasoner.sampling,
+        max_tokens=reasoner.settings.answer_max_tokens,
+        sampling=reasoner.settings.sampling,
         tools=tools,
         purpose="answer",
     )

@@ -32,8 +32,8 @@ from collab_agent.types import Role
 
 if TYPE_CHECKING:
     from collab_agent.backends.base import Backend
-    from collab_agent.prompting import ReasoningFormat
-    from collab_agent.trace import Step, Trace
+    from collab_agent.core.formats import ReasoningFormat
+    from collab_agent.core.trace import Step, Trace
     from collab_agent.types import GenerateRequest, Generation
 
 T = TypeVar("T")
@@ -61,7 +61,7 @@ class Reject:
 
 class StepContext(Protocol):
     """The running collaboration as a hook sees it: the trace so far, the conversation, and
-    model calls that are recorded in the trace (`collab_agent.session.Session` is the one the
+    model calls that are recorded in the trace (`collab_agent.core.session.Session` is the one the
     reasoner passes)."""
 
     @property
@@ -79,7 +79,7 @@ class StepContext(Protocol):
 
     def request(self, reasoning: str, *args: Any, **options: Any) -> GenerateRequest:
         """A request that continues ``reasoning`` in this conversation; ``options`` as
-        `collab_agent.session.Session.request` takes them (``max_tokens``, ``stop``,
+        `collab_agent.core.session.Session.request` takes them (``max_tokens``, ``stop``,
         ``logprobs``, ``purpose``, ``sampling``, ``messages``)."""
         ...
 

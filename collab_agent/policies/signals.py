@@ -44,7 +44,7 @@ from collab_agent.types import Role
 
 if TYPE_CHECKING:
     from collab_agent.backends.base import Backend
-    from collab_agent.trace import Step, Trace
+    from collab_agent.core.trace import Step, Trace
 
 Statistic = Literal["mean_nll", "max_nll", "low_prob_share"]
 """How a step's token logprobs become one number: their mean negative log-likelihood (nats), the

@@ -23,7 +23,7 @@ from collab_agent.policies.base import BaseTrigger, Policy, Reject, StepContext
 from collab_agent.types import GREEDY, GenerateRequest, Generation, Role
 
 if TYPE_CHECKING:
-    from collab_agent.trace import Step, Trace
+    from collab_agent.core.trace import Step, Trace
 
 JUDGE_INSTRUCTION = (
     "Evaluate the last reasoning step solely based on factual correctness and logical validity. "

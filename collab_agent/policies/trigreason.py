@@ -15,10 +15,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from collab_agent import _checks, defaults
+from collab_agent.core.formats import normalise_step
+from collab_agent.core.trace import Step, Trace
 from collab_agent.errors import ConfigError
 from collab_agent.policies.base import BaseTrigger, Handoff, Policy, Reject
-from collab_agent.prompting import normalise_step
-from collab_agent.trace import Step, Trace
 from collab_agent.types import Role
 
 HESITATION_WORDS: tuple[str, ...] = (

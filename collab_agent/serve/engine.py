@@ -16,7 +16,7 @@ from langchain_core.messages import BaseMessage, convert_to_messages
 
 from collab_agent.backends.base import Backend
 from collab_agent.chat_model import CollabChatModel
-from collab_agent.prompting import validate_messages
+from collab_agent.core.formats import validate_messages
 from collab_agent.serve.config import ServeConfig
 from collab_agent.serve.errors import APIError
 from collab_agent.serve.schema import ChatCompletionRequest
