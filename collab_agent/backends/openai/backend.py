@@ -36,6 +36,13 @@ __all__ = ["Mode", "OpenAIBackend"]
 
 logger = logging.getLogger(__name__)
 
+CLOSE_AFTER_STREAM: Mapping[str, str] = {"Connection": "close"}
+"""Headers of a streamed request to llama.cpp's server. It closes the connection after every
+streamed answer while announcing ``Keep-Alive``, so the pool kept that connection as reusable and
+the next request sent on it before the server's FIN arrived failed with "Server disconnected
+without sending a response". Asking for the close makes both ends agree: the client drops the
+connection once the answer is read."""
+
 Mode = Literal["auto", "completions", "chat-continue", "chat-prefill", "deepseek-prefix", "chat"]
 _MODES = ("auto", "completions", "chat-continue", "chat-prefill", "deepseek-prefix", "chat")
 _HOUR_S, _DAY_S = 3600.0, 86400.0
@@ -467,11 +474,12 @@ class OpenAIBackend:
         body["stream_options"] = {"include_usage": True}
         client = (await self._http.loop_client()).client
         deadline = anyio.current_time() + self.timeout
+        headers = dict(CLOSE_AFTER_STREAM) if self._dialect() == "llama.cpp" else {}
         sse = await self._http.request(
             mode.what,
             lambda: client.post(
                 mode.path, body=body, cast_to=object, stream=True,
-                stream_cls=openai.AsyncStream[object],
+                stream_cls=openai.AsyncStream[object], options={"headers": headers},
             ),
         )  # fmt: skip
         if "json" in sse.response.headers.get("content-type", ""):
