@@ -30,5 +30,14 @@ STEP_MAX_TOKENS = 512
 ANSWER_MAX_TOKENS = 1024
 """Most tokens of the answer."""
 
+EVAL_MAX_STEPS = 48
+"""Most reasoning steps of one problem in ``collab-agent eval``/``calibrate`` and ``evaluate``."""
+
+EVAL_STEP_MAX_TOKENS = 256
+"""Most tokens of one step in an evaluation."""
+
+EVAL_ANSWER_MAX_TOKENS = 48
+"""Most tokens of an evaluation's answer (a short final answer to grade)."""
+
 CONTEXT_MARGIN = 32
 """Tokens kept free in each model's context for step delimiters and the answer's lead."""

@@ -159,3 +159,20 @@ def test_the_old_module_paths_still_import_the_same_objects(old: str, new: str) 
     assert shim.__all__
     for name in shim.__all__:
         assert getattr(shim, name) is getattr(moved, name), name
+
+
+@pytest.mark.parametrize(
+    ("module", "command"),
+    [
+        ("collab_agent.cli.evaluate", "eval_command"),
+        ("collab_agent.cli.calibrate", "calibrate_command"),
+    ],
+)
+def test_eval_and_calibrate_default_to_the_evaluation_config(module: str, command: str) -> None:
+    import importlib
+    import inspect
+
+    parameters = inspect.signature(getattr(importlib.import_module(module), command)).parameters
+    for name in ("max_steps", "step_max_tokens", "answer_max_tokens", "temperature"):
+        default = parameters[name].default
+        assert default == getattr(EVAL_CONFIG, name), (command, name, default)

@@ -9,6 +9,7 @@ from typing import Annotated, Any
 
 import typer
 
+from collab_agent import defaults
 from collab_agent.cli.backends import load_pair, run_then_close
 from collab_agent.cli.options import (
     AnswerMaxTokensOption,
@@ -88,9 +89,9 @@ def calibrate_command(
     ] = None,
     temperature: TemperatureOption = 0.0,
     budget: Annotated[int, typer.Option(help="Most reasoning tokens per problem.")] = 1024,
-    max_steps: MaxStepsOption = 48,
-    step_max_tokens: StepMaxTokensOption = 256,
-    answer_max_tokens: AnswerMaxTokensOption = 48,
+    max_steps: MaxStepsOption = defaults.EVAL_MAX_STEPS,
+    step_max_tokens: StepMaxTokensOption = defaults.EVAL_STEP_MAX_TOKENS,
+    answer_max_tokens: AnswerMaxTokensOption = defaults.EVAL_ANSWER_MAX_TOKENS,
     concurrency: Annotated[int, typer.Option(help="Problems answered at a time.")] = 1,
     threads: ThreadsOption = None,
     think: ThinkOption = False,

@@ -92,9 +92,9 @@ def eval_command(
             help="Most reasoning tokens per problem (default: 1024, capped to the context)."
         ),
     ] = None,
-    max_steps: MaxStepsOption = 48,
-    step_max_tokens: StepMaxTokensOption = 256,
-    answer_max_tokens: AnswerMaxTokensOption = 48,
+    max_steps: MaxStepsOption = defaults.EVAL_MAX_STEPS,
+    step_max_tokens: StepMaxTokensOption = defaults.EVAL_STEP_MAX_TOKENS,
+    answer_max_tokens: AnswerMaxTokensOption = defaults.EVAL_ANSWER_MAX_TOKENS,
     priming: PrimingOption = defaults.PRIMING_STEPS,
     rho: Annotated[
         float | None, typer.Option(help="TrigReason's cognitive-offload rho (default 0.85).")

@@ -22,7 +22,7 @@ from typing import Any
 
 import anyio
 
-from collab_agent import _checks
+from collab_agent import _checks, defaults
 from collab_agent.backends.base import Backend
 from collab_agent.core.config import ReasoningConfig
 from collab_agent.core.formats import ReasoningFormat, StepSplitter, choose_splitter
@@ -125,10 +125,14 @@ def resolve_policies(
 
 
 EVAL_CONFIG = ReasoningConfig(
-    temperature=0.0, top_p=1.0, max_steps=64, step_max_tokens=256, answer_max_tokens=64
+    temperature=0.0,
+    max_steps=defaults.EVAL_MAX_STEPS,
+    step_max_tokens=defaults.EVAL_STEP_MAX_TOKENS,
+    answer_max_tokens=defaults.EVAL_ANSWER_MAX_TOKENS,
 )
-"""The reasoning settings of an evaluation unless given: greedy, so runs repeat, and limits
-sized for short math answers."""
+"""The reasoning settings of an evaluation unless given (``collab-agent eval`` and
+``calibrate`` default to the same): greedy, so runs repeat, and limits sized for short math
+answers."""
 
 
 @dataclass(eq=False)
@@ -228,7 +232,7 @@ async def evaluate(
             ``None`` keeps everything in memory.
         resume: skip runs already recorded in ``out`` (from an interrupted or smaller run).
         config: the reasoning settings of every run (default `EVAL_CONFIG`: greedy, at most
-            64 steps of 256 tokens and a 64-token answer); with a ``seed``, sample ``i`` uses
+            48 steps of 256 tokens and a 48-token answer); with a ``seed``, sample ``i`` uses
             seed ``seed + i``.
         sampling, seed, format, splitter, budget, max_steps, step_max_tokens,
             answer_max_tokens: each overrides that setting of ``config`` when given, as in
