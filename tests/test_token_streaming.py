@@ -38,15 +38,19 @@ def request(conversation_id: str = "c", **overrides: Any) -> GenerateRequest:
     return GenerateRequest(**fields)
 
 
-def backends(tiny_pair: TinyPair) -> tuple[TransformersBackend, TransformersBackend]:
-    small = TransformersBackend(tiny_pair.small, tiny_pair.tokenizer, name="tiny-small")
-    large = TransformersBackend(tiny_pair.large, tiny_pair.tokenizer, name="tiny-large")
+def backends(
+    tiny_pair: TinyPair, kind: type[TransformersBackend] = TransformersBackend
+) -> tuple[TransformersBackend, TransformersBackend]:
+    small = kind(tiny_pair.small, tiny_pair.tokenizer, name="tiny-small")
+    large = kind(tiny_pair.large, tiny_pair.tokenizer, name="tiny-large")
     return small, large
 
 
-def chat_model(tiny_pair: TinyPair, **fields: Any) -> CollabChatModel:
+def chat_model(
+    tiny_pair: TinyPair, kind: type[TransformersBackend] = TransformersBackend, **fields: Any
+) -> CollabChatModel:
     """The large model writes two steps, then the small one; six answer tokens, greedy."""
-    small, large = backends(tiny_pair)
+    small, large = backends(tiny_pair, kind)
     fields.setdefault("policy", TrigReason(priming_steps=2))
     return CollabChatModel(
         small=small,
@@ -259,10 +263,13 @@ async def test_a_batched_stream_raises_its_row_error_and_the_others_finish(
 
 
 # ============================================================================ the chat model
+@pytest.mark.parametrize(
+    "kind", [TransformersBackend, BatchedTransformersBackend], ids=["local", "batched"]
+)
 async def test_astream_streams_reasoning_and_answer_token_by_token_and_joins_to_invoke(
-    tiny_pair: TinyPair,
+    tiny_pair: TinyPair, kind: type[TransformersBackend]
 ) -> None:
-    chunks = [c async for c in chat_model(tiny_pair).astream(QUESTION)]
+    chunks = [c async for c in chat_model(tiny_pair, kind).astream(QUESTION)]
     reasoning = [c.additional_kwargs["reasoning_content"] for c in chunks if c.additional_kwargs]
     answer = [c.content for c in chunks if c.content]
     assert len(reasoning) >= 10  # the large model's steps, token by token
@@ -273,7 +280,7 @@ async def test_astream_streams_reasoning_and_answer_token_by_token_and_joins_to_
     full = chunks[0]
     for chunk in chunks[1:]:
         full = full + chunk
-    result = await chat_model(tiny_pair).ainvoke(QUESTION)
+    result = await chat_model(tiny_pair, kind).ainvoke(QUESTION)
     assert full.content == result.content
     assert (
         full.additional_kwargs["reasoning_content"] == result.additional_kwargs["reasoning_content"]
