@@ -1,9 +1,11 @@
-"""Token streaming from the real local backends: `TransformersBackend.stream` and
-`CollabChatModel.astream` over two tiny random-weight transformers models.
+"""Token streaming from the real local backends: `TransformersBackend.stream`,
+`BatchedTransformersBackend.stream` and `CollabChatModel.astream` over two tiny random-weight
+transformers models.
 
 What a chat UI relies on: text arrives token by token; the deltas joined are exactly what
 ``generate`` / ``invoke`` return; a stop string is never shown; leaving a stream early stops the
-decode and leaves the backend usable for the next call.
+decode and leaves the backend usable for the next call. In a batch also: concurrent streams get
+their text while the batch decodes, and one slow or abandoned stream holds up no other.
 """
 
 from __future__ import annotations
