@@ -26,6 +26,12 @@ the dtype of the batch it is in, so its text follows that dtype's rounding.
 
 There is no extra thread: the caller whose request waits drives the batch, one step at a time in
 a worker thread (`anyio.to_thread.run_sync`); when it leaves, another waiting caller takes over.
+
+`stream` hands out each row's text as the batch decodes it: the worker takes the row's deltas from
+its `SequenceDecoder` into a thread-safe deque on the row (the decoder is only ever touched by the
+worker), and the caller drains that deque on the event loop. A streaming caller drives the batch
+only until its own row has new text, so while its consumer is busy with a delta another free
+caller drives and the other rows go on.
 """
 
 from __future__ import annotations
@@ -65,6 +71,7 @@ class _Row:
     pending: int = -1  # sampled, not yet forwarded
     last_logits: Any = None  # logits after the last forwarded token
     cancelled: bool = False  # set by the caller's task, read by the worker between steps
+    deltas: deque[str] | None = None  # a streaming row's text deltas: the worker appends
     result: Generation | None = None
     error: BaseException | None = None
     wake: anyio.Event | None = None
@@ -72,6 +79,11 @@ class _Row:
     @property
     def done(self) -> bool:
         return self.result is not None or self.error is not None
+
+    @property
+    def ready(self) -> bool:
+        """Done, or holding text deltas its streaming caller has not taken."""
+        return self.done or bool(self.deltas)
 
 
 class _PaddedBatch:
@@ -294,29 +306,12 @@ class BatchedTransformersBackend(TransformersBackend):
             OverloadedError: ``max_waiting`` requests already wait for a slot.
             BackendError: the backend is closed, or the forward pass failed.
         """
-        if self._closed:
-            raise BackendError(f"backend {self.name!r} is closed")
-        if self.max_waiting is not None and len(self._waiting) >= self.max_waiting:
-            raise OverloadedError(
-                f"{self.name}: {len(self._waiting)} requests already wait for a batch slot "
-                f"(max_waiting={self.max_waiting}, max_batch_size={self.max_batch_size})"
-            )
-        row = _Row(request, time.perf_counter())
-        self._waiting.append(row)
+        row = self._enqueue(request, streaming=False)
         try:
             while not row.done:
-                if not self._driving:
-                    await self._drive(row)
-                else:
-                    row.wake = anyio.Event()
-                    await row.wake.wait()
+                await self._wait_or_drive(row)
         except BaseException:
-            row.cancelled = True
-            if row in self._waiting:
-                self._waiting.remove(row)
-            if not self._driving and any(r.cancelled for r in self._batch.rows):
-                with anyio.CancelScope(shield=True):  # nobody else may drive: free it now
-                    await anyio.to_thread.run_sync(self._drop_cancelled_sync)
+            await self._abandon(row)
             raise
         if row.error is not None:
             raise row.error
@@ -324,25 +319,82 @@ class BatchedTransformersBackend(TransformersBackend):
         return row.result
 
     async def stream(self, request: GenerateRequest) -> AsyncIterator[str | Generation]:
-        """The batched `generate`, then its whole text as one delta and the `Generation`.
+        """`generate`, handing out text deltas as the batch decodes them, then the `Generation`.
 
-        The decode of a row runs inside the shared batch step, not in a loop of its own, so
-        the inherited token-by-token `TransformersBackend.stream` (which decodes alone, past
-        the batch) is not used here.
+        The deltas come per decode slice (up to ``decode_slice_s`` of steps, each token its own
+        delta) and join to the generation's text; a tail that could start a stop string is
+        held back, so no delta shows any of a stop string. While the consumer handles a delta
+        another caller drives the batch, so a slow consumer stalls no other row. Closing or
+        cancelling the iteration removes the row at the next step, as a cancelled `generate`.
+
+        Raises:
+            OverloadedError: ``max_waiting`` requests already wait for a slot.
+            BackendError: the backend is closed, or the forward pass failed (raised after the
+                deltas decoded before the failure).
         """
-        generation = await self.generate(request)
-        if generation.text:
-            yield generation.text
-        yield generation
+        row = self._enqueue(request, streaming=True)
+        assert row.deltas is not None
+        shown = ""
+        try:
+            while True:
+                finished = row.done  # read first: every delta of a done row is in the deque
+                while row.deltas:
+                    delta = row.deltas.popleft()
+                    shown += delta
+                    yield delta
+                if finished:
+                    break
+                await self._wait_or_drive(row)
+        except BaseException:
+            await self._abandon(row)
+            raise
+        if row.error is not None:
+            raise row.error
+        result = row.result
+        assert result is not None
+        if len(result.text) > len(shown) and result.text.startswith(shown):
+            yield result.text[len(shown) :]  # the tail held back until the sequence ended
+        yield result
+
+    def _enqueue(self, request: GenerateRequest, *, streaming: bool) -> _Row:
+        """A new row at the back of the waiting queue."""
+        if self._closed:
+            raise BackendError(f"backend {self.name!r} is closed")
+        if self.max_waiting is not None and len(self._waiting) >= self.max_waiting:
+            raise OverloadedError(
+                f"{self.name}: {len(self._waiting)} requests already wait for a batch slot "
+                f"(max_waiting={self.max_waiting}, max_batch_size={self.max_batch_size})"
+            )
+        row = _Row(request, time.perf_counter(), deltas=deque() if streaming else None)
+        self._waiting.append(row)
+        return row
+
+    async def _wait_or_drive(self, row: _Row) -> None:
+        """Drive the batch until ``row`` is ready if nobody drives, else wait to be woken."""
+        if not self._driving:
+            await self._drive(row)
+        else:
+            row.wake = anyio.Event()
+            await row.wake.wait()
+
+    async def _abandon(self, row: _Row) -> None:
+        """The caller of ``row`` went away: its row leaves (now, when nobody else drives)."""
+        row.cancelled = True
+        if row in self._waiting:
+            self._waiting.remove(row)
+        if not self._driving and any(r.cancelled for r in self._batch.rows):
+            with anyio.CancelScope(shield=True):  # nobody else may drive: free it now
+                await anyio.to_thread.run_sync(self._drop_cancelled_sync)
 
     # ------------------------------------------------------------------ the driver
     async def _drive(self, own: _Row) -> None:
-        """Run batch steps until ``own`` is done; then let another waiting caller drive."""
+        """Run batch steps until ``own`` is done (or, streaming, has new text); then let another
+        waiting caller drive."""
         self._driving = True
         try:
             if not self._batch.rows and self.batch_window_s > 0:
                 await anyio.sleep(self.batch_window_s)  # let simultaneous requests arrive
-            while not own.done:
+            while not own.ready:
                 joining = self._admit()
                 await anyio.to_thread.run_sync(self._step_sync, joining, limiter=self._limiter())
                 self._deliver()
@@ -367,8 +419,9 @@ class BatchedTransformersBackend(TransformersBackend):
         return joining
 
     def _deliver(self) -> None:
+        """Wake the callers of finished rows and of streaming rows with new text."""
         finished, self._finished = self._finished, []
-        for row in finished:
+        for row in [*finished, *(r for r in self._batch.rows if r.deltas)]:
             if row.wake is not None:
                 row.wake.set()
 
@@ -606,6 +659,10 @@ class BatchedTransformersBackend(TransformersBackend):
         `TransformersBackend`); finish the row when its sequence ended."""
         assert row.decoder is not None
         token = row.decoder.advance(logits, logprobs)
+        if row.deltas is not None:  # before `_finish`: a done row's deltas are all in the deque
+            delta = row.decoder.take_delta()
+            if delta:
+                row.deltas.append(delta)
         if token is None:
             self._finish(row)
         else:
