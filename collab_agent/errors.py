@@ -41,3 +41,8 @@ class CapabilityError(CollabError, NotImplementedError):
 
 class ModelNotInstalledError(CollabError, LookupError):
     """A bundled model's packages are missing; the message gives the pip command."""
+
+
+class OverloadedError(BackendError):
+    """Too many calls are already waiting for a slot (backpressure): retry later or raise the
+    limit (``max_waiting``)."""

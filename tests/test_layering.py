@@ -70,10 +70,7 @@ LOOP_FORBIDDEN = tuple(f for f in FORBIDDEN if not f.startswith(("collab_agent.c
 KNOWN_FORBIDDEN: set[tuple[str, str]] = set()
 """Forbidden edges still to remove, as ``(our module, what it imports)``."""
 
-KNOWN_PACKAGE_CYCLES: list[set[str]] = [
-    # backends.batching uses the top-level limits, which wraps a backend
-    {"collab_agent.backends", "collab_agent.limits"},
-]
+KNOWN_PACKAGE_CYCLES: list[set[str]] = []
 
 
 def _modules() -> dict[str, Path]:

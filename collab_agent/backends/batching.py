@@ -50,8 +50,7 @@ from collab_agent._hf import IMPORT_LOCK
 from collab_agent.backends.base import GenerateRequest, Generation
 from collab_agent.backends.decoding import SequenceDecoder, seeded_generator
 from collab_agent.backends.local import ConversationCache, TransformersBackend
-from collab_agent.errors import BackendError, CapabilityError
-from collab_agent.limits import OverloadedError
+from collab_agent.errors import BackendError, CapabilityError, OverloadedError
 
 if TYPE_CHECKING:
     import torch

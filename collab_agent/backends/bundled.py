@@ -342,13 +342,11 @@ def _verified_gguf(model: BundledModel) -> Path:
 
 
 def _dequantized(gguf: Path) -> dict[str, Any]:
-    """Ask transformers to unpack every GGUF block into dense weights (recent transformers keep
-    them packed by default, which cannot be saved as safetensors)."""
-    try:
-        with IMPORT_LOCK:
-            from transformers import GgufConfig
-    except ImportError:  # older transformers always dequantise
-        return {}
+    """Ask transformers to unpack every GGUF block into dense weights (it keeps them packed by
+    default, which cannot be saved as safetensors)."""
+    with IMPORT_LOCK:
+        from transformers import GgufConfig
+
     return {"quantization_config": GgufConfig(gguf_file=str(gguf), dequantize=True)}
 
 

@@ -173,12 +173,6 @@ def register(bench: typer.Typer) -> None:
         from collab_agent.types import Price, Sampling
 
         names = [p.strip() for p in policies.split(",") if p.strip()]
-        if "specreason" in names:
-            try:
-                import collab_agent.policies.specreason  # noqa: F401
-            except ImportError:
-                _log("SpecReason is not available; skipping it")
-                names.remove("specreason")
         small_spec, large_spec = resolve_pair(models or "llamacpp", small, large)
         data = load_problems(problems)
         _log(f"edge-cloud: small={small_spec} large={large_spec} problems={len(data)} rtt={rtt}s")
