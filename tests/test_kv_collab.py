@@ -32,7 +32,9 @@ def models():  # type: ignore[no-untyped-def]
 def pair(models, method_for):  # type: ignore[no-untyped-def]
     small_model, large_model, tokenizer = models
     small = TransformersBackend(small_model, tokenizer, name="tiny-small")
-    large = TransformersBackend(large_model, tokenizer, name="tiny-large", cache=method_for(small))
+    large = TransformersBackend(
+        large_model, tokenizer, name="tiny-large", kv_method=method_for(small)
+    )
     return small, large
 
 
@@ -183,7 +185,7 @@ async def test_smallkv_reads_the_srm_backends_own_pass_instead_of_a_second_one(s
             method = SmallKV(
                 assistant=small, budget=1.0, min_calibration_tokens=16, share_assistant_pass=share
             )
-        large = TransformersBackend(large_model, tokenizer, name="tiny-large", cache=method)
+        large = TransformersBackend(large_model, tokenizer, name="tiny-large", kv_method=method)
         await reasoner(small, large, TrigReason(priming_steps=1)).run(QUESTION)
         counts.append(meter.count)
     plain, with_smallkv = counts

@@ -1,4 +1,5 @@
-"""A TransformersBackend for the large model takes a KV method of collab_agent.cache."""
+"""A TransformersBackend for the large model takes a KV method of collab_agent.cache
+(``kv_method=``)."""
 
 from __future__ import annotations
 
@@ -29,7 +30,7 @@ async def test_smallkv_at_full_budget_generates_what_the_full_cache_generates(mo
     expected = await TransformersBackend(large_model, tokenizer).generate(request("plain"))
     small = TransformersBackend(small_model, tokenizer)
     compressed = TransformersBackend(
-        large_model, tokenizer, cache=SmallKV(assistant=small, budget=1.0)
+        large_model, tokenizer, kv_method=SmallKV(assistant=small, budget=1.0)
     )
     got = await compressed.generate(request("smallkv"))
     assert got.text == expected.text
@@ -40,7 +41,18 @@ async def test_a_compressed_cache_keeps_fewer_bytes_on_the_device(models) -> Non
     _, large_model, tokenizer = models
     plain = TransformersBackend(large_model, tokenizer)
     await plain.generate(request("c"))
-    compressed = TransformersBackend(large_model, tokenizer, cache=H2O(budget=0.2))
+    compressed = TransformersBackend(large_model, tokenizer, kv_method=H2O(budget=0.2))
     generation = await compressed.generate(request("c"))
     assert generation.completion_tokens > 0
     assert 0 < compressed._store.nbytes < 0.5 * plain._store.nbytes
+
+
+def test_the_old_cache_keyword_still_works_with_a_deprecation_warning(models) -> None:  # type: ignore[no-untyped-def]
+    from collab_agent.errors import ConfigError
+
+    _, large_model, tokenizer = models
+    with pytest.warns(DeprecationWarning, match="kv_method"):
+        backend = TransformersBackend(large_model, tokenizer, cache=H2O(budget=0.2))
+    assert isinstance(backend.kv_method, H2O)
+    with pytest.raises(ConfigError, match="only kv_method"):
+        TransformersBackend(large_model, tokenizer, cache=H2O(), kv_method=H2O())

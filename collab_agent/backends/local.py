@@ -22,6 +22,7 @@ import json
 import math
 import threading
 import time
+import warnings
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -252,8 +253,9 @@ class TransformersBackend:
         max_cached_conversations: most conversations whose KV cache is kept (LRU).
         max_cache_bytes: most bytes of KV cache kept over all conversations (LRU); a
             conversation whose cache alone is larger is dropped after each call.
-        cache: a KV method of `collab_agent.cache` (``SmallKV(assistant=small_backend)``,
+        kv_method: a KV method of `collab_agent.cache` (``SmallKV(assistant=small_backend)``,
             ``H2O()``, ...) that compresses every conversation's cache; ``None`` keeps it whole.
+            (``cache=`` is its old, deprecated name.)
             Its budget is a share of the whole current context (prompt and reasoning) unless
             the method sets ``budget_of="prompt"``. A rollback crops the compressed cache and
             the method's own state together (SmallKV brings evicted tokens back from its host
@@ -276,6 +278,7 @@ class TransformersBackend:
         device: Any = None,
         max_cached_conversations: int = 8,
         max_cache_bytes: int = 2 << 30,
+        kv_method: Any = None,
         cache: Any = None,
     ) -> None:
         _checks.positive_int("max_cached_conversations", max_cached_conversations)
@@ -297,7 +300,16 @@ class TransformersBackend:
         self._cache_arg = "cache" if "cache" in params else "past_key_values"
         # A KV method of collab_agent.cache (SmallKV, H2O, ...) compresses every conversation's
         # cache; it hooks the model once here and hands out a compressed cache per conversation.
-        self.kv_method = cache.attach(self.model) if cache is not None else None
+        if cache is not None:
+            if kv_method is not None:
+                raise ConfigError("cache", "is the old name of kv_method; pass only kv_method")
+            warnings.warn(
+                "TransformersBackend(cache=...) is deprecated; pass kv_method=...",
+                DeprecationWarning,
+                stacklevel=2,
+            )
+            kv_method = cache
+        self.kv_method = kv_method.attach(self.model) if kv_method is not None else None
         self._observed: tuple[int, int] | None = None  # see record_attention
 
     # ------------------------------------------------------------------ SmallKV's assistant

@@ -121,7 +121,7 @@ class MethodRun:
         self.name = name
         self.method = make_cache(name, small, budget)
         self.large = TransformersBackend(
-            large_model, tokenizer, name=f"large-{name}", cache=self.method
+            large_model, tokenizer, name=f"large-{name}", kv_method=self.method
         )
         self.meter = Meter(small.model, large_model)
         self.held: dict[str, list[int]] = {}

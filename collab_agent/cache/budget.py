@@ -6,7 +6,7 @@ modes (`KVMethod.budget_of`):
 - ``"context"``: at every step the cache holds at most ``ceil(budget * L)`` token equivalents,
   L = every token seen so far (prompt and everything decoded), as in the SmallKV and H2O papers.
   The mode for a reasoning trace, whose decoded tokens outnumber the question's; the default of
-  `TransformersBackend(cache=...)`.
+  `TransformersBackend(kv_method=...)`.
 - ``"prompt"``: the prompt is compressed to ``ceil(budget * P)`` (P = tokens seen when
   compression first happens) and every token processed after that adds one token equivalent to
   the allowance, as in kvpress, where the prompt is compressed and decoded tokens are appended.
