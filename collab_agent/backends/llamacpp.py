@@ -77,8 +77,8 @@ class LlamaCppServer:
         ctx_size: context window per slot, tokens (the server allocates ``n_parallel * ctx_size``).
         threads: CPU threads for generation and prompt processing. On a CPU shared with other
             busy processes use 1: llama.cpp's threads meet at a barrier after every operation,
-            and when the OS deschedules one of them decoding slows 10-30x (measured here under
-            load 13 on 2 cores: SmolLM2-135M 0.3-0.5 tokens/s with 2 threads, 9.9 with 1).
+            and when the OS deschedules one of them decoding slows by an order of magnitude
+            (README, "Model specs", gives the figures).
         poll: how hard llama.cpp's threads busy-wait for work, 0-100 (llama.cpp's default is
             50). 0 sleeps instead: on a shared, oversubscribed CPU spinning threads starve each
             other and decoding slows by an order of magnitude.

@@ -144,8 +144,8 @@ class SmallKV(KVMethod):
         What the SRM's attention ranks tokens by: ``accumulated`` sums each token's attention
         over all queries so far (the paper); ``window`` sums it over the last ``window`` queries
         only (the current saliency, as SnapKV's observation window, but recomputed every step)
-        and pools it over ``kernel_size`` neighbouring tokens. ``window`` is the default: it
-        measured better than ``accumulated`` on the bundled pair (`bench kv`).
+        and pools it over ``kernel_size`` neighbouring tokens. ``window`` is the default, as
+        `bench kv` on the bundled pair ranks the two (README, "Benchmarks").
     window : int, default 32
         Queries counted by ``score="window"``.
     kernel_size : int, default 5
