@@ -22,6 +22,7 @@ from collab_agent.cli.options import (
     TemperatureOption,
     ThinkOption,
     ThreadsOption,
+    reasoning_config,
 )
 
 
@@ -109,8 +110,6 @@ def calibrate_command(
         record_signals,
         save_policy_file,
     )
-    from collab_agent.core.config import ReasoningConfig
-    from collab_agent.core.formats import STEPWISE, THINK
     from collab_agent.core.reasoner import Reasoner
     from collab_agent.evaluation.datasets import load_dataset, resolve_dataset
     from collab_agent.policies.base import Policy
@@ -126,10 +125,9 @@ def calibrate_command(
     small_backend, large_backend = load_pair(
         None, small_spec, large_spec, threads=threads, parallel=concurrency
     )
-    config = ReasoningConfig(
-        format=THINK if think else STEPWISE,
+    config = reasoning_config(
+        think=think,
         temperature=temperature,
-        top_p=1.0 if temperature == 0 else 0.95,
         budget=budget,
         max_steps=max_steps,
         step_max_tokens=step_max_tokens,

@@ -27,6 +27,7 @@ from collab_agent.cli.options import (
     TemperatureOption,
     ThinkOption,
     ThreadsOption,
+    reasoning_config,
 )
 from collab_agent.errors import ConfigError
 
@@ -122,14 +123,11 @@ def eval_command(
     """Run policies on a data set and compare accuracy, small-model share, LRM use and latency."""
     from rich.console import Console
 
-    from collab_agent.core.config import ReasoningConfig
-    from collab_agent.core.formats import STEPWISE, THINK, resolve_splitter
     from collab_agent.evaluation.datasets import resolve_dataset
     from collab_agent.evaluation.report import markdown_table, summary_table
     from collab_agent.evaluation.runner import PLOT_FILE, evaluate
 
     stderr = Console(stderr=True)
-    step_splitter = resolve_splitter(splitter, "--splitter") if splitter else None
     data_path = resolve_dataset(data)
     names = [p.strip() for p in (policy or DEFAULT_POLICIES).split(",") if p.strip()]
     trig: dict[str, Any] = {"priming_steps": priming}
@@ -142,11 +140,11 @@ def eval_command(
     from collab_agent.evaluation.sweep import expand_sweeps, parse_sweep
 
     swept = expand_sweeps([parse_sweep(s) for s in sweep or ()], options)
-    config = ReasoningConfig(  # a bad setting fails before any model loads
-        format=THINK if think else STEPWISE,
-        splitter=step_splitter,
+    config = reasoning_config(
+        think=think,
+        splitter=splitter,
         temperature=temperature,
-        top_p=1.0 if temperature == 0 else top_p,
+        top_p=top_p,
         seed=seed,
         budget=budget,
         max_steps=max_steps,

@@ -3,9 +3,14 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
+
+from collab_agent import defaults
+
+if TYPE_CHECKING:
+    from collab_agent.core.config import ReasoningConfig
 
 ModelsOption = Annotated[
     str | None, typer.Option("--models", help="Preset pair: bundled (default), llamacpp or tiny.")
@@ -79,3 +84,26 @@ __all__ = [
     "ThreadsOption",
     "TopPOption",
 ]
+
+
+def reasoning_config(
+    *,
+    think: bool,
+    temperature: float,
+    top_p: float = defaults.TOP_P,
+    splitter: str | None = None,
+    **limits: Any,
+) -> ReasoningConfig:
+    """The `ReasoningConfig` of a command's options, built before any model loads so a bad
+    setting fails first; top-p applies only when sampling (temperature above 0). ``limits``:
+    ``seed``, ``budget``, ``max_steps``, ``step_max_tokens``, ``answer_max_tokens``."""
+    from collab_agent.core.config import ReasoningConfig
+    from collab_agent.core.formats import STEPWISE, THINK, resolve_splitter
+
+    return ReasoningConfig(
+        format=THINK if think else STEPWISE,
+        splitter=resolve_splitter(splitter, "--splitter") if splitter else None,
+        temperature=temperature,
+        top_p=1.0 if temperature == 0 else top_p,
+        **limits,
+    )

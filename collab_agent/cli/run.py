@@ -27,6 +27,7 @@ from collab_agent.cli.options import (
     ThinkOption,
     ThreadsOption,
     TopPOption,
+    reasoning_config,
 )
 
 stdout = Console()
@@ -69,16 +70,14 @@ def run(
 ) -> None:
     """Answer one question, streaming each step with who wrote it and why."""
     started = time.perf_counter()
-    from collab_agent.core.config import ReasoningConfig
-    from collab_agent.core.formats import STEPWISE, THINK, resolve_splitter
     from collab_agent.core.reasoner import Reasoner
     from collab_agent.policies.registry import resolve_policy
 
-    config = ReasoningConfig(  # a bad setting fails before any model loads
-        format=THINK if think else STEPWISE,
-        splitter=resolve_splitter(splitter, "--splitter") if splitter else None,
+    config = reasoning_config(
+        think=think,
+        splitter=splitter,
         temperature=temperature,
-        top_p=1.0 if temperature == 0 else top_p,
+        top_p=top_p,
         seed=seed,
         budget=budget,
         max_steps=max_steps,
