@@ -113,7 +113,8 @@ def test_sync_calls_and_asyncio_run_leave_no_socket_open() -> None:
         # a leak never recovers; a loaded machine can take seconds to end a finished thread
         assert wait_until(lambda: server.open_connections == 0, within_s=30)
         assert wait_until(lambda: open_fds() == before, within_s=30), (open_fds(), before)
-        assert wait_until(lambda: threading.active_count() == threads, within_s=30), (
+        # at most as many threads as before: one an earlier test left may end meanwhile
+        assert wait_until(lambda: threading.active_count() <= threads, within_s=30), (
             threading.active_count(),
             threads,
         )
