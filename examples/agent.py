@@ -11,6 +11,7 @@ the answer, as they happen. Runs offline on the bundled models:
 from __future__ import annotations
 
 import argparse
+from typing import Literal
 
 from langchain.agents import create_agent
 from langchain_core.messages import AIMessageChunk, HumanMessage, ToolMessage
@@ -21,9 +22,14 @@ from collab_agent import PRESETS, CollabChatModel, TrigReason
 RATES = {("USD", "EUR"): 0.92, ("EUR", "USD"): 1.09, ("USD", "GBP"): 0.79, ("GBP", "USD"): 1.27}
 
 
+Currency = Literal["USD", "EUR", "GBP"]
+"""The codes the tool knows; its schema lists them, so the model writes ``"USD"``, not
+``"US dollar"``."""
+
+
 @tool
-def convert_currency(amount: float, source: str, target: str) -> str:
-    """Convert an amount of money from the source currency to the target (ISO codes)."""
+def convert_currency(amount: float, source: Currency, target: Currency) -> str:
+    """Convert an amount of money from the source currency to the target."""
     rate = RATES.get((source.upper(), target.upper()))
     if rate is None:
         return f"No rate for {source} -> {target}; known pairs: {sorted(RATES)}"

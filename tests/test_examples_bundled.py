@@ -4,7 +4,8 @@ The agent example calls its tool instead of inventing a rate: the example's agen
 priming step, temperature 0) on the bundled Qwen2.5-Coder 0.5B/1.5B pair served by llama.cpp,
 asked the same question in five wordings. The 0.5B used to reason its way to an invented rate
 (212.5 euros); the tool gives 230.00. At least four of five runs must call the tool and answer
-with its figure.
+with its figure. The tool's schema lists its currency codes: a call with ``"US dollar"`` was
+refused by the tool, and the model then estimated the rate instead of calling again.
 
 The chain example gives the small model work: with the pair's line splitter and one priming
 step, the 0.5B writes more than 30% of the reasoning tokens of the example's question.
@@ -42,12 +43,6 @@ def _example(name: str) -> Any:
 
 @pytest.mark.slow
 @pytest.mark.server
-@pytest.mark.xfail(
-    reason="measured 3 of 5 in one run with the line split, the offered tool turn on the large "
-    "model and its note: 'I have 250 dollars...' answered 230.00 without the tool, 'What is 250 "
-    "US dollars in euros?' estimated 237.50",
-    strict=False,
-)
 def test_bundled_agent_calls_the_tool_and_answers_with_its_figure() -> None:
     from collab_agent import PRESETS, CollabChatModel, TrigReason
 
@@ -60,6 +55,7 @@ def test_bundled_agent_calls_the_tool_and_answers_with_its_figure() -> None:
         temperature=0,
         reasoning_budget=256,
         max_tokens=128,
+        backend_options={"threads": 1},  # two servers share the CPU: one thread each
     )
     agent = create_agent(model, tools=[example.convert_currency])
     outcomes = []
