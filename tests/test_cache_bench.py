@@ -188,8 +188,12 @@ def test_bench_kv_collab_runs_trigreason_with_every_cache_on_tiny_models() -> No
         "kv_bytes_vs_full",
         "decode_s_per_token_vs_full",
         "srm_forward_tokens_vs_plain",
+        "srm_tokens_per_trace_token_vs_plain",
         "rollbacks",
         "errors",
     }
     for cell in out["methods"].values():
         assert keys <= set(cell) and cell["errors"] == 0
+    # SmallKV reads the SRM backend's own pass: no second SRM pass over the LRM's tokens
+    assert out["methods"]["full"]["srm_tokens_per_trace_token_vs_plain"] == 1.0
+    assert out["methods"]["smallkv"]["srm_tokens_per_trace_token_vs_plain"] < 1.1

@@ -13,6 +13,10 @@ full-cache run is the reference every method's answers are compared with. Report
   SmallKV's hook runs included) over the full cache's, same process;
 - ``srm_forward_tokens_vs_plain``: tokens the SRM ran forward on (its own steps and any pass a
   KV method adds) over the full-cache run's;
+- ``srm_tokens_per_trace_token_vs_plain``: the same per token of the problems' traces (question,
+  steps written or rejected, answer), over the full-cache run's. Each method's answers take
+  their own path, so the plain count moves with the traces' lengths; per trace token, a second
+  SRM pass over the text the LRM reads shows as a ratio well above 1;
 - ``rollbacks``: LRM calls whose prompt left the cached tokens (the cache was cropped or reset);
 - ``errors``: problems that raised.
 """
@@ -128,6 +132,7 @@ class MethodRun:
         self.peaks: dict[str, tuple[int, int]] = {}
         self.rollbacks = 0
         self.answers: list[str | None] = []
+        self.trace_tokens = 0
         self.correct: list[bool] = []
         self.errors = 0
         self.large.on_generation = self._observe
@@ -175,6 +180,7 @@ class MethodRun:
                 conversation_id=f"{self.name}-{problem.id}",
             )
             answer = extract_answer(trace.answer)
+            self.trace_tokens += trace_tokens(self.large.tokenizer, problem.question, trace)
         except Exception as exc:
             self.errors += 1
             answer = None
@@ -202,6 +208,7 @@ class MethodRun:
             if meter.decode_steps
             else 0.0,
             "srm_forward_tokens": meter.srm_tokens,
+            "trace_tokens": self.trace_tokens,
             "rollbacks": self.rollbacks,
             "errors": self.errors,
         }
@@ -225,6 +232,8 @@ async def run_kv_collab(
     Every problem runs under every method before the next problem starts, so a change in the
     machine's load falls on all methods alike (the decode-time ratios are then fair), and a run
     stopped early still compares the methods on the same problems."""
+    from collab_agent.evaluation.grading import is_correct
+
     names = ("full", *[m for m in methods if m != "full"])
     runs = [MethodRun(n, small, large_model, tokenizer, budget, reasoner_options) for n in names]
     try:
@@ -243,7 +252,8 @@ async def run_kv_collab(
     result: dict[str, Any] = {"problems": len(problems), "budget": budget, "methods": {}}
     for name, cell in raw.items():
         same = sum(
-            a is not None and a == f for a, f in zip(cell["answers"], full["answers"], strict=True)
+            a is not None and f is not None and is_correct(a, f)
+            for a, f in zip(cell["answers"], full["answers"], strict=True)
         )
         result["methods"][name] = {
             "accuracy": round(cell["correct"] / len(problems), 4),
@@ -259,11 +269,27 @@ async def run_kv_collab(
             )
             if full["srm_forward_tokens"]
             else None,
+            "srm_tokens_per_trace_token_vs_plain": round(
+                per_trace_token(cell) / per_trace_token(full), 3
+            )
+            if per_trace_token(full)
+            else None,
             "rollbacks": cell["rollbacks"],
             "errors": cell["errors"],
         }
         log(f"[kv-collab] {name}: {json.dumps(result['methods'][name])}")
     return result
+
+
+def trace_tokens(tokenizer: Any, question: str, trace: Any) -> int:
+    """Tokens of one problem's trace: the question, every step written or rejected, the answer."""
+    steps = sum(step.tokens + step.rejected_tokens for step in trace.steps)
+    return len(tokenizer.encode(question)) + steps + len(tokenizer.encode(trace.answer))
+
+
+def per_trace_token(cell: dict[str, Any]) -> float:
+    """SRM forward tokens per trace token of one method's raw figures (0 without traces)."""
+    return cell["srm_forward_tokens"] / cell["trace_tokens"] if cell["trace_tokens"] else 0.0
 
 
 def load_gsm8k(data: str | None, count: int, first: int) -> list[Problem]:
@@ -304,6 +330,9 @@ def register(bench: typer.Typer) -> None:
         data: Annotated[
             str | None, typer.Option(help="JSON Lines problems (question, answer).")
         ] = None,
+        threads: Annotated[
+            int | None, typer.Option(help="torch CPU threads (default: torch's own choice).")
+        ] = None,
         as_json: JsonOption = False,
     ) -> None:
         """TrigReason with the large model's cache full and compressed by each KV method."""
@@ -317,6 +346,8 @@ def register(bench: typer.Typer) -> None:
 
         if not 0 < budget <= 1:
             raise ConfigError("--budget", f"must lie in (0, 1], got {budget}")
+        if threads is not None and threads < 1:
+            raise ConfigError("--threads", f"must be >= 1, got {threads}")
         if problems < 1 or first < 0:
             raise ConfigError("--problems/--first", "need at least 1 problem from index >= 0")
         known = (*METHODS, *VARIANTS)
@@ -325,6 +356,8 @@ def register(bench: typer.Typer) -> None:
             raise ConfigError("--methods", f"unknown {sorted(set(names) - set(known))}; {known}")
         rows = load_gsm8k(data, problems, first)
         small_spec, large_spec = resolve_pair(models, None, None)
+        if threads is not None:
+            torch.set_num_threads(threads)
         torch.manual_seed(0)
         small = load_backend(small_spec)
         large = load_backend(large_spec)
@@ -348,6 +381,7 @@ def register(bench: typer.Typer) -> None:
             "kv_bytes_vs_full",
             "decode_s_per_token_vs_full",
             "srm_forward_tokens_vs_plain",
+            "srm_tokens_per_trace_token_vs_plain",
             "rollbacks",
             "errors",
         )
