@@ -309,8 +309,20 @@ class TransformersBackend:
                 stacklevel=2,
             )
             kv_method = cache
-        self.kv_method = kv_method.attach(self.model) if kv_method is not None else None
+        self.kv_method: Any = None
+        self.use_kv_method(kv_method)
         self._observed: tuple[int, int] | None = None  # see record_attention
+
+    def use_kv_method(self, kv_method: Any) -> None:
+        """Compress every conversation's cache with ``kv_method`` from now on (``None``: keep
+        caches whole). Conversations cached so far are dropped: their caches were made without
+        it."""
+        with self._lock:
+            detach = getattr(self.kv_method, "detach", None)
+            if detach is not None:  # SmallKV's forward pre-hook on this model
+                detach()
+            self._store.clear()
+            self.kv_method = kv_method.attach(self.model) if kv_method is not None else None
 
     # ------------------------------------------------------------------ SmallKV's assistant
     def record_attention(self, calibration_tokens: int, window: int) -> None:

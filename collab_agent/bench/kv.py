@@ -158,17 +158,13 @@ def parse_methods(methods: str) -> tuple[str, ...]:
 def make_method(name: str, small: Any) -> Any:
     """The method ``name`` (of `collab_agent.cache.METHODS` or `VARIANTS`) with its defaults;
     a method with an ``assistant`` field gets the small model."""
-    from dataclasses import fields
-
-    from collab_agent.cache import METHODS, SmallKV
+    from collab_agent.cache import SmallKV
+    from collab_agent.cache.named import make_method as named_method
 
     if name in SMALLKV_SETTINGS:
         paper, extra = SMALLKV_SETTINGS[name]
         return SmallKV(assistant=small, **{**(SmallKV.PAPER if paper else {}), **extra})
-    method = METHODS[name]
-    if any(f.name == "assistant" for f in fields(method)):
-        return method(assistant=small)  # type: ignore[call-arg]
-    return method()
+    return named_method(name, assistant=small)
 
 
 def statistics_probe(small: Any) -> Any:

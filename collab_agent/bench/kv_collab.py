@@ -46,9 +46,8 @@ def log(message: str) -> None:
 
 def make_cache(name: str, small: Any, budget: float) -> Any:
     """The KV method ``name`` at ``budget`` of the whole context (``None`` for the full cache)."""
-    from dataclasses import fields
-
-    from collab_agent.cache import METHODS, SmallKV
+    from collab_agent.cache import SmallKV
+    from collab_agent.cache.named import make_method
 
     if name == "full":
         return None
@@ -58,10 +57,7 @@ def make_cache(name: str, small: Any, budget: float) -> Any:
         return SmallKV(assistant=small, budget=budget, budget_of="context", split=(1, 1, 0))
     if name == "smallkv_accumulated":
         return SmallKV(assistant=small, budget=budget, budget_of="context", score="accumulated")
-    method = METHODS[name]
-    if any(f.name == "assistant" for f in fields(method)):  # SmallKV: guided by the small model
-        return method(assistant=small, budget=budget, budget_of="context")  # type: ignore[call-arg]
-    return method(budget=budget, budget_of="context")
+    return make_method(name, assistant=small, budget=budget, budget_of="context")
 
 
 class Meter:

@@ -17,6 +17,7 @@ from collab_agent.cli import backends
 from collab_agent.cli.options import (
     AnswerMaxTokensOption,
     JsonOption,
+    KvMethodOption,
     LargeOption,
     MaxStepsOption,
     ModelsOption,
@@ -106,6 +107,7 @@ def eval_command(
     ] = "greedy",
     think: ThinkOption = False,
     threads: ThreadsOption = None,
+    kv_method: KvMethodOption = None,
     splitter: SplitterOption = None,
     timeout: Annotated[
         float | None, typer.Option(help="Seconds one run may take before it is recorded failed.")
@@ -177,7 +179,7 @@ def eval_command(
 
     small_spec, large_spec = resolve_pair(models, small, large)
     small_backend, large_backend = backends.load_pair(
-        None, small_spec, large_spec, threads=threads, parallel=concurrency
+        None, small_spec, large_spec, threads=threads, parallel=concurrency, kv_method=kv_method
     )
 
     async def work() -> Any:

@@ -64,6 +64,15 @@ MaxStepsOption = Annotated[
 StepMaxTokensOption = Annotated[
     int, typer.Option("--step-max-tokens", help="Most tokens of one step.")
 ]
+KvMethodOption = Annotated[
+    str | None,
+    typer.Option(
+        "--kv-method",
+        help="Compress the large model's KV cache: smallkv, h2o, snapkv, streaming, expected "
+        "or full, with an optional budget as a share of the whole context, e.g. smallkv:0.25 "
+        "(default: the method's own). Needs a large model running here (bundled:, hf:, tiny).",
+    ),
+]
 AnswerMaxTokensOption = Annotated[
     int, typer.Option("--answer-max-tokens", help="Most tokens of the answer.")
 ]
@@ -72,6 +81,7 @@ __all__ = [
     "AnswerMaxTokensOption",
     "ApiKeyEnvOption",
     "JsonOption",
+    "KvMethodOption",
     "LargeOption",
     "MaxStepsOption",
     "ModelsOption",

@@ -16,6 +16,7 @@ from collab_agent.cli.backends import load_pair, run_then_close
 from collab_agent.cli.options import (
     AnswerMaxTokensOption,
     ApiKeyEnvOption,
+    KvMethodOption,
     LargeOption,
     MaxStepsOption,
     ModelsOption,
@@ -63,6 +64,7 @@ def run(
     think: ThinkOption = False,
     api_key_env: ApiKeyEnvOption = "OPENAI_API_KEY",
     threads: ThreadsOption = None,
+    kv_method: KvMethodOption = None,
     splitter: SplitterOption = None,
     as_json: Annotated[
         bool, typer.Option("--json", help="Print the trace as JSON, nothing else.")
@@ -87,7 +89,7 @@ def run(
     options: dict[str, Any] = {"priming_steps": priming} if policy == "trigreason" else {}
     chosen = resolve_policy(policy, allow_code=True, **options)  # the user's own choice
     small_backend, large_backend = load_pair(
-        models, small, large, api_key_env=api_key_env, threads=threads
+        models, small, large, api_key_env=api_key_env, threads=threads, kv_method=kv_method
     )
     load_seconds = time.perf_counter() - started
     reasoner = Reasoner(small_backend, large_backend, chosen, config=config)

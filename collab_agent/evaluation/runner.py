@@ -278,6 +278,8 @@ async def evaluate(
             settings.splitter, small.name, large.name, fmt.splitter, think=bool(fmt.close)
         ),
     )
+    from collab_agent.cache.named import describe_method
+
     out_dir = Path(out) if out is not None else None
     recorded = {
         "small": small.name,
@@ -290,6 +292,7 @@ async def evaluate(
         "max_steps": settings.max_steps,
         "step_max_tokens": settings.step_max_tokens,
         "answer_max_tokens": settings.answer_max_tokens,
+        "large_kv_method": describe_method(getattr(large, "kv_method", None)),
         **(dict(describe) if describe else {}),
     }
     done: dict[tuple[str, str, int], ProblemRecord] = {}
