@@ -31,7 +31,7 @@ def load_pair(
 
     small_spec, large_spec = resolve_pair(models, small, large)
     method = None if kv_method is None else check_kv_method(kv_method, small_spec, large_spec)
-    backends = []
+    backends: list[Any] = []
     for role, spec in (("small", small_spec), ("large", large_spec)):
         with stderr.status(f"Loading the {role} model [bold]{spec}[/] ..."):
             backends.append(load_backend(spec, **options))
