@@ -121,3 +121,53 @@ def test_h2o_in_blocks_is_over_budget_by_less_than_a_block(pair, tokens):
     # the slot store does not grow with the decoded tokens: freed slots are reused
     store = cache.layers[0].keys.shape[-2]
     assert store <= max(len(h) for h in blocks[-1][0]) + EVERY
+
+
+def srm_calls(small: Qwen2ForCausalLM) -> list[int]:
+    """Tokens of each forward call of ``small``'s base model, recorded from now on."""
+    calls: list[int] = []
+    small.model.register_forward_pre_hook(
+        lambda m, args, kwargs: calls.append(kwargs["input_ids"].shape[-1]), with_kwargs=True
+    )
+    return calls
+
+
+def test_smallkv_in_blocks_runs_the_srm_once_a_block_over_the_blocks_tokens(tokens):
+    """Between refreshes the SRM does not run; at a refresh it reads every token since the last
+    in one call, so it reads each token once, as the every-step path does."""
+    large, small = tiny(1, 3, 8, 128), tiny(0, 2, 4, 64)
+    calls = srm_calls(small)
+    _, cache = run(large, SmallKV(assistant=small, budget=0.2, refresh_every=EVERY), tokens)
+    # the prefill, the first compression's step, then one call of EVERY tokens a refresh; the
+    # tokens since the last refresh wait until the next selection
+    assert calls == [tokens[0].shape[1], 1] + [EVERY] * (STEPS // EVERY - 1)
+    unread = (STEPS - 1) % EVERY
+    assert cache.state.pending is not None and cache.state.pending.shape[-1] == unread
+    cache.compact()  # a selection outside a call: the SRM reads them first
+    assert calls[-1] == unread and cache.state.pending is None
+
+
+def test_smallkv_in_blocks_crop_inside_a_block_keeps_both_sides_aligned(pair, tokens):
+    """A rollback to a point inside a block drops the SRM's unread tokens past it, and one
+    before the SRM's last read crops the SRM; either way the next selection reads the SRM's
+    statistics of exactly the large model's tokens (a mismatch raises)."""
+    large, small = pair
+    prompt, forced = tokens
+    n = prompt.shape[1]
+    method = SmallKV(assistant=small, budget=0.2, refresh_every=EVERY)
+    cache, _, _ = prefill(large, prompt, method)
+    with torch.no_grad():
+        for t in range(7):  # a refresh at step 4, then steps 5 and 6 pending
+            large(input_ids=forced[:, t : t + 1], cache=cache, use_cache=True)
+        assert cache.state.pending.shape[-1] == 2
+        cache.crop(n + 6)  # inside the block: one pending token stays
+        assert cache.state.pending.shape[-1] == 1 and cache.state.srm.get_seq_length() == n + 5
+        cache.crop(n + 3)  # before the SRM's last read: the SRM is cut, nothing pending
+        assert cache.state.pending is None and cache.state.srm.get_seq_length() == n + 3
+        for t in range(3, 3 + EVERY):  # the first call after a crop chooses again
+            large(input_ids=forced[:, t : t + 1], cache=cache, use_cache=True)
+    method.detach()
+    assert cache.state.srm.get_seq_length() + cache.state.pending.shape[-1] == n + 3 + EVERY
+    for layer in cache.layers:
+        assert layer.length == n + 3 + EVERY
+        assert int(layer.positions.max()) < layer.length

@@ -102,6 +102,27 @@ async def test_smallkv_under_large_surprise_survives_score_then_rejection(models
         assert_both_sides_agree(cache)
 
 
+@pytest.mark.parametrize("policy", ["trigreason", "specreason", "surprise"])
+async def test_smallkv_choosing_in_blocks_survives_every_policy(models, policy) -> None:  # type: ignore[no-untyped-def]
+    """SmallKV choosing every 4 tokens (the SRM reading the large model's tokens in blocks)
+    under each policy's rollbacks: after every call both sides hold the same tokens."""
+    small, large = pair(
+        models,
+        lambda s: SmallKV(assistant=s, budget=0.3, min_calibration_tokens=16, refresh_every=4),
+    )
+    chosen = {
+        "trigreason": TrigReason(priming_steps=1),
+        "specreason": SpecReason(),
+        "surprise": Policy((LargeSurprise(threshold=-1.0, min_tokens=1),), name="surprise"),
+    }[policy]
+    trace = await reasoner(small, large, chosen).run(QUESTION)
+    assert trace.steps and trace.usage["large"].calls >= 1
+    caches = large_caches(large)
+    assert any(layer.compressed for cache in caches for layer in cache.layers)
+    for cache in caches:
+        assert_both_sides_agree(cache)
+
+
 def request(reasoning: str, conversation: str = "c") -> GenerateRequest:
     return GenerateRequest(
         conversation, QUESTION, reasoning=reasoning, max_tokens=6, sampling=GREEDY, stop=()
@@ -170,10 +191,14 @@ class SrmTokens:
         self.count += int(ids.shape[-1])
 
 
+@pytest.mark.parametrize("every", [1, 4])
 @pytest.mark.parametrize("share", [True, False])
-async def test_smallkv_reads_the_srm_backends_own_pass_instead_of_a_second_one(share) -> None:  # type: ignore[no-untyped-def]
+async def test_smallkv_reads_the_srm_backends_own_pass_instead_of_a_second_one(
+    share, every
+) -> None:  # type: ignore[no-untyped-def]
     """TrigReason with SmallKV: the SRM runs on about as many tokens as in the plain
-    collaboration when SmallKV shares its pass, about twice as many with its own."""
+    collaboration when SmallKV shares its pass, about twice as many with its own; choosing
+    every 4 tokens, the SRM reads the large model's tokens in blocks, each once."""
     counts = []
     for cache in (None, "smallkv"):
         small_model, tokenizer = tiny_qwen2(0, size="small")
@@ -183,7 +208,11 @@ async def test_smallkv_reads_the_srm_backends_own_pass_instead_of_a_second_one(s
         method = None
         if cache:
             method = SmallKV(
-                assistant=small, budget=1.0, min_calibration_tokens=16, share_assistant_pass=share
+                assistant=small,
+                budget=1.0,
+                min_calibration_tokens=16,
+                share_assistant_pass=share,
+                refresh_every=every,
             )
         large = TransformersBackend(large_model, tokenizer, name="tiny-large", kv_method=method)
         await reasoner(small, large, TrigReason(priming_steps=1)).run(QUESTION)

@@ -68,6 +68,10 @@ class AssistantState:
         ``(L, H)`` the matched pairs' Jaccard similarity.
     stacked : dict
         SRM statistics stacked over its layers, by name: a memo of one step.
+    pending, pending_positions : torch.Tensor or None
+        ``(B, n)`` tokens the large model read between two refreshes (`KVMethod.refresh_every`)
+        that SmallKV's own SRM pass has not read yet, and their positions when given: the SRM
+        reads them in one call at the next refresh.
     """
 
     srm: ObservedCache | None = None
@@ -75,6 +79,8 @@ class AssistantState:
     mapping: tuple[torch.Tensor, torch.Tensor] | None = None
     jaccard: torch.Tensor | None = None
     stacked: dict[str, torch.Tensor | None] = field(default_factory=dict)
+    pending: torch.Tensor | None = None
+    pending_positions: torch.Tensor | None = None
 
 
 def assistant_state(cache: CompressedCache) -> AssistantState:
@@ -171,6 +177,11 @@ class SmallKV(KVMethod):
         prompt queries' statistics, computed once when the prompt is compressed) against the
         SRM's current saliency: each token's score is ``prior * expected + (1 - prior) * srm``,
         both as shares of one; decoded tokens have no prior and use the SRM's share alone.
+    refresh_every : int, default 1 (keyword only)
+        As `KVMethod`: choose the kept tokens every this many decoded tokens. Without a marginal
+        share the SRM then also reads the large model's tokens only at a refresh, all those
+        since the last one in one call (a decode step of one token costs about as much as one
+        of several, so its cost per token falls about ``refresh_every`` times).
     share_assistant_pass : bool, default True
         When the assistant is a backend of this process that shares its attention
         (`SharingAssistant`, e.g. the SRM's `TransformersBackend` in a TrigReason pair) and the
@@ -305,7 +316,51 @@ class SmallKV(KVMethod):
         ids = kwargs.get("input_ids", args[0] if args else None)
         if ids is None:
             raise CacheConfigError("input_ids", "SmallKV needs token ids (not inputs_embeds)")
+        if self._between_refreshes(cache, ids.shape[-1]):
+            self._defer(cache, ids, kwargs.get("position_ids"))
+            return
         self.observe_tokens(cache, ids, kwargs.get("position_ids"))
+
+    def _between_refreshes(self, cache: CompressedCache, tokens: int) -> bool:
+        """Whether a call of ``tokens`` tokens only appends to every layer (no selection, so no
+        SRM statistics are read); never with a marginal share, whose output needs the SRM's
+        attention rows at every call."""
+        if self.refresh_every == 1 or self.split[2] > 0 or not cache.layers:
+            return False
+        return all(
+            layer.compressed and layer.since_refresh + tokens < self.refresh_every
+            for layer in cache.layers
+        )
+
+    def _defer(
+        self, cache: CompressedCache, ids: torch.Tensor, position_ids: torch.Tensor | None
+    ) -> None:
+        """Leave ``ids`` for the SRM's next call. The shared pass needs nothing kept: the
+        conversation's token list holds them, and the next call reads what the SRM lacks."""
+        if cache.conversation is not None and ids.shape[0] == 1 and self._shares():
+            return
+        state = assistant_state(cache)
+        first = state.pending is None
+        state.pending = ids if state.pending is None else torch.cat([state.pending, ids], -1)
+        if position_ids is None or (not first and state.pending_positions is None):
+            state.pending_positions = None
+        else:
+            before = state.pending_positions
+            state.pending_positions = (
+                position_ids if before is None else torch.cat([before, position_ids], -1)
+            )
+
+    def _catch_up(self, cache: CompressedCache, length: int) -> None:
+        """Let the SRM read what the large model read since the last refresh (to ``length``
+        tokens), before its statistics are read outside a call (`KVLayer.compact`)."""
+        state = assistant_state(cache)
+        if state.srm_length is not None and cache.conversation is not None:
+            if state.srm_length < length:
+                self._observe_shared(cache, cache.conversation, [])
+        elif state.pending is not None:
+            pending, positions = state.pending, state.pending_positions
+            state.pending = state.pending_positions = None
+            self._run_srm(state, pending, positions)
 
     def observe_tokens(
         self,
@@ -320,6 +375,22 @@ class SmallKV(KVMethod):
             self._observe_shared(cache, cache.conversation, input_ids[0].tolist())
             return
         state = assistant_state(cache)
+        if state.pending is not None:  # read between refreshes: now, with this call's tokens
+            pending = state.pending.to(input_ids.device)
+            if position_ids is not None and state.pending_positions is not None:
+                position_ids = torch.cat(
+                    [state.pending_positions.to(position_ids.device), position_ids], -1
+                )
+            else:
+                position_ids = None  # the SRM's cache gives the positions
+            input_ids = torch.cat([pending, input_ids], -1)
+            state.pending = state.pending_positions = None
+        self._run_srm(state, input_ids, position_ids)
+
+    def _run_srm(
+        self, state: AssistantState, input_ids: torch.Tensor, position_ids: torch.Tensor | None
+    ) -> None:
+        """SmallKV's own SRM pass over ``input_ids``, into its attention-recording cache."""
         srm_cache = state.srm
         if srm_cache is None:
             srm_cache = ObservedCache(self.calibration_tokens, keep_last=True, window=self.window)
@@ -375,6 +446,10 @@ class SmallKV(KVMethod):
         if state.srm is not None:
             for layer in state.srm.layers:
                 layer.batch_repeat_interleave(repeats)
+        if state.pending is not None:
+            state.pending = state.pending.repeat_interleave(repeats, dim=0)
+        if state.pending_positions is not None:
+            state.pending_positions = state.pending_positions.repeat_interleave(repeats, dim=0)
         state.stacked.clear()
 
     def crop_state(self, cache: CompressedCache, keep: int) -> None:
@@ -384,7 +459,14 @@ class SmallKV(KVMethod):
         if state.srm_length is not None:  # the assistant's own cache: aligned at the next call
             state.srm_length = min(state.srm_length, keep)
         elif state.srm is not None:
-            state.srm.crop_to(keep)
+            read = state.srm.get_seq_length()  # the rest of the LRM's tokens are pending
+            if keep <= read:
+                state.srm.crop_to(keep)
+                state.pending = state.pending_positions = None
+            elif state.pending is not None:
+                state.pending = state.pending[..., : keep - read]
+                if state.pending_positions is not None:
+                    state.pending_positions = state.pending_positions[..., : keep - read]
         state.stacked.clear()
 
     # ---- 1. attention matching ---------------------------------------------------------------
@@ -501,6 +583,7 @@ class SmallKV(KVMethod):
         return picked.transpose(0, 1).to(layer.device)
 
     def token_scores(self, cache: CompressedCache, layer: KVLayer) -> torch.Tensor:
+        self._catch_up(cache, layer.length)
         if self.score == "window":
             acc = self._per_lrm_head(cache, layer, "window_sum")  # (B, H, L)
         else:
