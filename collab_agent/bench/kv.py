@@ -41,13 +41,19 @@ SMALLKV_SETTINGS: dict[str, tuple[bool, dict[str, Any]]] = {
     "smallkv_paper_window": (True, {"score": "window"}),
     "smallkv_no_prior": (False, {"prior": 0.0}),
     "smallkv_marginal": (False, {"split": (2, 0, 2)}),
+    "smallkv_recent": (False, {"split": (1, 1, 0)}),
+    "smallkv_recent_no_prior": (False, {"split": (1, 1, 0), "prior": 0.0}),
+    "smallkv_every_8": (False, {"refresh_every": 8}),
+    "smallkv_recent_every_8": (False, {"split": (1, 1, 0), "refresh_every": 8}),
 }
 """SmallKV variants by name: (start from `SmallKV.PAPER`?, keyword arguments on top)."""
 VARIANTS = tuple(SMALLKV_SETTINGS)
 """Extra rows on request: SmallKV as the paper configures it (`SmallKV.PAPER`: 2:1:2 split of
 the whole context, the SRM's accumulated attention only, plain-sum marginal output), that with
 this benchmark's prompt accounting or with the windowed score, and the default without the large
-model's prior or with half the allowance as V-only marginal tokens."""
+model's prior, with half the allowance as V-only marginal tokens, or with half of it the most
+recent tokens (H2O's split; with and without the prior), and choosing every 8 tokens
+(`KVMethod.refresh_every`)."""
 
 
 MethodsOption = Annotated[
@@ -155,16 +161,19 @@ def parse_methods(methods: str) -> tuple[str, ...]:
     return names
 
 
-def make_method(name: str, small: Any) -> Any:
+def make_method(name: str, small: Any, budget_of: str | None = None) -> Any:
     """The method ``name`` (of `collab_agent.cache.METHODS` or `VARIANTS`) with its defaults;
-    a method with an ``assistant`` field gets the small model."""
+    a method with an ``assistant`` field gets the small model. ``budget_of`` (``"context"`` or
+    ``"prompt"``) sets every method's accounting, a variant's own excepted."""
     from collab_agent.cache import SmallKV
     from collab_agent.cache.named import make_method as named_method
 
+    accounting = {} if budget_of is None else {"budget_of": budget_of}
     if name in SMALLKV_SETTINGS:
         paper, extra = SMALLKV_SETTINGS[name]
-        return SmallKV(assistant=small, **{**(SmallKV.PAPER if paper else {}), **extra})
-    return named_method(name, assistant=small)
+        settings = {**(SmallKV.PAPER if paper else {}), **accounting, **extra}
+        return SmallKV(assistant=small, **settings)
+    return named_method(name, assistant=small, **accounting)
 
 
 def statistics_probe(small: Any) -> Any:
@@ -290,13 +299,16 @@ def run_kv_bench(
     budgets: list[float],
     methods: tuple[str, ...] | None = None,
     peer_python: str | None = None,
+    budget_of: str | None = None,
 ) -> dict[str, Any]:
     """The benchmark itself, on loaded models; returns the JSON object `bench kv` prints.
 
     All contexts (equal lengths) and budgets run as the rows of one batch: row
     ``c * len(budgets) + i`` is context ``c`` at budget ``budgets[i]``. With ``peer_python``
     kvpress's presses add their rows (``kvpress_<press>``) on the same contexts and the same
-    teacher-forced continuation (`peer_kvpress`).
+    teacher-forced continuation (`peer_kvpress`). ``budget_of="context"``: every method keeps
+    that share of the whole current context, the decoded tokens included (the collaboration's
+    accounting); by default the prompt is compressed and decoded tokens are kept.
     """
     import torch
 
@@ -335,7 +347,7 @@ def run_kv_bench(
     ]
     result: dict[str, Any] = {"methods": {}}
     for name in methods or method_names():
-        method = make_method(name, small).attach(large)
+        method = make_method(name, small, budget_of).attach(large)
         start = time.perf_counter()
         cache = shared.cache_for(method)
         out = decode(
@@ -370,7 +382,11 @@ def run_kv_bench(
     result["contexts"] = n_ctx
     result["context_tokens"] = ids.shape[1]
     result["tokens"] = tokens
-    result["budget_accounting"] = "prompt compressed to budget; decoded tokens add to the allowance"
+    result["budget_accounting"] = (
+        "share of the whole context, decoded tokens included"
+        if budget_of == "context"
+        else "prompt compressed to budget; decoded tokens add to the allowance"
+    )
     return result
 
 
@@ -436,6 +452,14 @@ def register(bench: typer.Typer) -> None:
                 ".venv-kvpress/bin/python): adds kvpress's presses as rows on the same contexts."
             ),
         ] = None,
+        budget_of: Annotated[
+            str,
+            typer.Option(
+                help="prompt: the prompt is compressed, decoded tokens kept (kvpress's); "
+                "context: a share of the whole context, decoded tokens too (a reasoning "
+                "trace's, as TransformersBackend keeps it)."
+            ),
+        ] = "prompt",
         as_json: JsonOption = False,
     ) -> None:
         """KV compression at equal budgets: agreement and KL with the full cache, bytes, speed."""
@@ -453,6 +477,8 @@ def register(bench: typer.Typer) -> None:
         if not budget_list or not all(0 < b <= 1 for b in budget_list):
             raise ConfigError("--budgets", f"each must lie in (0, 1], got {budgets!r}")
         method_list = parse_methods(methods) if methods else method_names()
+        if budget_of not in ("prompt", "context"):
+            raise ConfigError("--budget-of", f"must be prompt or context, got {budget_of!r}")
         if contexts < 1 or tokens < 2:
             raise ConfigError("--contexts/--tokens", "need at least 1 context and 2 tokens")
         torch.manual_seed(0)
@@ -462,7 +488,14 @@ def register(bench: typer.Typer) -> None:
                 tokenizer, contexts, context_tokens, data or data_dir() / DATA_NAME
             )
             result = run_kv_bench(
-                small, large, ctx, tokens, budget_list, method_list, peer_python=peer_kvpress
+                small,
+                large,
+                ctx,
+                tokens,
+                budget_list,
+                method_list,
+                peer_python=peer_kvpress,
+                budget_of=budget_of,
             )
         result["models"] = models
         if as_json:
