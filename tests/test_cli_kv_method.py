@@ -4,25 +4,12 @@ collaboration the user runs (``run``, ``eval``), on the tiny pair."""
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from test_cli import collab_agent
 
 from collab_agent.errors import ConfigError
-
-
-def collab_agent(*args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    return subprocess.run(
-        [sys.executable, "-m", "collab_agent.cli", *args],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        env=env,
-    )
 
 
 def test_load_pair_compresses_the_large_models_cache_guided_by_the_small_backend() -> None:
