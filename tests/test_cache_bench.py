@@ -164,8 +164,10 @@ def test_every_method_name_builds_the_method_it_names():
         parse_methods("smallkv,smallkv_typo")
 
 
-def test_bench_kv_collab_runs_trigreason_with_every_cache_on_tiny_models() -> None:
-    """`bench kv-collab --models tiny --json`: the fixed keys for every method, no errors."""
+def test_bench_kv_collab_runs_trigreason_with_every_cache_on_tiny_models(tmp_path) -> None:
+    """`bench kv-collab --models tiny --json`: the fixed keys for every method, no errors; with
+    ``--out`` a second run skips the problems the first finished and reports the same figures,
+    and a run under other settings is refused."""
     import json
 
     import typer
@@ -178,9 +180,16 @@ def test_bench_kv_collab_runs_trigreason_with_every_cache_on_tiny_models() -> No
     bench.command("noop")(lambda: None)  # keep "kv-collab" a subcommand
     args = ["kv-collab", "--models", "tiny", "--problems", "1", "--json"]
     args += ["--reasoning-tokens", "32", "--step-tokens", "12", "--methods", "smallkv,h2o"]
+    args += ["--out", str(tmp_path)]
     result = CliRunner().invoke(bench, args)
     assert result.exit_code == 0, result.output
     out = json.loads(result.stdout.strip().splitlines()[-1])
+    again = CliRunner().invoke(bench, args)
+    assert again.exit_code == 0, again.output
+    assert "1 problems already in" in again.output
+    assert json.loads(again.stdout.strip().splitlines()[-1]) == out
+    other = CliRunner().invoke(bench, [*args, "--budget", "0.5"])
+    assert other.exit_code != 0 and "--out" in str(other.exception)
     assert out["problems"] == 1 and set(out["methods"]) == {"full", "smallkv", "h2o"}
     keys = {
         "accuracy",

@@ -26,6 +26,7 @@ from __future__ import annotations
 import json
 import sys
 import time
+from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
@@ -127,10 +128,6 @@ class MethodRun:
         self.held: dict[str, list[int]] = {}
         self.peaks: dict[str, tuple[int, int]] = {}
         self.rollbacks = 0
-        self.answers: list[str | None] = []
-        self.trace_tokens = 0
-        self.correct: list[bool] = []
-        self.errors = 0
         self.large.on_generation = self._observe
         self.reasoner = Reasoner(small, self.large, TrigReason(priming_steps=1), **reasoner_options)
         # each method hooks the large model only while its problem runs, so the others' hooks
@@ -164,54 +161,93 @@ class MethodRun:
         if self.method is not None and hasattr(self.method, "attach"):
             self.method.attach(large_model)
 
-    async def solve(self, problem: Problem, large_model: Any) -> bool:
-        """One problem; a crash is counted and logged, not raised (it is a figure here)."""
+    async def solve(self, problem: Problem, large_model: Any) -> dict[str, Any]:
+        """One problem's raw figures; a crash is counted and logged, not raised (it is a
+        figure here)."""
         from collab_agent.evaluation.grading import extract_answer, is_correct
 
         started = time.perf_counter()
+        meter = self.meter
+        before = (meter.decode_s, meter.decode_steps, meter.srm_tokens, self.rollbacks)
+        cid = f"{self.name}-{problem.id}"
+        error = None
+        tokens = 0
         self._resume(large_model)
         try:
             trace = await self.reasoner.run(
-                [{"role": "user", "content": problem.question}],
-                conversation_id=f"{self.name}-{problem.id}",
+                [{"role": "user", "content": problem.question}], conversation_id=cid
             )
             answer = extract_answer(trace.answer)
-            self.trace_tokens += trace_tokens(self.large.tokenizer, problem.question, trace)
+            tokens = trace_tokens(self.large.tokenizer, problem.question, trace)
         except Exception as exc:
-            self.errors += 1
             answer = None
-            log(f"[kv-collab] {self.name} {problem.id}: {type(exc).__name__}: {exc}")
+            error = f"{type(exc).__name__}: {exc}"
+            log(f"[kv-collab] {self.name} {problem.id}: {error}")
         finally:
             self._pause()
         ok = answer is not None and is_correct(answer, problem.answer)
-        self.answers.append(answer)
-        self.correct.append(ok)
+        seconds = time.perf_counter() - started
         log(
             f"[kv-collab] {self.name} {problem.id}: {'right' if ok else 'wrong'} "
-            f"({answer!r} vs {problem.answer}), {time.perf_counter() - started:.0f} s"
+            f"({answer!r} vs {problem.answer}), {seconds:.0f} s"
         )
-        return ok
-
-    def figures(self) -> dict[str, Any]:
-        device = sum(d for d, _ in self.peaks.values())
-        full = sum(f for _, f in self.peaks.values())
-        meter = self.meter
+        device, full = self.peaks.get(cid, (0, 0))
         return {
-            "answers": self.answers,
-            "correct": sum(self.correct),
-            "kv_bytes": device / full if full else 1.0,
-            "decode_s_per_token": meter.decode_s / meter.decode_steps
-            if meter.decode_steps
-            else 0.0,
-            "srm_forward_tokens": meter.srm_tokens,
-            "trace_tokens": self.trace_tokens,
-            "rollbacks": self.rollbacks,
-            "errors": self.errors,
+            "answer": answer,
+            "correct": ok,
+            "device_bytes": device,
+            "full_bytes": full,
+            "decode_s": meter.decode_s - before[0],
+            "decode_steps": meter.decode_steps - before[1],
+            "srm_forward_tokens": meter.srm_tokens - before[2],
+            "trace_tokens": tokens,
+            "rollbacks": self.rollbacks - before[3],
+            "error": error,
+            "seconds": round(seconds, 1),
         }
 
     def close(self) -> None:
         self.meter.close()
         self._pause()
+
+
+RECORDS = "records.jsonl"
+"""One JSON line per finished problem in ``--out``: its id and every method's raw figures."""
+CONFIG = "config.json"
+"""The settings of a ``--out`` folder's runs; a resume under others is refused."""
+
+
+def read_records(out: Path | None, config: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """The problems ``out`` has finished under ``config``, by id (none without ``out``);
+    writes ``config`` there, or refuses a folder holding runs of other settings."""
+    from collab_agent.errors import ConfigError
+
+    if out is None:
+        return {}
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / CONFIG
+    if path.exists():
+        before = json.loads(path.read_text(encoding="utf-8"))
+        changed = sorted(k for k in config if before.get(k) != config[k])
+        if changed:
+            details = "; ".join(f"{k}: {before.get(k)!r} -> {config[k]!r}" for k in changed)
+            raise ConfigError("--out", f"{out} holds runs of other settings ({details})")
+    path.write_text(json.dumps(config, indent=2), encoding="utf-8")
+    records = out / RECORDS
+    if not records.exists():
+        return {}
+    done = {}
+    for line in records.read_text(encoding="utf-8").splitlines():
+        if line.strip():
+            record = json.loads(line)
+            done[record["problem"]] = record["methods"]
+    return done
+
+
+def append_record(out: Path, problem: str, methods: dict[str, Any]) -> None:
+    """Add one finished problem to ``out``'s records."""
+    with open(out / RECORDS, "a", encoding="utf-8") as f:
+        f.write(json.dumps({"problem": problem, "methods": methods}) + "\n")
 
 
 async def run_kv_collab(
@@ -222,58 +258,84 @@ async def run_kv_collab(
     budget: float,
     methods: tuple[str, ...],
     reasoner_options: dict[str, Any],
+    out: Path | None = None,
+    settings: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """The benchmark on loaded models; returns the JSON object `bench kv-collab` prints.
 
     Every problem runs under every method before the next problem starts, so a change in the
     machine's load falls on all methods alike (the decode-time ratios are then fair), and a run
-    stopped early still compares the methods on the same problems."""
+    stopped early still compares the methods on the same problems. With ``out``, each finished
+    problem is appended there and a later run with the same settings (these and ``settings``,
+    e.g. the models' names) skips it (resumable)."""
+    names = ("full", *[m for m in methods if m != "full"])
+    config = {**(settings or {}), "kv_budget": budget, "methods": list(names), **reasoner_options}
+    config["sampling"] = str(config.get("sampling"))
+    done = read_records(out, config)
+    todo = [p for p in problems if p.id not in done]
+    if done:
+        log(f"[kv-collab] {len(problems) - len(todo)} problems already in {out}")
+    if todo:
+        runs = [
+            MethodRun(n, small, large_model, tokenizer, budget, reasoner_options) for n in names
+        ]
+        try:
+            for problem in todo:
+                done[problem.id] = {
+                    n: await r.solve(problem, large_model) for n, r in zip(names, runs, strict=True)
+                }
+                if out is not None:
+                    append_record(out, problem.id, done[problem.id])
+                so_far = summarise([done[p.id] for p in problems if p.id in done], names)
+                log(f"[kv-collab] after {problem.id}: {json.dumps(so_far['methods'])}")
+        finally:
+            for run in runs:
+                run.close()
+    return {"budget": budget, **summarise([done[p.id] for p in problems], names)}
+
+
+def summarise(records: list[dict[str, Any]], names: tuple[str, ...]) -> dict[str, Any]:
+    """The figures of `bench kv-collab` over per-problem ``records`` (``{method: raw}``)."""
     from collab_agent.evaluation.grading import is_correct
 
-    names = ("full", *[m for m in methods if m != "full"])
-    runs = [MethodRun(n, small, large_model, tokenizer, budget, reasoner_options) for n in names]
-    try:
-        for problem in problems:
-            for run in runs:
-                await run.solve(problem, large_model)
-            so_far = {
-                run.name: {k: v for k, v in run.figures().items() if k != "answers"} for run in runs
-            }
-            log(f"[kv-collab] after {problem.id}: {json.dumps(so_far)}")
-    finally:
-        for run in runs:
-            run.close()
-    raw = {run.name: run.figures() for run in runs}
-    full = raw["full"]
-    result: dict[str, Any] = {"problems": len(problems), "budget": budget, "methods": {}}
-    for name, cell in raw.items():
+    def total(name: str, key: str) -> float:
+        return sum(r[name][key] for r in records)
+
+    def ratio(a: float, b: float, digits: int) -> float | None:
+        return round(a / b, digits) if b else None
+
+    def per(name: str, key: str, by: str) -> float:
+        count = total(name, by)
+        return total(name, key) / count if count else 0.0
+
+    result: dict[str, Any] = {"problems": len(records), "methods": {}}
+    for name in names:
         same = sum(
-            a is not None and f is not None and is_correct(a, f)
-            for a, f in zip(cell["answers"], full["answers"], strict=True)
+            r[name]["answer"] is not None
+            and r["full"]["answer"] is not None
+            and is_correct(r[name]["answer"], r["full"]["answer"])
+            for r in records
         )
+        kv = ratio(total(name, "device_bytes"), total(name, "full_bytes"), 6) or 1.0
+        full_kv = ratio(total("full", "device_bytes"), total("full", "full_bytes"), 6) or 1.0
         result["methods"][name] = {
-            "accuracy": round(cell["correct"] / len(problems), 4),
+            "accuracy": round(total(name, "correct") / len(records), 4) if records else 0.0,
             "same_answer_as_full": same,
-            "kv_bytes_vs_full": round(cell["kv_bytes"] / full["kv_bytes"], 4),
-            "decode_s_per_token_vs_full": round(
-                cell["decode_s_per_token"] / full["decode_s_per_token"], 3
-            )
-            if full["decode_s_per_token"]
-            else None,
-            "srm_forward_tokens_vs_plain": round(
-                cell["srm_forward_tokens"] / full["srm_forward_tokens"], 3
-            )
-            if full["srm_forward_tokens"]
-            else None,
-            "srm_tokens_per_trace_token_vs_plain": round(
-                per_trace_token(cell) / per_trace_token(full), 3
-            )
-            if per_trace_token(full)
-            else None,
-            "rollbacks": cell["rollbacks"],
-            "errors": cell["errors"],
+            "kv_bytes_vs_full": round(kv / full_kv, 4),
+            "decode_s_per_token_vs_full": ratio(
+                per(name, "decode_s", "decode_steps"), per("full", "decode_s", "decode_steps"), 3
+            ),
+            "srm_forward_tokens_vs_plain": ratio(
+                total(name, "srm_forward_tokens"), total("full", "srm_forward_tokens"), 3
+            ),
+            "srm_tokens_per_trace_token_vs_plain": ratio(
+                per(name, "srm_forward_tokens", "trace_tokens"),
+                per("full", "srm_forward_tokens", "trace_tokens"),
+                3,
+            ),
+            "rollbacks": int(total(name, "rollbacks")),
+            "errors": sum(r[name]["error"] is not None for r in records),
         }
-        log(f"[kv-collab] {name}: {json.dumps(result['methods'][name])}")
     return result
 
 
@@ -281,11 +343,6 @@ def trace_tokens(tokenizer: Any, question: str, trace: Any) -> int:
     """Tokens of one problem's trace: the question, every step written or rejected, the answer."""
     steps = sum(step.tokens + step.rejected_tokens for step in trace.steps)
     return len(tokenizer.encode(question)) + steps + len(tokenizer.encode(trace.answer))
-
-
-def per_trace_token(cell: dict[str, Any]) -> float:
-    """SRM forward tokens per trace token of one method's raw figures (0 without traces)."""
-    return cell["srm_forward_tokens"] / cell["trace_tokens"] if cell["trace_tokens"] else 0.0
 
 
 def load_gsm8k(data: str | None, count: int, first: int) -> list[Problem]:
@@ -329,6 +386,13 @@ def register(bench: typer.Typer) -> None:
         threads: Annotated[
             int | None, typer.Option(help="torch CPU threads (default: torch's own choice).")
         ] = None,
+        out: Annotated[
+            Path | None,
+            typer.Option(
+                help="Folder for per-problem records: a later run with the same settings skips "
+                "the problems it holds (resumable; each run adds problems)."
+            ),
+        ] = None,
         as_json: JsonOption = False,
     ) -> None:
         """TrigReason with the large model's cache full and compressed by each KV method."""
@@ -365,7 +429,16 @@ def register(bench: typer.Typer) -> None:
         }
         large_model, tokenizer = large.model, large.tokenizer  # type: ignore[attr-defined]
         result = anyio.run(
-            run_kv_collab, small, large_model, tokenizer, rows, budget, names, options
+            run_kv_collab,
+            small,
+            large_model,
+            tokenizer,
+            rows,
+            budget,
+            names,
+            options,
+            out,
+            {"models": models},
         )
         result.update(models=models, first=first, budget_of="context", policy="trigreason(1)")
         if as_json:
