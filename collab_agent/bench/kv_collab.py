@@ -36,9 +36,10 @@ from collab_agent.cli_options import JsonOption
 if TYPE_CHECKING:
     from collab_agent.evaluation.datasets import Problem
 
-VARIANTS = ("smallkv_paper", "smallkv_recent", "smallkv_accumulated")
+VARIANTS = ("smallkv_paper", "smallkv_recent", "smallkv_accumulated", "smallkv_every_8")
 """Extra rows on request: `SmallKV.PAPER`; the defaults with half the allowance recent; the
-defaults ranking by the SRM's attention accumulated over every query instead of a window."""
+defaults ranking by the SRM's attention accumulated over every query instead of a window; the
+defaults choosing every 8 tokens (the SRM reading the large model's tokens in blocks)."""
 
 
 def log(message: str) -> None:
@@ -58,6 +59,8 @@ def make_cache(name: str, small: Any, budget: float) -> Any:
         return SmallKV(assistant=small, budget=budget, budget_of="context", split=(1, 1, 0))
     if name == "smallkv_accumulated":
         return SmallKV(assistant=small, budget=budget, budget_of="context", score="accumulated")
+    if name == "smallkv_every_8":
+        return SmallKV(assistant=small, budget=budget, budget_of="context", refresh_every=8)
     return make_method(name, assistant=small, budget=budget, budget_of="context")
 
 
