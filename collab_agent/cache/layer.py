@@ -142,8 +142,7 @@ class KVLayer(CacheLayerMixin):
         if self.state.accumulated is not None:
             self.state.accumulated = torch.nn.functional.pad(self.state.accumulated, (0, q))
         new_pos = self.q_pos.expand(b, h, q)
-        every = method.refresh_every
-        if self.compressed and self.since_refresh + q < every:
+        if self.appends_only(q):
             # between refreshes: keep the slots as chosen, append this call's tokens
             self.since_refresh += q
             plan = None
@@ -157,10 +156,15 @@ class KVLayer(CacheLayerMixin):
             self._select(plan, key_states, value_states, old)
             self.compressed = True
             self.since_refresh = 0
-            if every > 1:
+            if method.refresh_every > 1:
                 self._pack()
         attend_next(self)
         return self.keys, self.values
+
+    def appends_only(self, tokens: int) -> bool:
+        """Whether an update of ``tokens`` tokens only appends them: the layer is compressed and
+        the next selection is not due yet (`KVMethod.refresh_every`)."""
+        return self.compressed and self.since_refresh + tokens < self.cache.method.refresh_every
 
     def compact(self) -> None:
         """Free the slots held over the budget once a call is over.

@@ -325,12 +325,9 @@ class SmallKV(KVMethod):
         """Whether a call of ``tokens`` tokens only appends to every layer (no selection, so no
         SRM statistics are read); never with a marginal share, whose output needs the SRM's
         attention rows at every call."""
-        if self.refresh_every == 1 or self.split[2] > 0 or not cache.layers:
+        if self.split[2] > 0 or not cache.layers:
             return False
-        return all(
-            layer.compressed and layer.since_refresh + tokens < self.refresh_every
-            for layer in cache.layers
-        )
+        return all(layer.appends_only(tokens) for layer in cache.layers)
 
     def _defer(
         self, cache: CompressedCache, ids: torch.Tensor, position_ids: torch.Tensor | None
