@@ -26,6 +26,7 @@ class CacheConfigError(ValueError):
 
     def __init__(self, argument: str, problem: str) -> None:
         self.argument = argument
+        self.problem = problem
         super().__init__(f"{argument}: {problem}")
 
 

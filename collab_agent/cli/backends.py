@@ -55,7 +55,7 @@ def check_kv_method(kv_method: str, small_spec: str, large_spec: str) -> tuple[s
     try:
         name, budget = parse_method_spec(kv_method)
     except CacheConfigError as exc:
-        raise ConfigError("--kv-method", str(exc).removeprefix("kv method: ")) from None
+        raise ConfigError("--kv-method", exc.problem) from None
     for role, spec, needed in (
         ("large", large_spec, True),
         ("small", small_spec, needs_assistant(METHODS[name])),
