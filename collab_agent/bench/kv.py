@@ -42,6 +42,7 @@ SMALLKV_SETTINGS: dict[str, tuple[bool, dict[str, Any]]] = {
     "smallkv_no_prior": (False, {"prior": 0.0}),
     "smallkv_marginal": (False, {"split": (2, 0, 2)}),
     "smallkv_recent": (False, {"split": (1, 1, 0)}),
+    "smallkv_accumulated": (False, {"score": "accumulated"}),
     "smallkv_recent_no_prior": (False, {"split": (1, 1, 0), "prior": 0.0}),
     "smallkv_every_8": (False, {"refresh_every": 8}),
     "smallkv_recent_every_8": (False, {"split": (1, 1, 0), "refresh_every": 8}),
@@ -52,7 +53,8 @@ VARIANTS = tuple(SMALLKV_SETTINGS)
 the whole context, the SRM's accumulated attention only, plain-sum marginal output), that with
 this benchmark's prompt accounting or with the windowed score, and the default without the large
 model's prior, with half the allowance as V-only marginal tokens, or with half of it the most
-recent tokens (H2O's split; with and without the prior), and choosing every 8 tokens
+recent tokens (H2O's split; with and without the prior), ranking by the SRM's attention
+accumulated over every query instead of a window, and choosing every 8 tokens
 (`KVMethod.refresh_every`)."""
 
 
@@ -161,19 +163,21 @@ def parse_methods(methods: str) -> tuple[str, ...]:
     return names
 
 
-def make_method(name: str, small: Any, budget_of: str | None = None) -> Any:
-    """The method ``name`` (of `collab_agent.cache.METHODS` or `VARIANTS`) with its defaults;
-    a method with an ``assistant`` field gets the small model. ``budget_of`` (``"context"`` or
-    ``"prompt"``) sets every method's accounting, a variant's own excepted."""
+def make_method(name: str, small: Any, budget_of: str | None = None, **options: Any) -> Any:
+    """The method ``name`` (of `collab_agent.cache.METHODS` or `VARIANTS`) with its defaults
+    and ``options`` (``budget``); a method with an ``assistant`` field gets the small model.
+    ``budget_of`` (``"context"`` or ``"prompt"``) sets every method's accounting, a variant's
+    own excepted."""
     from collab_agent.cache import SmallKV
     from collab_agent.cache.named import make_method as named_method
 
-    accounting = {} if budget_of is None else {"budget_of": budget_of}
+    if budget_of is not None:
+        options["budget_of"] = budget_of
     if name in SMALLKV_SETTINGS:
         paper, extra = SMALLKV_SETTINGS[name]
-        settings = {**(SmallKV.PAPER if paper else {}), **accounting, **extra}
+        settings = {**(SmallKV.PAPER if paper else {}), **options, **extra}
         return SmallKV(assistant=small, **settings)
-    return named_method(name, assistant=small, **accounting)
+    return named_method(name, assistant=small, **options)
 
 
 def statistics_probe(small: Any) -> Any:

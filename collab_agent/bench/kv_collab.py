@@ -37,9 +37,10 @@ if TYPE_CHECKING:
     from collab_agent.evaluation.datasets import Problem
 
 VARIANTS = ("smallkv_paper", "smallkv_recent", "smallkv_accumulated", "smallkv_every_8")
-"""Extra rows on request: `SmallKV.PAPER`; the defaults with half the allowance recent; the
-defaults ranking by the SRM's attention accumulated over every query instead of a window; the
-defaults choosing every 8 tokens (the SRM reading the large model's tokens in blocks)."""
+"""Extra rows on request, `bench kv`'s variants of those names: `SmallKV.PAPER`; the defaults
+with half the allowance recent; the defaults ranking by the SRM's attention accumulated over
+every query instead of a window; the defaults choosing every 8 tokens (the SRM reading the
+large model's tokens in blocks)."""
 
 
 def log(message: str) -> None:
@@ -48,20 +49,11 @@ def log(message: str) -> None:
 
 def make_cache(name: str, small: Any, budget: float) -> Any:
     """The KV method ``name`` at ``budget`` of the whole context (``None`` for the full cache)."""
-    from collab_agent.cache import SmallKV
-    from collab_agent.cache.named import make_method
+    from collab_agent.bench.kv import make_method
 
     if name == "full":
         return None
-    if name == "smallkv_paper":
-        return SmallKV(assistant=small, budget=budget, **SmallKV.PAPER)
-    if name == "smallkv_recent":  # half the allowance a recent window, as H2O's
-        return SmallKV(assistant=small, budget=budget, budget_of="context", split=(1, 1, 0))
-    if name == "smallkv_accumulated":
-        return SmallKV(assistant=small, budget=budget, budget_of="context", score="accumulated")
-    if name == "smallkv_every_8":
-        return SmallKV(assistant=small, budget=budget, budget_of="context", refresh_every=8)
-    return make_method(name, assistant=small, budget=budget, budget_of="context")
+    return make_method(name, small, "context", budget=budget)
 
 
 class Meter:
@@ -215,42 +207,21 @@ class MethodRun:
 
 
 RECORDS = "records.jsonl"
-"""One JSON line per finished problem in ``--out``: its id and every method's raw figures."""
-CONFIG = "config.json"
-"""The settings of a ``--out`` folder's runs; a resume under others is refused."""
+"""One JSON line per finished problem in ``--out``: its id and every method's raw figures
+(``config.json`` beside it holds the settings; a resume under others is refused)."""
 
 
 def read_records(out: Path | None, config: dict[str, Any]) -> dict[str, dict[str, Any]]:
     """The problems ``out`` has finished under ``config``, by id (none without ``out``);
     writes ``config`` there, or refuses a folder holding runs of other settings."""
-    from collab_agent.errors import ConfigError
+    from collab_agent.evaluation.records import CONFIG_FILE, check_settings, json_lines
 
     if out is None:
         return {}
     out.mkdir(parents=True, exist_ok=True)
-    path = out / CONFIG
-    if path.exists():
-        before = json.loads(path.read_text(encoding="utf-8"))
-        changed = sorted(k for k in config if before.get(k) != config[k])
-        if changed:
-            details = "; ".join(f"{k}: {before.get(k)!r} -> {config[k]!r}" for k in changed)
-            raise ConfigError("--out", f"{out} holds runs of other settings ({details})")
-    path.write_text(json.dumps(config, indent=2), encoding="utf-8")
-    records = out / RECORDS
-    if not records.exists():
-        return {}
-    done = {}
-    for line in records.read_text(encoding="utf-8").splitlines():
-        if line.strip():
-            record = json.loads(line)
-            done[record["problem"]] = record["methods"]
-    return done
-
-
-def append_record(out: Path, problem: str, methods: dict[str, Any]) -> None:
-    """Add one finished problem to ``out``'s records."""
-    with open(out / RECORDS, "a", encoding="utf-8") as f:
-        f.write(json.dumps({"problem": problem, "methods": methods}) + "\n")
+    check_settings(out, config, "--out", "choose another folder")
+    (out / CONFIG_FILE).write_text(json.dumps(config, indent=2), encoding="utf-8")
+    return {record["problem"]: record["methods"] for record in json_lines(out / RECORDS)}
 
 
 async def run_kv_collab(
@@ -271,6 +242,8 @@ async def run_kv_collab(
     stopped early still compares the methods on the same problems. With ``out``, each finished
     problem is appended there and a later run with the same settings (these and ``settings``,
     e.g. the models' names) skips it (resumable)."""
+    from collab_agent.evaluation.records import append_json_line
+
     names = ("full", *[m for m in methods if m != "full"])
     config = {**(settings or {}), "kv_budget": budget, "methods": list(names), **reasoner_options}
     config["sampling"] = str(config.get("sampling"))
@@ -288,7 +261,8 @@ async def run_kv_collab(
                     n: await r.solve(problem, large_model) for n, r in zip(names, runs, strict=True)
                 }
                 if out is not None:
-                    append_record(out, problem.id, done[problem.id])
+                    record = {"problem": problem.id, "methods": done[problem.id]}
+                    append_json_line(out / RECORDS, record)
                 so_far = summarise([done[p.id] for p in problems if p.id in done], names)
                 log(f"[kv-collab] after {problem.id}: {json.dumps(so_far['methods'])}")
         finally:

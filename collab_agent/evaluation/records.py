@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 from collab_agent.core.trace import Trace
+from collab_agent.errors import ConfigError
 from collab_agent.evaluation.datasets import Problem
 from collab_agent.evaluation.grading import grade
 from collab_agent.policies.trigreason import confident_share
@@ -133,41 +134,65 @@ class ProblemRecord:
 
 
 # ---------------------------------------------------------------------------- resume files
-def read_records(out: str | os.PathLike[str]) -> list[ProblemRecord]:
-    """The records in ``OUT/records.jsonl``; a last line cut short by an interruption is
-    ignored."""
-    path = Path(out) / RECORDS_FILE
+def json_lines(path: Path) -> Iterator[Any]:
+    """The JSON values of the JSON Lines file ``path`` in order (none when it is absent); blank
+    lines and a last line cut short by an interruption are skipped."""
     if not path.exists():
-        return []
-    records = []
+        return
     with open(path, encoding="utf-8") as f:
         for line in f:
             if not line.strip():
                 continue
             try:
-                records.append(ProblemRecord.from_dict(json.loads(line)))
-            except (json.JSONDecodeError, TypeError):
+                yield json.loads(line)
+            except json.JSONDecodeError:
                 continue  # a line cut short when the run was killed
+
+
+def append_json_line(path: Path, data: Mapping[str, Any]) -> None:
+    """Add ``data`` to the JSON Lines file ``path`` as one line, flushed at once."""
+    with open(path, "a", encoding="utf-8") as f:
+        f.write(json.dumps(data) + "\n")
+        f.flush()
+
+
+def check_settings(out: Path, config: Mapping[str, Any], argument: str, remedy: str) -> None:
+    """Refuse to resume in ``out`` when its ``config.json`` holds another value for any key of
+    ``config`` (a `ConfigError` naming ``argument``, the keys and ``remedy``)."""
+    path = out / CONFIG_FILE
+    if not path.exists():
+        return
+    previous = json.loads(path.read_text(encoding="utf-8"))
+    changed = sorted(k for k in config if k in previous and previous[k] != config[k])
+    if changed:
+        details = "; ".join(f"{k}: {previous[k]!r} -> {config[k]!r}" for k in changed)
+        raise ConfigError(
+            argument, f"{out} holds results of another configuration ({details}); {remedy}"
+        )
+
+
+def read_records(out: str | os.PathLike[str]) -> list[ProblemRecord]:
+    """The records in ``OUT/records.jsonl``; a last line cut short by an interruption is
+    ignored."""
+    records = []
+    for data in json_lines(Path(out) / RECORDS_FILE):
+        try:
+            records.append(ProblemRecord.from_dict(data))
+        except TypeError:
+            continue  # a line cut short when the run was killed
     return records
 
 
 def read_traces(out: str | os.PathLike[str]) -> dict[tuple[str, str, int], Trace]:
     """The traces in ``OUT/traces.jsonl`` by ``(policy, problem_id, sample)``; a last line cut
     short by an interruption is ignored."""
-    path = Path(out) / TRACES_FILE
     traces: dict[tuple[str, str, int], Trace] = {}
-    if not path.exists():
-        return traces
-    with open(path, encoding="utf-8") as f:
-        for line in f:
-            if not line.strip():
-                continue
-            try:
-                data = json.loads(line)
-                key = (str(data["policy"]), str(data["problem_id"]), int(data.get("sample", 0)))
-                traces[key] = Trace.from_dict(data["trace"])
-            except (json.JSONDecodeError, KeyError, TypeError):
-                continue  # a line cut short when the run was killed
+    for data in json_lines(Path(out) / TRACES_FILE):
+        try:
+            key = (str(data["policy"]), str(data["problem_id"]), int(data.get("sample", 0)))
+            traces[key] = Trace.from_dict(data["trace"])
+        except (KeyError, TypeError):
+            continue  # a line cut short when the run was killed
     return traces
 
 
@@ -180,6 +205,9 @@ __all__ = [
     "SUMMARY_FILE",
     "TRACES_FILE",
     "ProblemRecord",
+    "append_json_line",
+    "check_settings",
+    "json_lines",
     "read_records",
     "read_traces",
 ]

@@ -39,6 +39,8 @@ from collab_agent.evaluation.records import (
     SUMMARY_FILE,
     TRACES_FILE,
     ProblemRecord,
+    append_json_line,
+    check_settings,
     read_records,
     read_traces,
 )
@@ -71,27 +73,17 @@ class EvalReport:
 
 def _check_config(out: Path, config: dict[str, Any], resume: bool) -> None:
     """Refuse to mix results of different models or settings in one ``out`` folder."""
-    path = out / CONFIG_FILE
-    if resume and path.exists():
-        previous = json.loads(path.read_text(encoding="utf-8"))
-        changed = sorted(k for k in config if k in previous and previous[k] != config[k])
-        if changed:
-            details = "; ".join(f"{k}: {previous[k]!r} -> {config[k]!r}" for k in changed)
-            raise ConfigError(
-                "out",
-                f"{out} holds results of another configuration ({details}); "
-                "choose a new output folder or start afresh (resume=False / --fresh)",
-            )
-    if not resume:
+    if resume:
+        check_settings(
+            out,
+            config,
+            "out",
+            "choose a new output folder or start afresh (resume=False / --fresh)",
+        )
+    else:
         for name in (RECORDS_FILE, TRACES_FILE, SUMMARY_FILE):
             (out / name).unlink(missing_ok=True)
-    path.write_text(json.dumps(config, indent=2), encoding="utf-8")
-
-
-def _append(path: Path, data: Mapping[str, Any]) -> None:
-    with open(path, "a", encoding="utf-8") as f:
-        f.write(json.dumps(data) + "\n")
-        f.flush()
+    (out / CONFIG_FILE).write_text(json.dumps(config, indent=2), encoding="utf-8")
 
 
 # ---------------------------------------------------------------------------- evaluate
@@ -332,9 +324,9 @@ async def evaluate(
             )
         results.append(record)
         if out_dir is not None:
-            _append(out_dir / RECORDS_FILE, record.to_dict())
+            append_json_line(out_dir / RECORDS_FILE, record.to_dict())
             if trace is not None:
-                _append(
+                append_json_line(
                     out_dir / TRACES_FILE,
                     {"policy": policy.name, "problem_id": problem.id, "sample": sample}
                     | {"trace": trace.to_dict()},
